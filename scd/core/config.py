@@ -105,12 +105,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """Return a copy of ``data`` with dotted overrides applied (new keys are allowed
-    here; validation against the dataclass rejects unknown ones afterwards)."""
+def apply_overrides(data: dict, overrides: list[str] | None, inplace: bool = False) -> dict:
+    """``data`` with dotted overrides applied (new keys are allowed here; validation
+    against the dataclass rejects unknown ones afterwards).  ``inplace`` keeps the
+    mappings' identities, so errors still point at the file's lines."""
     import copy
 
-    data = copy.deepcopy(data)
+    if not inplace:
+        data = copy.deepcopy(data)
     for item in overrides or []:
         keys, value = parse_override(item)
         node = data
@@ -267,7 +269,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
     import scd.recipes  # noqa: F401  (registers the built-in recipes)
 
     data, source = load_yaml(path)
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(data, overrides, inplace=True)
     name = recipe or data.get("recipe")
     if name is None:
         raise ConfigError(f"{path}:1: missing top-level key 'recipe' (one of {RECIPES.names()})")

