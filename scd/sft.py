@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from scd.core.config import register_recipe
+from scd.core.faults import fault_point
 from scd.core.train import (Checkpointer, TrainConfig, autocast, batch_indices, check_finite, collate,
                             finish_run, make_optimizer, peak_memory, resolve_device, seed_everything,
                             start_run, tokenize_sft)
@@ -102,6 +103,7 @@ def train_sft(model, tokenizer, pairs, cfg: TrainConfig, *, seed: int, run_dir: 
             on_save(done)
         if (cfg.save_every and done % cfg.save_every == 0) and done < cfg.max_steps:
             ckpt.save(model, opt, sched, done, {"tokens": tokens})
+        fault_point("step")
     bar.close()
     return {"tokens": tokens, "steps": cfg.max_steps, "wall_s": round(time.time() - t0, 2),
             "peak_mem": peak_memory(device)}

@@ -266,17 +266,20 @@ def register_recipe(name: str, config_cls: type, run: typing.Callable | None = N
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
                 recipe: str | None = None) -> Any:
     """Load a config file into its recipe's dataclass (``recipe:`` key picks it)."""
-    import scd.recipes  # noqa: F401  (registers the built-in recipes)
+    from scd import recipes
 
     data, source = load_yaml(path)
     data = apply_overrides(data, overrides, inplace=True)
     name = recipe or data.get("recipe")
+    known = sorted(set(RECIPES.names()) | set(recipes.BUILTIN))
     if name is None:
-        raise ConfigError(f"{path}:1: missing top-level key 'recipe' (one of {RECIPES.names()})")
+        raise ConfigError(f"{path}:1: missing top-level key 'recipe' (one of {known})")
+    if isinstance(name, str):
+        recipes.ensure(name)
     if name not in RECIPES:
         line = source.line(data, "recipe")
         raise ConfigError(f"{_where(str(path), line)}key 'recipe': unknown recipe '{name}'"
-                          f"{did_you_mean(name, RECIPES.names())}; known: {', '.join(RECIPES.names())}")
+                          f"{did_you_mean(name, known)}; known: {', '.join(known)}")
     spec = RECIPES.get(name)
     return from_dict(spec.config_cls, data, source)
 

@@ -21,8 +21,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from scd.core.faults import fault_point
+
 SCHEMA_VERSION = 1
 STATUSES = ("running", "ok", "failed", "diverged")
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class ResultsError(OSError):
@@ -40,8 +46,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            fault_point("run_json" if path.name == "run.json" else "atomic_write")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; use the usual mode
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):

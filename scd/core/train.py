@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from scd.core.config import dump_yaml, to_dict
+from scd.core.faults import fault_point
 from scd.core.results import (DivergedError, RunDir, atomic_write_json, atomic_write_text, config_hash,
                               new_run_record, read_json)
 
@@ -195,6 +196,7 @@ class Checkpointer:
                  "step": step, "torch_rng": torch.get_rng_state(), "extra": extra or {}}
         torch.save(state, tmp / "state.pt")
         atomic_write_json(tmp / "meta.json", {"step": step, "time": time.time()})
+        fault_point("ckpt_write")
         old = self.dir / f".last.old-{os.getpid()}"
         if self.last.exists():
             os.replace(self.last, old)
@@ -219,6 +221,8 @@ class Checkpointer:
 
     def clear(self) -> None:
         shutil.rmtree(self.last, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()  # only if nothing else lives there
 
 
 def trainable_state(model) -> dict:

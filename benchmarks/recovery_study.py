@@ -1,0 +1,411 @@
+"""The recovery study: task scores before/after recovery, per-layer CKA, and their correlation.
+
+    python -m benchmarks.recovery_study results/recovery_study [--out DIR]
+
+Reads only the ``run.json`` files under the grid directory (recipe ``recovery``,
+status ``ok``; see :mod:`unisd.recovery`) and writes into it (or ``--out``):
+
+* ``recovery_study.md``      table per (degradation, strength, method, budget): score of the
+                             original / degraded (before) / recovered (after), recovered
+                             fraction, mean CKA to the original before/after, KL to the
+                             original before/after (mean +- std over seeds); then the
+                             correlation between recovered score and mean CKA;
+* ``recovery_study.csv``     the same table;  ``recovery_runs.csv``: one row per run;
+* ``recovery_correlation.json``  Pearson r and Spearman rho with p-values (scipy.stats), all
+                             runs and per degradation;
+* ``recovery_scatter.png``   recovered score vs mean CKA (colour = degradation, marker = method);
+* ``recovery_strength.png``  score vs strength per recovery method, one panel per degradation
+                             (x ordered from mild to severe; dashed = original model);
+* ``recovery_cka_layers.png`` per-layer CKA to the original at each degradation's most severe
+                             strength, one line per method.
+
+Score of a run = mean over its evaluated tasks of each task's primary metric
+(``metric_meta["<task>/<metric>"]["primary"]``; the first metric when none is marked).
+Recovered fraction = (after - before) / (original - before) (NaN when original == before).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+# severity order: quantize -> fewer bits is more severe; others -> larger strength is more severe
+SEVERITY_DESCENDING = {"quantize"}
+METHOD_ORDER = ("none", "sft", "sd")
+
+
+# ----------------------------------------------------------------------------- reading
+def primary_score(evaluation: dict, metric_meta: dict | None = None) -> float:
+    """Mean over tasks of each task's primary metric value (NaN when there is none)."""
+    meta = metric_meta or {}
+    vals = []
+    for task, metrics in (evaluation or {}).items():
+        if not metrics:
+            continue
+        names = list(metrics)
+        prim = next((m for m in names if (meta.get(f"{task}/{m}") or {}).get("primary")), names[0])
+        v = metrics[prim].get("value") if isinstance(metrics[prim], dict) else metrics[prim]
+        if v is not None and math.isfinite(float(v)):
+            vals.append(float(v))
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def task_scores(evaluation: dict, metric_meta: dict | None = None) -> dict[str, float]:
+    return {task: primary_score({task: m}, metric_meta) for task, m in (evaluation or {}).items()}
+
+
+def _mean_cka(cka: dict | None) -> float:
+    if not cka:
+        return float("nan")
+    if "mean_matched" in cka:
+        return float(cka["mean_matched"])
+    per = cka.get("per_layer") or []
+    return sum(per) / len(per) if per else float("nan")
+
+
+def run_row(rec: dict) -> dict:
+    """One run.json (recovery recipe) -> a flat row."""
+    meta = rec.get("metric_meta") or {}
+    deg = rec.get("degradation") or {}
+    recov = rec.get("recovery") or {}
+    kl = rec.get("kl_to_original") or {}
+    before = primary_score(rec.get("eval_before") or {}, meta)
+    after = primary_score(rec.get("eval") or {}, meta)
+    orig = primary_score(rec.get("eval_original") or {}, meta)
+    gap = orig - before
+    return {
+        "run_id": rec.get("run_id"),
+        "degradation": deg.get("name"),
+        "strength": deg.get("strength"),
+        "method": recov.get("method", rec.get("method")),
+        "budget": int(recov.get("budget_steps") or 0),
+        "seed": rec.get("seed", 0),
+        "score_original": orig,
+        "score_before": before,
+        "score_after": after,
+        "recovered_frac": (after - before) / gap if math.isfinite(gap) and abs(gap) > 1e-12 else float("nan"),
+        "cka_before": _mean_cka(rec.get("cka_before")),
+        "cka_after": _mean_cka(rec.get("cka")),
+        "cka_per_layer": list((rec.get("cka") or {}).get("per_layer") or []),
+        "kl_before": kl.get("before", float("nan")),
+        "kl_after": kl.get("after", float("nan")),
+        "violation": rec.get("constraint_violation", float("nan")),
+        "tasks_after": task_scores(rec.get("eval") or {}, meta),
+    }
+
+
+def load_runs(root: str | Path) -> list[dict]:
+    """Rows of every finished recovery run under ``root`` (reads only run.json files)."""
+    from scd.core.results import iter_run_jsons, read_json
+
+    rows = []
+    for path in iter_run_jsons(root):
+        try:
+            rec = read_json(path)
+        except (OSError, ValueError) as e:
+            print(f"[recovery_study] skipping unreadable {path}: {e}", file=sys.stderr)
+            continue
+        if rec.get("recipe") != "recovery" or rec.get("status") != "ok" or "degradation" not in rec:
+            continue
+        rows.append(run_row(rec))
+    return rows
+
+
+# ------------------------------------------------------------------------- statistics
+def correlation(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Pearson r and Spearman rho with two-sided p-values over the finite pairs (scipy.stats)."""
+    from scipy import stats
+
+    pairs = [(float(a), float(b)) for a, b in zip(x, y)
+             if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
+    out = {"n": len(pairs), "pearson_r": float("nan"), "pearson_p": float("nan"),
+           "spearman_rho": float("nan"), "spearman_p": float("nan")}
+    if len(pairs) < 3:
+        out["note"] = "fewer than 3 runs with both values"
+        return out
+    xs, ys = zip(*pairs)
+    if len(set(xs)) < 2 or len(set(ys)) < 2:
+        out["note"] = "a variable is constant across runs"
+        return out
+    pr = stats.pearsonr(xs, ys)
+    sr = stats.spearmanr(xs, ys)
+    out.update(pearson_r=float(pr.statistic), pearson_p=float(pr.pvalue),
+               spearman_rho=float(sr.statistic), spearman_p=float(sr.pvalue))
+    return out
+
+
+def correlations(rows: list[dict], x: str = "cka_after", y: str = "score_after") -> dict:
+    """{"all": corr over every run, "by_degradation": {name: corr}, "x", "y"}."""
+    out = {"x": x, "y": y, "all": correlation([r[x] for r in rows], [r[y] for r in rows]), "by_degradation": {}}
+    for name in sorted({r["degradation"] for r in rows}):
+        sub = [r for r in rows if r["degradation"] == name]
+        out["by_degradation"][name] = correlation([r[x] for r in sub], [r[y] for r in sub])
+    return out
+
+
+def _mean_std(vals: Iterable[float]) -> tuple[float, float]:
+    v = [float(a) for a in vals if a is not None and math.isfinite(float(a))]
+    if not v:
+        return float("nan"), float("nan")
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((a - m) ** 2 for a in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return m, sd
+
+
+def _severity_key(deg: str, strength: float) -> float:
+    s = float(strength)
+    return -s if deg in SEVERITY_DESCENDING else s
+
+
+def _method_key(m: str) -> tuple:
+    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
+
+
+AGG_COLS = ("score_original", "score_before", "score_after", "recovered_frac", "cka_before", "cka_after",
+            "kl_before", "kl_after")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean/std over seeds per (degradation, strength, method, budget), in study order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["degradation"], r["strength"], r["method"], r["budget"]), []).append(r)
+    out = []
+    for (deg, strength, method, budget), rs in groups.items():
+        row: dict[str, Any] = {"degradation": deg, "strength": strength, "method": method, "budget": budget,
+                               "seeds": len(rs)}
+        for col in AGG_COLS:
+            row[col], row[col + "_std"] = _mean_std(r[col] for r in rs)
+        row["max_violation"] = max((float(r["violation"]) for r in rs if r["violation"] is not None
+                                    and math.isfinite(float(r["violation"]))), default=float("nan"))
+        out.append(row)
+    out.sort(key=lambda r: (str(r["degradation"]), _severity_key(r["degradation"], r["strength"]),
+                            _method_key(r["method"]), r["budget"]))
+    return out
+
+
+# ------------------------------------------------------------------------------ output
+def _fmt(v: float, sd: float | None = None, digits: int = 3) -> str:
+    if v is None or not math.isfinite(v):
+        return "-"
+    s = f"{v:.{digits}f}"
+    if sd is not None and math.isfinite(sd) and sd > 0:
+        s += f" ± {sd:.{digits}f}"
+    return s
+
+
+def _fmt_p(p: float) -> str:
+    if p is None or not math.isfinite(p):
+        return "-"
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def markdown(agg: list[dict], corr: dict, root: Path, n_runs: int) -> str:
+    lines = [f"# Recovery study: {root.name}", "",
+             f"{n_runs} finished recovery runs read from `{root}/**/run.json`. Score = mean over tasks of "
+             "each task's primary metric. *before* = degraded, *after* = after recovery, *recovered* = "
+             "(after - before) / (original - before). CKA = mean over layers of CKA(model layer l, original "
+             "layer l) on the probe set; KL = mean per-token KL(original || model) on the probe set. "
+             "Mean ± std over seeds.", "",
+             "| degradation | strength | method | budget | seeds | original | before | after | recovered | "
+             "CKA before | CKA after | KL before | KL after | violation |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in agg:
+        lines.append(
+            f"| {r['degradation']} | {r['strength']:g} | {r['method']} | {r['budget']} | {r['seeds']} | "
+            f"{_fmt(r['score_original'])} | {_fmt(r['score_before'], r['score_before_std'])} | "
+            f"{_fmt(r['score_after'], r['score_after_std'])} | {_fmt(r['recovered_frac'], digits=2)} | "
+            f"{_fmt(r['cka_before'])} | {_fmt(r['cka_after'], r['cka_after_std'])} | {_fmt(r['kl_before'])} | "
+            f"{_fmt(r['kl_after'], r['kl_after_std'])} | {_fmt(r['max_violation'], digits=1)} |")
+    lines += ["", f"## Correlation: recovered score vs mean CKA (over runs)", "",
+              "| runs | n | Pearson r | p | Spearman rho | p |", "|---|---:|---:|---:|---:|---:|"]
+    for label, c in [("all", corr["all"])] + [(k, v) for k, v in corr["by_degradation"].items()]:
+        lines.append(f"| {label} | {c['n']} | {_fmt(c['pearson_r'])} | {_fmt_p(c['pearson_p'])} | "
+                     f"{_fmt(c['spearman_rho'])} | {_fmt_p(c['spearman_p'])} |")
+    lines += ["", "Figures: `recovery_scatter.png` (score vs CKA), `recovery_strength.png` (score vs strength), "
+              "`recovery_cka_layers.png` (per-layer CKA).", ""]
+    return "\n".join(lines)
+
+
+def to_csv(rows: list[dict], cols: Sequence[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(cols), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: (json.dumps(r[c]) if isinstance(r.get(c), (list, dict)) else r.get(c)) for c in cols})
+    return buf.getvalue()
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=130)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    from scd.core.results import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+MARKERS = {"none": "x", "sft": "s", "sd": "o"}
+
+
+def plot_scatter(rows: list[dict], corr: dict, path: Path) -> Path:
+    fig = _figure(6.4, 4.8)
+    ax = fig.add_subplot(1, 1, 1)
+    degs = sorted({r["degradation"] for r in rows})
+    colors = {d: f"C{i}" for i, d in enumerate(degs)}
+    seen = set()
+    for r in rows:
+        if not (math.isfinite(r["cka_after"]) and math.isfinite(r["score_after"])):
+            continue
+        label = f"{r['degradation']} / {r['method']}"
+        ax.scatter(r["cka_after"], r["score_after"], c=colors[r["degradation"]],
+                   marker=MARKERS.get(r["method"], "^"), s=42, alpha=0.85,
+                   label=None if label in seen else label)
+        seen.add(label)
+    c = corr["all"]
+    ax.set_title(f"recovered score vs mean CKA (n={c['n']}, Pearson r={_fmt(c['pearson_r'], digits=2)}, "
+                 f"Spearman ρ={_fmt(c['spearman_rho'], digits=2)})", fontsize=9)
+    ax.set_xlabel("mean per-layer CKA to the original (after)")
+    ax.set_ylabel("task score after recovery")
+    ax.grid(alpha=0.3)
+    if seen:
+        ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def _label(m: str, budget: int, budgets: set) -> str:
+    return m if len(budgets) <= 1 or m == "none" else f"{m} ({budget} steps)"
+
+
+def plot_strength(agg: list[dict], path: Path) -> Path:
+    degs = sorted({r["degradation"] for r in agg})
+    fig = _figure(4.2 * max(1, len(degs)), 3.8)
+    for k, deg in enumerate(degs):
+        ax = fig.add_subplot(1, len(degs), k + 1)
+        sub = [r for r in agg if r["degradation"] == deg]
+        strengths = sorted({r["strength"] for r in sub}, key=lambda s: _severity_key(deg, s))
+        xs = list(range(len(strengths)))
+        budgets = {r["budget"] for r in sub if r["method"] != "none"}
+        series: dict[str, dict] = {}
+        for r in sub:
+            series.setdefault(_label(r["method"], r["budget"], budgets), {})[r["strength"]] = r
+        for i, (name, pts) in enumerate(sorted(series.items(), key=lambda kv: _method_key(kv[0].split()[0]))):
+            x = [xs[strengths.index(s)] for s in strengths if s in pts]
+            y = [pts[s]["score_after"] for s in strengths if s in pts]
+            e = [pts[s]["score_after_std"] if math.isfinite(pts[s]["score_after_std"]) else 0 for s in strengths
+                 if s in pts]
+            ax.errorbar(x, y, yerr=e, marker=MARKERS.get(name.split()[0], "^"), capsize=3, label=name)
+        orig = [r["score_original"] for r in sub if math.isfinite(r["score_original"])]
+        if orig:
+            ax.axhline(sum(orig) / len(orig), ls="--", c="gray", lw=1, label="original")
+        ax.set_xticks(xs, [f"{s:g}" for s in strengths])
+        meaning = {"quantize": "bits", "prune": "sparsity", "forget": "SFT steps"}.get(deg, "strength")
+        ax.set_xlabel(f"{meaning} (mild → severe)")
+        ax.set_ylabel("task score")
+        ax.set_title(deg)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_cka_layers(rows: list[dict], path: Path) -> Path:
+    degs = sorted({r["degradation"] for r in rows})
+    fig = _figure(4.2 * max(1, len(degs)), 3.6)
+    for k, deg in enumerate(degs):
+        ax = fig.add_subplot(1, len(degs), k + 1)
+        sub = [r for r in rows if r["degradation"] == deg and r["cka_per_layer"]]
+        if sub:
+            worst = max((r["strength"] for r in sub), key=lambda s: _severity_key(deg, s))
+            by_method: dict[str, list[list[float]]] = {}
+            for r in sub:
+                if r["strength"] == worst:
+                    by_method.setdefault(f"{r['method']} ({r['budget']})" if r["method"] != "none" else "none",
+                                         []).append(r["cka_per_layer"])
+            for name in sorted(by_method, key=lambda n: _method_key(n.split()[0])):
+                curves = by_method[name]
+                L = min(len(c) for c in curves)
+                mean = [sum(c[i] for c in curves) / len(curves) for i in range(L)]
+                ax.plot(range(1, L + 1), mean, marker=MARKERS.get(name.split()[0], "^"), ms=3, label=name)
+            ax.set_title(f"{deg} (strength {worst:g})")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("CKA to original")
+        ax.set_ylim(top=1.02)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+RUN_COLS = ("run_id", "degradation", "strength", "method", "budget", "seed", "score_original", "score_before",
+            "score_after", "recovered_frac", "cka_before", "cka_after", "kl_before", "kl_after", "violation",
+            "tasks_after", "cka_per_layer")
+AGG_CSV_COLS = ("degradation", "strength", "method", "budget", "seeds") + tuple(
+    c for col in AGG_COLS for c in (col, col + "_std")) + ("max_violation",)
+
+
+def study(root: str | Path, out: str | Path | None = None, plots: bool = True) -> dict:
+    """Build the study outputs for the grid directory ``root``; returns {rows, table, correlation, files}."""
+    from scd.core.results import atomic_write_json, atomic_write_text
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such grid directory")
+    out = Path(out) if out is not None else root
+    rows = load_runs(root)
+    if not rows:
+        raise ValueError(f"{root}: no finished recovery runs (run.json with recipe 'recovery', status ok)")
+    agg = aggregate(rows)
+    corr = correlations(rows)
+    files = {
+        "markdown": out / "recovery_study.md",
+        "csv": out / "recovery_study.csv",
+        "runs_csv": out / "recovery_runs.csv",
+        "correlation": out / "recovery_correlation.json",
+    }
+    atomic_write_text(files["markdown"], markdown(agg, corr, root, len(rows)))
+    atomic_write_text(files["csv"], to_csv(agg, AGG_CSV_COLS))
+    atomic_write_text(files["runs_csv"], to_csv(rows, RUN_COLS))
+    atomic_write_json(files["correlation"], corr)
+    if plots:
+        files["scatter"] = plot_scatter(rows, corr, out / "recovery_scatter.png")
+        files["strength"] = plot_strength(agg, out / "recovery_strength.png")
+        files["cka_layers"] = plot_cka_layers(rows, out / "recovery_cka_layers.png")
+    return {"rows": rows, "table": agg, "correlation": corr, "files": {k: str(v) for k, v in files.items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.recovery_study", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("grid_dir", help="results/<grid> directory holding the recovery runs")
+    ap.add_argument("--out", help="output directory (default: the grid directory)")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        res = study(args.grid_dir, args.out, plots=not args.no_plots)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = res["correlation"]["all"]
+    print(f"[recovery_study] {len(res['rows'])} runs; score vs CKA: Pearson r={_fmt(c['pearson_r'])} "
+          f"(p={_fmt_p(c['pearson_p'])}), Spearman rho={_fmt(c['spearman_rho'])} (p={_fmt_p(c['spearman_p'])})")
+    for name, path in res["files"].items():
+        print(f"  {name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

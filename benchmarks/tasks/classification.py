@@ -1,0 +1,179 @@
+"""Classification: generations (or label likelihoods) -> labels -> accuracy, macro-F1.
+
+Label mapping of a generation (:func:`map_label`), first rule that applies:
+
+1. exact: the stripped output equals a label;
+2. normalised: casefold + punctuation removed + whitespace collapsed equal;
+3. word: a label occurs as a whole word (token sequence) in the normalised
+   output; if several do, the one mentioned first wins;
+4. otherwise the prediction is invalid (``None``): it counts as wrong for
+   accuracy and macro-F1 and is reported by ``invalid_rate``.
+
+``scoring: likelihood`` skips generation: each label's continuation (the label
+followed by the end-of-turn text, as in training targets) is scored by its summed
+log-probability given the prompt and the argmax is the prediction (ties -> first
+label of ``label_set``); ``invalid_rate`` is then 0 by construction.
+
+Metrics: ``accuracy`` (primary; chance = 1/|labels|), ``f1_macro`` (sklearn,
+macro over the labels of ``label_set`` that occur in gold or predictions; chance =
+the expected macro-F1 of a uniform random guesser given the gold label
+distribution, sum_c 2 p_c q / (p_c + q) / C with q = 1/C, which is 1/C for balanced
+classes), ``invalid_rate`` (lower is better; chance 0).
+"""
+from __future__ import annotations
+
+import unicodedata
+from typing import Sequence
+
+import numpy as np
+
+from benchmarks.stats import bootstrap_ci, macro_f1_sums, metric_entry
+from benchmarks.tasks.base import SCORERS, Scorer
+
+INVALID = None
+
+
+def _norm(text: str) -> str:
+    s = unicodedata.normalize("NFKC", text or "").casefold()
+    s = "".join(" " if unicodedata.category(ch).startswith(("P", "S")) else ch for ch in s)
+    return " ".join(s.split())
+
+
+def map_label(output: str, label_set: Sequence[str]) -> tuple[str | None, str]:
+    """(label or None, rule) for a generation; rule in exact|normalised|word|invalid."""
+    text = (output or "").strip()
+    for lab in label_set:
+        if text == lab:
+            return lab, "exact"
+    norm = _norm(text)
+    for lab in label_set:
+        if norm == _norm(lab):
+            return lab, "normalised"
+    words = norm.split()
+    best: tuple[int, int, str] | None = None  # (position, -len, label)
+    for lab in label_set:
+        lw = _norm(lab).split()
+        if not lw:
+            continue
+        for i in range(len(words) - len(lw) + 1):
+            if words[i:i + len(lw)] == lw:
+                cand = (i, -len(lw), lab)
+                if best is None or cand < best:
+                    best = cand
+                break
+    if best is not None:
+        return best[2], "word"
+    return INVALID, "invalid"
+
+
+def uniform_guess_macro_f1(gold: Sequence[str], label_set: Sequence[str]) -> float:
+    """Expected (large-n) macro-F1 of guessing uniformly at random over ``label_set``."""
+    labels = list(label_set)
+    c = len(labels)
+    if c == 0 or not gold:
+        return 0.0
+    q = 1.0 / c
+    p = np.array([sum(g == lab for g in gold) for lab in labels], dtype=np.float64) / len(gold)
+    per_class = np.where(p + q > 0, 2 * p * q / (p + q), 0.0)
+    return float(per_class.mean())
+
+
+def class_counts(gold: Sequence[str], pred: Sequence[str | None], labels: Sequence[str]) -> np.ndarray:
+    """Per-example additive counts ``(n, 3C)``: [tp_c..., pred_c..., gold_c...] one-hot."""
+    c = len(labels)
+    idx = {lab: i for i, lab in enumerate(labels)}
+    out = np.zeros((len(gold), 3 * c), dtype=np.float64)
+    for r, (g, p) in enumerate(zip(gold, pred)):
+        gi, pi = idx.get(g), idx.get(p) if p is not None else None
+        if pi is not None:
+            out[r, c + pi] = 1
+        if gi is not None:
+            out[r, 2 * c + gi] = 1
+        if gi is not None and gi == pi:
+            out[r, gi] = 1
+    return out
+
+
+@SCORERS.register("classification")
+class ClassificationScorer(Scorer):
+    family = "classification"
+    scorings = ("generate", "likelihood")
+
+    def parse(self, example: dict, output: str) -> str | None:
+        return map_label(output, example["label_set"])[0]
+
+    def predictions_from_outputs(self, examples, outputs) -> list[dict]:
+        preds = super().predictions_from_outputs(examples, outputs)
+        for p, ex in zip(preds, examples):
+            p["rule"] = map_label(p["output"], ex["label_set"])[1]
+        return preds
+
+    def candidates(self, example: dict, tokenizer) -> list[str]:
+        """The continuation scored for each label (label + end-of-turn text)."""
+        from scd.data.prompts import render_target
+
+        return [render_target({**example, "target": lab, "label": lab}, tokenizer) for lab in example["label_set"]]
+
+    def predict(self, model, tokenizer, examples, *, shots=(), batch_size=8, max_new_tokens=None,
+                scoring="generate", progress=True) -> list[dict]:
+        self.check_scoring(scoring)
+        if scoring == "generate":
+            return super().predict(model, tokenizer, examples, shots=shots, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, progress=progress)
+        from benchmarks.tasks.generate import loglik_choices
+
+        if not examples:
+            return []
+        prompts = self.prompts(examples, tokenizer, shots)
+        cands = [self.candidates(ex, tokenizer) for ex in examples]
+        ll = loglik_choices(model, tokenizer, prompts, cands, batch_size=batch_size, progress=progress,
+                            desc=f"{examples[0]['task']} (likelihood)")
+        return self.predictions_from_logliks(examples, ll)
+
+    @staticmethod
+    def predictions_from_logliks(examples, logliks: Sequence[Sequence[float]]) -> list[dict]:
+        out = []
+        for ex, scores in zip(examples, logliks):
+            labels = list(ex["label_set"])
+            if len(scores) != len(labels):
+                raise ValueError(f"{len(scores)} scores for {len(labels)} labels of {ex.get('id')}")
+            best = int(np.argmax(np.asarray(scores, dtype=np.float64)))  # ties -> first label
+            out.append({"id": ex.get("id"), "output": None, "prediction": labels[best], "rule": "likelihood",
+                        "logliks": {lab: float(s) for lab, s in zip(labels, scores)}})
+        return out
+
+    def per_example(self, examples, predictions) -> list[dict]:
+        self._check(examples, predictions)
+        return [{"correct": float(p["prediction"] == ex["label"]), "invalid": float(p["prediction"] is None)}
+                for ex, p in zip(examples, predictions)]
+
+    def score(self, examples, predictions) -> dict[str, dict]:
+        from sklearn.metrics import accuracy_score, f1_score
+
+        self._check(examples, predictions)
+        n = len(examples)
+        label_set = list(examples[0]["label_set"]) if examples else []
+        for ex in examples:
+            if list(ex["label_set"]) != label_set:
+                raise ValueError(f"example {ex.get('id')} has label_set {ex['label_set']}, expected {label_set}")
+        gold = [ex["label"] for ex in examples]
+        pred = [p["prediction"] for p in predictions]
+        pred_s = ["\0invalid" if p is None else p for p in pred]  # never equal to a label
+        chance_acc = 1.0 / len(label_set) if label_set else 0.0
+
+        acc = float(accuracy_score(gold, pred_s)) if n else float("nan")
+        acc_ci = bootstrap_ci([float(g == p) for g, p in zip(gold, pred_s)], n_boot=self.n_boot, seed=self.seed)
+        present = [lab for lab in label_set if lab in gold or lab in pred]
+        f1 = float(f1_score(gold, pred_s, labels=present, average="macro", zero_division=0)) if n else float("nan")
+        f1_ci = bootstrap_ci(class_counts(gold, pred, label_set), sum_fn=macro_f1_sums(len(label_set)),
+                             n_boot=self.n_boot, seed=self.seed)
+        invalid = [float(p is None) for p in pred]
+        inv = self.mean_metric(invalid, higher_is_better=False, chance=0.0, primary=False)
+        majority = max((gold.count(lab) for lab in label_set), default=0) / n if n else float("nan")
+        return {
+            "accuracy": {**metric_entry(acc, n, acc_ci), "higher_is_better": True, "chance": chance_acc,
+                         "primary": True, "extra": {"majority_baseline": round(majority, 6)}},
+            "f1_macro": {**metric_entry(f1, n, f1_ci), "higher_is_better": True,
+                         "chance": round(uniform_guess_macro_f1(gold, label_set), 6), "primary": False},
+            "invalid_rate": inv,
+        }

@@ -1,0 +1,254 @@
+"""Leaderboard on synthetic run.json files: every number checked against a hand
+computation (plain Python, exact bootstrap by enumeration), bad files skipped, figures."""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import leaderboard as LB
+from scd.core.results import atomic_write_json
+
+TASK_META = {"qa/f1": {"higher_is_better": True, "chance": 0.0, "primary": True},
+             "qa/em": {"higher_is_better": True, "chance": 0.0, "primary": False},
+             "cls/acc": {"higher_is_better": True, "chance": 0.5, "primary": True},
+             "lm/perplexity": {"higher_is_better": False, "chance": 0.0, "primary": True}}
+
+
+def rec(method: str, seed: int, qa=None, cls=None, ppl=None, *, status="ok", components=None, cka=None,
+        lr=1e-3, ci=None, error=None) -> dict:
+    """A run.json as the recipes write it (scd.core.results.new_run_record keys)."""
+    ci = ci or {}
+    ev = {}
+    if qa is not None:
+        ev["qa"] = {"f1": {"value": qa, "n": 100, "ci": ci.get("qa", [qa - 0.05, qa + 0.05])},
+                    "em": {"value": qa / 2, "n": 100, "ci": [0, 1]}}
+    if cls is not None:
+        ev["cls"] = {"acc": {"value": cls, "n": 100, "ci": ci.get("cls", [cls - 0.05, cls + 0.05])}}
+    if ppl is not None:
+        ev["lm"] = {"perplexity": {"value": ppl, "n": 100, "ci": [ppl - 1, ppl + 1]}}
+    config = {"recipe": "fake", "method": method, "seed": seed, "grid": "syn", "train": {"lr": lr},
+              "components": components or {}}
+    return {"schema_version": 1, "run_id": f"{method}-{seed}-{lr}", "grid": "syn", "recipe": "fake",
+            "method": method, "seed": seed, "git_sha": None, "status": status, "error": error,
+            "started": None, "finished": None, "env": {}, "components": components or {},
+            "hparams": {"lr": lr}, "config": config, "train": {"tokens": 10, "wall_s": 1.0, "peak_mem": None},
+            "eval": ev, "cka": cka or {}, "metric_meta": TASK_META if ev else {}, "artifacts": {}}
+
+
+def write_runs(gdir: Path, recs: list[dict], plan: dict | None = None) -> None:
+    for r in recs:
+        atomic_write_json(gdir / r["run_id"] / "run.json", r)
+    if plan is not None:
+        atomic_write_json(gdir / "plan.json", plan)
+
+
+# ------------------------------------------------------------- independent reference maths
+def ref_quantile(sorted_vals: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default), by hand."""
+    pos = q * (len(sorted_vals) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (pos - lo) * (sorted_vals[hi] - sorted_vals[lo])
+
+
+def ref_boot_ci(values: list[float]) -> tuple[float, float]:
+    """Exact bootstrap: the mean of every ordered resample, each equally likely."""
+    n = len(values)
+    means = sorted(sum(values[i] for i in idx) / n for idx in itertools.product(range(n), repeat=n))
+    return ref_quantile(means, 0.025), ref_quantile(means, 0.975)
+
+
+def ref_avg(qa: float, cls: float) -> float:
+    return ((qa - 0.0) / (1 - 0.0) + (cls - 0.5) / (1 - 0.5)) / 2  # chance-normalised, perplexity left out
+
+
+KD = {"qa": [0.50, 0.60, 0.70], "cls": [0.60, 0.70, 0.80], "ppl": [10.0, 12.0, 11.0]}
+SCD = {"qa": [0.55, 0.70, 0.72], "cls": [0.75, 0.70, 0.90], "ppl": [9.0, 9.0, 10.0]}
+
+
+@pytest.fixture()
+def grid(tmp_path):
+    gdir = tmp_path / "results" / "syn"
+    recs = [rec("kd", s, KD["qa"][s], KD["cls"][s], KD["ppl"][s]) for s in range(3)]
+    recs += [rec("scd", s, SCD["qa"][s], SCD["cls"][s], SCD["ppl"][s], components={"aw": False, "sched": True},
+                 cka={"mean_matched": 0.6 + 0.1 * s, "matrix": [[0.9, 0.2], [0.3, 0.8 + 0.05 * s]],
+                      "layers_a": [0, 1], "layers_b": [0, 2]})
+             for s in range(3)]
+    recs.append(rec("scd+aw", 0, 0.80, 0.90, 8.0, components={"aw": True, "sched": True},
+                    ci={"qa": [0.74, 0.86], "cls": [0.85, 0.95]}, cka={"mean_matched": 0.9}))
+    recs.append(rec("scd", 3, 0.99, 0.99, 1.0, status="failed", components={"aw": False, "sched": True},
+                    error="RuntimeError: CUDA out of memory\ntraceback..."))
+    recs.append(rec("kd", 4, status="running"))
+    write_runs(gdir, recs, plan={"grid": "syn", "baseline": "kd", "description": "synthetic test grid",
+                                 "runs": [{"run_id": r["run_id"]} for r in recs]})
+    return gdir
+
+
+def read_csv(path: Path) -> dict[str, dict]:
+    return {row["label"]: row for row in csv.DictReader(io.StringIO(path.read_text()))}
+
+
+def test_pure_statistics_match_hand_computation():
+    vals = [0.35, 0.5, 0.65]
+    assert LB.bootstrap_mean_ci(vals) == pytest.approx(ref_boot_ci(vals), abs=1e-12)
+    assert LB.bootstrap_mean_ci([0.5, 0.7]) == pytest.approx(ref_boot_ci([0.5, 0.7]), abs=1e-12)
+    assert LB.bootstrap_mean_ci([0.4]) == (0.4, 0.4)
+    big = [0.1 * i for i in range(8)]  # 8^8 resamples: Monte Carlo via benchmarks.stats
+    lo, hi = LB.bootstrap_mean_ci(big)
+    m, se = statistics.mean(big), statistics.pstdev(big) / math.sqrt(8)
+    assert lo < m < hi and hi - lo == pytest.approx(2 * 1.96 * se, rel=0.25)
+    assert LB.chance_normalise(0.75, 0.5) == 0.5 and LB.chance_normalise(0.25, 0.25) == 0.0
+    assert LB.mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(statistics.stdev([1, 2, 4])))
+    # delta: paired when >= 2 seeds are shared
+    d = LB.delta_vs_baseline({0: 0.6, 1: 0.9, 2: 0.7}, {0: 0.5, 1: 0.6, 2: 0.7, 9: 0.1})
+    assert d.how == "paired (3 seeds)" and d.value == pytest.approx((0.1 + 0.3 + 0.0) / 3)
+    assert (d.lo, d.hi) == pytest.approx(ref_boot_ci([0.1, 0.3, 0.0]))
+    # unpaired when the seeds differ
+    d = LB.delta_vs_baseline({5: 0.6, 6: 0.7}, {0: 0.5, 1: 0.6, 2: 0.7})
+    assert d.how == "unpaired" and d.value == pytest.approx(0.05) and d.lo < 0.05 < d.hi
+    # one seed: the runs' own CIs, combined in quadrature
+    d = LB.delta_vs_baseline({0: 0.8}, {0: 0.5}, (0.7, 0.9), (0.45, 0.55))
+    assert d.how == "run CIs" and (d.lo, d.hi) == pytest.approx((0.3 - math.hypot(0.1, 0.05),
+                                                                 0.3 + math.hypot(0.1, 0.05)))
+
+
+def test_leaderboard_numbers_match_hand_computation(grid, monkeypatch):
+    monkeypatch.setitem(sys.modules, "benchmarks.cka", None)  # matplotlib fallback (no torch import here)
+    md_path = LB.build_leaderboard(grid)
+    rows = read_csv(grid / "leaderboard.csv")
+    assert list(rows) == ["scd+aw", "scd", "kd"]  # ranked by avg; failed-only configs absent
+    kd, scd, aw = rows["kd"], rows["scd"], rows["scd+aw"]
+    f = float
+    # per-task primary metric: mean, std (ddof 1), exact bootstrap CI over seeds
+    assert f(kd["qa/f1"]) == pytest.approx(0.6, abs=1e-6)
+    assert f(kd["qa/f1_std"]) == pytest.approx(statistics.stdev(KD["qa"]), abs=1e-6)
+    assert (f(kd["qa/f1_ci_lo"]), f(kd["qa/f1_ci_hi"])) == pytest.approx(ref_boot_ci(KD["qa"]), abs=1e-6)
+    assert (f(scd["cls/acc_ci_lo"]), f(scd["cls/acc_ci_hi"])) == pytest.approx(ref_boot_ci(SCD["cls"]), abs=1e-6)
+    assert f(kd["lm/perplexity"]) == pytest.approx(11.0)  # lower-is-better: reported, not in avg
+    # single seed: the run's own CI
+    assert (f(aw["qa/f1_ci_lo"]), f(aw["qa/f1_ci_hi"])) == pytest.approx((0.74, 0.86), abs=1e-6)
+    assert aw["qa/f1_std"] == ""
+    # chance-normalised average over tasks (failed seed 3 with 0.99 is not averaged)
+    kd_avg = [ref_avg(q, c) for q, c in zip(KD["qa"], KD["cls"])]
+    scd_avg = [ref_avg(q, c) for q, c in zip(SCD["qa"], SCD["cls"])]
+    assert f(kd["avg_norm"]) == pytest.approx(statistics.mean(kd_avg), abs=1e-6)
+    assert f(scd["avg_norm"]) == pytest.approx(statistics.mean(scd_avg), abs=1e-6)
+    assert f(scd["avg_norm_std"]) == pytest.approx(statistics.stdev(scd_avg), abs=1e-6)
+    assert (f(scd["avg_norm_ci_lo"]), f(scd["avg_norm_ci_hi"])) == pytest.approx(ref_boot_ci(scd_avg), abs=1e-6)
+    assert f(aw["avg_norm"]) == pytest.approx(ref_avg(0.8, 0.9), abs=1e-6)
+    aw_ci = ((0.74 + (0.85 - 0.5) / 0.5) / 2, (0.86 + (0.95 - 0.5) / 0.5) / 2)
+    assert (f(aw["avg_norm_ci_lo"]), f(aw["avg_norm_ci_hi"])) == pytest.approx(aw_ci, abs=1e-6)
+    # delta vs the baseline, paired by seed, with an exact bootstrap CI of the differences
+    diffs = [a - b for a, b in zip(scd_avg, kd_avg)]
+    assert f(scd["delta"]) == pytest.approx(statistics.mean(diffs), abs=1e-6)
+    assert (f(scd["delta_ci_lo"]), f(scd["delta_ci_hi"])) == pytest.approx(ref_boot_ci(diffs), abs=1e-6)
+    assert scd["delta_how"] == "paired (3 seeds)"
+    qa_diffs = [a - b for a, b in zip(SCD["qa"], KD["qa"])]
+    assert f(scd["qa/f1_delta"]) == pytest.approx(statistics.mean(qa_diffs), abs=1e-6)
+    kd_ci = ref_boot_ci(kd_avg)
+    h = math.hypot((aw_ci[1] - aw_ci[0]) / 2, (kd_ci[1] - kd_ci[0]) / 2)
+    d_aw = ref_avg(0.8, 0.9) - statistics.mean(kd_avg)
+    assert (f(aw["delta"]), f(aw["delta_ci_lo"]), f(aw["delta_ci_hi"])) == pytest.approx(
+        (d_aw, d_aw - h, d_aw + h), abs=1e-6)
+    assert f(kd["delta"]) == 0.0
+    # rank, seeds, status counts, components, CKA
+    assert [r["rank"] for r in rows.values()] == ["1", "2", "3"]
+    assert (scd["n_seeds"], scd["n_ok"], scd["n_failed"]) == ("3", "3", "1")
+    assert (kd["n_ok"], kd["n_running"]) == ("3", "1")
+    assert (aw["components.aw"], scd["components.aw"], scd["components.sched"]) == ("true", "false", "true")
+    assert f(scd["cka_mean_matched"]) == pytest.approx(0.7) and kd["cka_mean_matched"] == ""
+    # markdown: same numbers, failures in their own section, notes
+    md = md_path.read_text()
+    assert "Baseline: **kd**" in md and "synthetic test grid" in md
+    assert f"{statistics.mean(scd_avg):.3f} ± {statistics.stdev(scd_avg):.3f}" in md
+    assert f"{statistics.mean(diffs):+.3f}" in md and "(baseline)" in md
+    failed = md.split("## Failed and incomplete runs")[1]
+    assert "RuntimeError: CUDA out of memory" in failed and "traceback" not in failed and "running" in failed
+    assert "lm/perplexity: left out of avg" in md
+    # figures
+    for name in ("tasks.png", "component_deltas.png", "recovery_vs_cka.png"):
+        assert (grid / "figures" / name).stat().st_size > 5000, name
+    assert len(list((grid / "figures").glob("cka_*.png"))) == 1  # only scd has matrices
+
+
+def test_runs_parquet_has_one_row_per_run(grid):
+    import polars as pl
+
+    LB.build_leaderboard(grid, figures=False)
+    df = pl.read_parquet(grid / "runs.parquet")
+    assert df.height == 9 and df["run_id"].n_unique() == 9
+    assert sorted(df["status"].to_list()).count("ok") == 7
+    kd0 = df.filter((pl.col("method") == "kd") & (pl.col("seed") == 0)).row(0, named=True)
+    assert kd0["qa/f1"] == 0.5 and kd0["qa/em"] == 0.25 and kd0["qa/f1.ci_lo"] == pytest.approx(0.45)
+    assert kd0["avg_norm"] == pytest.approx(ref_avg(0.5, 0.6))
+    assert df.filter(pl.col("method") == "scd+aw")["components.aw"].to_list() == [True]
+
+
+def test_bad_run_json_is_skipped_with_a_warning(grid):
+    (grid / "torn").mkdir()
+    (grid / "torn" / "run.json").write_text('{"schema_version": 1, "run_id": ')
+    bad = rec("kd", 7, 0.1, 0.6)
+    del bad["seed"]
+    write_runs(grid, [bad])
+    wrong = rec("kd", 8, 0.1, 0.6)
+    wrong["eval"]["qa"]["f1"] = 0.1  # not {value, n, ci}
+    wrong["run_id"] = "wrong"
+    write_runs(grid, [wrong])
+    with pytest.warns(LB.LeaderboardWarning) as w:
+        LB.build_leaderboard(grid, figures=False, plan_only=False)
+    msgs = " ".join(str(x.message) for x in w)
+    assert "syn/torn/run.json" in msgs and "missing key 'seed'" in msgs and "eval.qa.f1" in msgs
+    md = (grid / "leaderboard.md").read_text()
+    assert "## Skipped files" in md and "missing key 'seed'" in md
+    assert read_csv(grid / "leaderboard.csv")["kd"]["n_seeds"] == "3"  # bad ones not counted
+
+
+def test_runs_outside_the_plan_are_left_out(grid):
+    write_runs(grid, [rec("old", 0, 0.9, 0.9, lr=0.5)])  # a run dir from an earlier version of the grid
+    LB.build_leaderboard(grid, figures=False)
+    assert "old" not in read_csv(grid / "leaderboard.csv")
+    assert "not in the current plan.json" in (grid / "leaderboard.md").read_text()
+    LB.build_leaderboard(grid, figures=False, plan_only=False)
+    assert "old" in read_csv(grid / "leaderboard.csv")
+
+
+def test_sweep_rows_are_labelled_and_compared_with_the_matching_baseline(tmp_path):
+    gdir = tmp_path / "sweep"
+    recs = [rec(m, s, q + s * 0.01 + (0.05 if lr == 2e-3 else 0), 0.7, lr=lr)
+            for m, q in (("kd", 0.5), ("scd", 0.6)) for lr in (1e-3, 2e-3) for s in range(2)]
+    write_runs(gdir, recs, plan={"grid": "sweep", "baseline": "kd", "runs": [{"run_id": r["run_id"]} for r in recs]})
+    LB.build_leaderboard(gdir, figures=False)
+    rows = read_csv(gdir / "leaderboard.csv")
+    assert set(rows) == {"kd lr=0.001", "kd lr=0.002", "scd lr=0.001", "scd lr=0.002"}
+    assert rows["scd lr=0.002"]["train.lr"] == "0.002"
+    for lr in ("0.001", "0.002"):  # like-with-like: scd at lr X vs kd at lr X
+        assert rows[f"scd lr={lr}"]["baseline_config_id"] == rows[f"kd lr={lr}"]["config_id"]
+        assert float(rows[f"scd lr={lr}"]["qa/f1_delta"]) == pytest.approx(0.1, abs=1e-6)
+
+
+def test_index_links_every_grid_and_cli(grid, tmp_path, capsys):
+    other = grid.parent / "other"
+    write_runs(other, [rec("kd", 0, 0.4, 0.6)])
+    assert LB.main(["--results-dir", str(grid.parent), "--no-figures"]) == 0
+    index = (grid.parent / "README.md").read_text()
+    assert "[syn](syn/leaderboard.md) — synthetic test grid: 3 configs, 9 runs (1 failed) (1 unfinished); " \
+           "best: scd+aw" in index
+    assert "[other](other/leaderboard.md)" in index and "Updated " in index
+    assert json.loads((grid / "leaderboard.json").read_text())["best"]["label"] == "scd+aw"
+    assert LB.main(["--results-dir", str(tmp_path / "nowhere")]) == 2
+    assert "no grid results" in capsys.readouterr().err
+
+
+def test_cka_heatmap_uses_benchmarks_cka(grid):
+    pytest.importorskip("benchmarks.cka")
+    g = next(g for g in LB.make_groups(LB.load_records(grid)[0]) if g.method == "scd")
+    out = grid / "figures" / "cka.png"
+    assert LB.plot_cka(g, out) and out.stat().st_size > 5000
