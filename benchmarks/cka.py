@@ -287,7 +287,7 @@ class CKAMatrix:
       ``minibatch_size=None`` each ``update`` is one minibatch (needs n >= 4); with an
       integer m, rows are buffered and processed in minibatches of exactly m; a final
       remainder of >= 4 rows counts as one more (smaller) minibatch, fewer are dropped
-      (``n_dropped``).
+      (counted by ``dropped``).
     """
 
     def __init__(self, n_layers_a: int, n_layers_b: int, estimator: str = "linear", *,
@@ -304,8 +304,7 @@ class CKAMatrix:
         self.device = torch.device(device) if device is not None else None
         self.n = 0            # samples seen
         self.n_batches = 0    # update() calls
-        self.n_minibatches = 0
-        self.n_dropped = 0
+        self.n_minibatches = 0  # full minibatches accumulated (see also .minibatches, .dropped)
         self._stats: dict[str, Any] | None = None       # linear sufficient statistics
         self._h: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # minibatch HSIC sums
         self._buf_a: list[torch.Tensor] = []
@@ -477,11 +476,14 @@ def matched_layers(n_a: int, n_b: int) -> list[int]:
 
 
 # ============================================================== hidden states of HF models
-def select_units(h: torch.Tensor, mask: torch.Tensor | None, unit: str) -> torch.Tensor:
+def select_units(h: torch.Tensor, mask: torch.Tensor | None, unit: str, skip_first: int = 0) -> torch.Tensor:
     """Drop padding and form samples.  h: [B, T, d], mask: [B, T] (1 = real token) or None.
 
     unit="tokens" -> [n_real_tokens, d]; unit="mean_pool" -> [n_seqs_with_tokens, d]
     (mean of each sequence's real tokens; sequences without any are dropped).
+    ``skip_first=k`` also drops the first k real tokens of every sequence (wherever the
+    padding is): LLMs put massive activations on the first position (attention sink),
+    which otherwise dominate linear CKA -- see docs/cka.md.
     """
     if unit not in UNITS:
         raise ValueError(f"unknown CKA unit {unit!r}; choose one of {', '.join(UNITS)}")
@@ -492,6 +494,10 @@ def select_units(h: torch.Tensor, mask: torch.Tensor | None, unit: str) -> torch
     if mask.shape != h.shape[:2]:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match hidden states {tuple(h.shape[:2])}")
     m = mask.to(h.device).bool()
+    if skip_first < 0:
+        raise ValueError(f"skip_first must be >= 0, got {skip_first}")
+    if skip_first:
+        m = m & (m.long().cumsum(1) > skip_first)                   # rank among real tokens >= k
     if unit == "tokens":
         return h[m]                                                  # [n_tok, d]
     cnt = m.sum(1)                                                   # [B]
@@ -546,8 +552,8 @@ def resolve_layers(layers: Sequence[int] | None, n_hidden: int) -> list[int]:
 
 
 @torch.no_grad()
-def hidden_for_batch(model, batch: Any, layers: Sequence[int] | None = None, unit: str = "tokens"
-                     ) -> tuple[list[torch.Tensor], list[int]]:
+def hidden_for_batch(model, batch: Any, layers: Sequence[int] | None = None, unit: str = "tokens",
+                     skip_first: int = 0) -> tuple[list[torch.Tensor], list[int]]:
     """One forward pass -> ([n, d] per chosen layer, resolved layer indices).
 
     Padding positions (attention_mask == 0) are removed before anything is returned.
@@ -569,11 +575,11 @@ def hidden_for_batch(model, batch: Any, layers: Sequence[int] | None = None, uni
     if hs is None:
         raise ValueError(f"{type(model).__name__} returned no hidden_states with output_hidden_states=True")
     idx = resolve_layers(layers, len(hs))
-    return [select_units(hs[i], am, unit) for i in idx], idx
+    return [select_units(hs[i], am, unit, skip_first) for i in idx], idx
 
 
 def collect_hidden(model, batches: Iterable[Any], layers: Sequence[int] | None = None,
-                   unit: str = "tokens") -> Iterator[list[torch.Tensor]]:
+                   unit: str = "tokens", skip_first: int = 0) -> Iterator[list[torch.Tensor]]:
     """Generator: for each batch, the list of [n, d] states of the chosen layers.
 
     Runs the model in eval mode under no_grad (restoring its mode afterwards); nothing
@@ -583,7 +589,7 @@ def collect_hidden(model, batches: Iterable[Any], layers: Sequence[int] | None =
     model.eval()
     try:
         for batch in batches:
-            yield hidden_for_batch(model, batch, layers, unit)[0]
+            yield hidden_for_batch(model, batch, layers, unit, skip_first)[0]
     finally:
         model.train(was_training)
 
@@ -591,18 +597,20 @@ def collect_hidden(model, batches: Iterable[Any], layers: Sequence[int] | None =
 def model_cka(model_a, model_b, batches: Iterable[Any], layers_a: Sequence[int] | None = None,
               layers_b: Sequence[int] | None = None, estimator: str = "linear", unit: str = "tokens",
               device: str | torch.device | None = None, minibatch_size: int | None = 1024,
-              rbf_factor: float = 1.0) -> dict:
+              rbf_factor: float = 1.0, skip_first: int = 0) -> dict:
     """Layer-pair CKA between two HF causal LMs on the same batches (A = rows, B = columns).
 
     Each batch (dict with input_ids [B, T] and attention_mask [B, T], or an input_ids
     tensor) goes through both models once; hidden states are masked, pooled if
     ``unit="mean_pool"``, fed to a :class:`CKAMatrix` on ``device`` (default: model A's
-    device) and dropped.  ``minibatch_size`` applies to the minibatch estimators.
+    device) and dropped.  ``minibatch_size`` applies to the minibatch estimators;
+    ``skip_first`` drops the first k real tokens of each sequence (see :func:`select_units`).
 
     Returns a JSON-ready dict: matrix [La][Lb], matched (CKA of relative-depth matched
     layers, see :func:`matched_layers`), matched_layers [[a, b], ...], mean_matched,
     diagonal (== matched when La == Lb, else None), layers_a, layers_b, estimator, unit,
-    n (tokens or sequences), n_batches, n_minibatches, minibatch_size, rbf_factor, dtype.
+    n (tokens or sequences), n_batches, n_minibatches, minibatch_size, n_dropped,
+    rbf_factor, skip_first, dtype.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown CKA estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -615,8 +623,8 @@ def model_cka(model_a, model_b, batches: Iterable[Any], layers_a: Sequence[int] 
     model_b.eval()
     try:
         for batch in batches:
-            ha, la = hidden_for_batch(model_a, batch, layers_a, unit)
-            hb, lb = hidden_for_batch(model_b, batch, layers_b, unit)
+            ha, la = hidden_for_batch(model_a, batch, layers_a, unit, skip_first)
+            hb, lb = hidden_for_batch(model_b, batch, layers_b, unit, skip_first)
             if acc is None:
                 acc = CKAMatrix(len(la), len(lb), estimator,
                                 minibatch_size=minibatch_size if estimator != "linear" else None,
@@ -647,6 +655,7 @@ def model_cka(model_a, model_b, batches: Iterable[Any], layers_a: Sequence[int] 
         "minibatch_size": minibatch_size if estimator != "linear" else None,
         "n_dropped": acc.dropped if estimator != "linear" else 0,
         "rbf_factor": rbf_factor if estimator == "rbf" else None,
+        "skip_first": skip_first,
         "dtype": "float64",
     }
 
@@ -770,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--estimator", default="linear", choices=ESTIMATORS)
     ap.add_argument("--unit", default="tokens", choices=UNITS)
     ap.add_argument("--minibatch-size", type=int, default=1024)
+    ap.add_argument("--skip-first", type=int, default=0,
+                    help="drop the first k real tokens of each sequence (attention-sink outliers)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
@@ -789,14 +800,16 @@ def main(argv: list[str] | None = None) -> int:
     texts = _read_texts(os.path.expanduser(args.texts), args.field, args.max_examples)
     batches = _text_batches(tok, texts, args.batch_size, args.max_length)
     res = model_cka(model_a, model_b, batches, _parse_layers(args.layers_a), _parse_layers(args.layers_b),
-                    estimator=args.estimator, unit=args.unit, device=args.device, minibatch_size=args.minibatch_size)
+                    estimator=args.estimator, unit=args.unit, device=args.device, minibatch_size=args.minibatch_size,
+                    skip_first=args.skip_first)
     res.update(model_a=args.model_a, model_b=args.model_b + (f" (random init, seed {args.seed_b})"
                                                              if args.random_init_b else ""),
                texts=args.texts, n_texts=len(texts), max_length=args.max_length,
                command="python -m benchmarks.cka " + " ".join(sys.argv[1:] if argv is None else argv))
     out = Path(args.out)
     atomic_write_json(out / "cka.json", res)
-    plot_cka_heatmap(res["matrix"], out / "cka.png", f"{args.estimator} CKA ({args.unit}, n={res['n']})",
+    skip = f", first {args.skip_first} skipped" if args.skip_first else ""
+    plot_cka_heatmap(res["matrix"], out / "cka.png", f"{args.estimator} CKA ({args.unit}{skip}, n={res['n']})",
                      xlabel=f"model B layer: {res['model_b']}", ylabel=f"model A layer: {args.model_a}",
                      xticklabels=res["layers_b"], yticklabels=res["layers_a"])
     print(json.dumps({k: res[k] for k in ("mean_matched", "n", "estimator", "unit")}))

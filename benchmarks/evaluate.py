@@ -273,6 +273,10 @@ def evaluate_task(model, tokenizer, task: str, *, split: str = "test", limit: in
     return {"metrics": metrics, "meta": meta, "info": info, "rows": rows}
 
 
+def _fmt(x: float | None) -> str:
+    return "nan" if x is None else f"{x:.3f}"
+
+
 def write_predictions(out_dir: Path, task: str, rows: Sequence[dict]) -> Path:
     from scd.core.results import atomic_write_text, dumps
 
@@ -299,7 +303,7 @@ def evaluate_model(model, tokenizer, *, tasks: Sequence[str] = (), split: str = 
         result["eval_info"][task] = r["info"]
         if out_dir is not None:
             write_predictions(Path(out_dir), task, r["rows"])
-        summary = ", ".join(f"{m}={v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+        summary = ", ".join(f"{m}={v['value']:.3f} [{_fmt(v['ci'][0])}, {_fmt(v['ci'][1])}]"
                             for m, v in r["metrics"].items() if v["value"] is not None)
         print(f"[eval] {task} (n={r['info']['n']}, {r['info']['scoring']}, {r['info']['wall_s']} s): {summary}",
               file=sys.stderr, flush=True)
@@ -331,20 +335,20 @@ def cka_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: in
 
 def run_cka(model, tokenizer, opts: CKAOptions, *, default_tasks: Sequence[str] = (), out_dir: Path | None = None,
             reference_model=None) -> dict:
-    """CKA(evaluated model layers x reference model layers) on probe prompts of the eval tasks."""
+    """CKA(evaluated model layers x reference model layers) on probe texts: the ``input``
+    field (no instruction, no chat template, so probes do not share a long common
+    prefix) of the first examples of each probe task."""
     try:
         from benchmarks.cka import model_cka, plot_cka_heatmap
     except ImportError as e:  # pragma: no cover - benchmarks.cka is part of the suite
         raise RuntimeError(f"CKA requested but benchmarks.cka is unavailable ({e})") from None
-    from scd.data.prompts import render_prompt
-
     tasks = list(opts.tasks) or list(default_tasks)
     if not tasks:
         raise ValueError("cka: no probe tasks (set cka.tasks or evaluate at least one task)")
     per_task = max(1, -(-opts.n_examples // len(tasks)))
     texts = []
     for task in expand_tasks(tasks):
-        texts += [render_prompt(ex, tokenizer) for ex in load_examples(task, opts.split, per_task)]
+        texts += [ex["input"] for ex in load_examples(task, opts.split, per_task)]
     texts = texts[:opts.n_examples]
     device = str(next(model.parameters()).device)
     ref_name = opts.reference
@@ -434,11 +438,21 @@ def evaluate(cfg: EvalConfig, target: str | None = None, run_dir: str | Path | N
         fresh["status"] = "running"
         atomic_write_json(out / "run.json", fresh)
     t0 = time.time()
-    result = evaluate_model(model, tok, tasks=cfg.tasks, split=cfg.split, limit=cfg.limit, shots=cfg.shots,
-                            shot_seed=cfg.shot_seed, batch_size=cfg.batch_size, scoring=cfg.scoring,
-                            max_new_tokens=cfg.max_new_tokens, lm_eval_tasks=cfg.lm_eval_tasks,
-                            lm_eval_limit=cfg.lm_eval_limit, out_dir=out, n_boot=cfg.n_boot, seed=cfg.seed,
-                            progress=cfg.progress, cka=cfg.cka)
+    try:
+        result = evaluate_model(model, tok, tasks=cfg.tasks, split=cfg.split, limit=cfg.limit, shots=cfg.shots,
+                                shot_seed=cfg.shot_seed, batch_size=cfg.batch_size, scoring=cfg.scoring,
+                                max_new_tokens=cfg.max_new_tokens, lm_eval_tasks=cfg.lm_eval_tasks,
+                                lm_eval_limit=cfg.lm_eval_limit, out_dir=out, n_boot=cfg.n_boot, seed=cfg.seed,
+                                progress=cfg.progress, cka=cfg.cka)
+    except BaseException as e:
+        if fresh is not None:  # our own run.json: record the failure (a trained run's status is left alone)
+            from scd.core.results import read_json
+
+            rec = read_json(out / "run.json")
+            rec.update(status="failed", error=f"{type(e).__name__}: {e}",
+                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            atomic_write_json(out / "run.json", rec)
+        raise
     for info in result["eval_info"].values():
         info.setdefault("device", device)
         info.setdefault("threads", torch.get_num_threads() if device == "cpu" else None)
@@ -521,6 +535,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
+    from scd.core.assets import AssetError
+
     args = make_parser().parse_args(argv)
     # a positional that looks like key=value is an override, not the target
     if args.target and "=" in args.target and not Path(args.target).exists():
@@ -529,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = build_config(args)
         out = evaluate(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError, OSError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, OSError, AssetError) as e:
         if os.environ.get("SCD_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -52,7 +52,6 @@ from scd.core.registry import did_you_mean
 from scd.core.results import (SCHEMA_VERSION, ResultsError, atomic_write_json, atomic_write_text, config_hash,
                               git_sha, read_json, safe_join, validate_run_record)
 
-LAUNCHERS = ("local", "torchrun", "deepspeed")
 DEFAULT_COMMANDS = {
     "local": "{python} -m scd run {config} --run-dir {run_dir}",
     "torchrun": "{python} -m torch.distributed.run --standalone --nproc_per_node {nproc} "
@@ -624,8 +623,13 @@ class Claim:
         if held is not None and held.get("token") == self.info["token"]:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
-        with contextlib.suppress(OSError):
-            os.unlink(self.run_dir / CHILD_NAME)
+        try:
+            mine = read_json(self.run_dir / CHILD_NAME).get("token") == self.info["token"]
+        except (OSError, ValueError, AttributeError):
+            mine = False
+        if mine:
+            with contextlib.suppress(OSError):
+                os.unlink(self.run_dir / CHILD_NAME)
 
 
 def _read_lock(lock: Path) -> tuple[bytes | None, dict | None, float]:
@@ -841,6 +845,7 @@ class GridRunner:
         nproc = (len(slot.gpus) or self.grid.gpus_per_run) if self.grid.launcher != "local" else 1
         template = command_template(self.grid.launcher, self.command, slot)
         argv = build_command(template, config=cfg_path, run_dir=rd, slot=slot, nproc=nproc, run_id=run.run_id)
+        self._reset_failed_record(rd)
         log_path = rd / "log.txt"
         log_file = open(log_path, "ab")
         offset = log_file.tell()
@@ -853,6 +858,20 @@ class GridRunner:
                                 env=env, start_new_session=True, preexec_fn=_pdeathsig(os.getpid()))
         claim.set_child(proc.pid)
         return _Active(run, slot, claim, proc, time.time(), offset, log_file)
+
+    def _reset_failed_record(self, rd: Path) -> None:
+        """Before re-running a failed/diverged (or interrupted) run: status back to running and
+        the previous failure's fields removed, so a recipe that updates run.json in place does
+        not carry a stale error into an ok record, and a kill now means 'resume', not 'failed'."""
+        try:
+            rec = read_json(rd / "run.json")
+        except (OSError, ValueError):
+            return
+        if isinstance(rec, dict) and rec.get("status") in ("failed", "diverged"):
+            for k in ("log_tail", "exit_code", "traceback_tail", "diverged_at"):
+                rec.pop(k, None)
+            rec.update(status="running", error=None)
+            atomic_write_json(rd / "run.json", rec)
 
     # ------------------------------------------------------------------ finish
     def finalize(self, act: _Active, rc: int) -> str:
@@ -953,8 +972,9 @@ class GridRunner:
                         err = ""
                         with contextlib.suppress(OSError, ValueError):
                             err = str(read_json(self.run_dir(act.run) / "run.json").get("error") or "")
-                        self.emit(f"{status.upper():6} {act.run.run_id}  {act.run.label()}: {err.splitlines()[0] if err else ''}"
-                                  f" (log: {self.run_dir(act.run) / 'log.txt'})")
+                        first = err.splitlines()[0] if err else ""
+                        self.emit(f"{status.upper():6} {act.run.run_id}  {act.run.label()}: {first} "
+                                  f"(log: {self.run_dir(act.run) / 'log.txt'})")
                 now = time.time()
                 if now - last_beat >= self.heartbeat_s:
                     for act in active:

@@ -344,8 +344,9 @@ def make_groups(records: list[dict]) -> list[Group]:
         for k in g.config:
             if k not in keys and k.split(".")[0] != "components":
                 keys.append(k)
+    methods = {g.method for g in out}
     varying = [k for k in keys
-               if any(len({_canon(g.config.get(k)) for g in out if g.method == m}) > 1 for m in {g.method for g in out})]
+               if any(len({_canon(g.config.get(k)) for g in out if g.method == m}) > 1 for m in methods)]
     for g in out:
         g.hparams = {k: g.config.get(k) for k in varying}
         comps: dict = {}
@@ -532,7 +533,8 @@ def render_markdown(grid: str, desc: str, groups: list[Group], tms: list[TaskMet
     L = [f"# Leaderboard: {grid}", ""]
     if desc:
         L += [desc, ""]
-    L.append(f"{len(records)} runs ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}), {len(rows)} "
+    status = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    L.append(f"{len(records)} runs{f' ({status})' if status else ''}, {len(rows)} "
              f"configurations, seeds {', '.join(map(str, seeds)) or '—'}."
              + (f" Baseline: **{baseline}**." if baseline else ""))
     L.append("")
@@ -543,15 +545,19 @@ def render_markdown(grid: str, desc: str, groups: list[Group], tms: list[TaskMet
     L.append("")
     hp_keys = list(dict.fromkeys(k for g in groups for k in g.hparams))
     comp_names = sorted({c for g in groups for c in g.components})
+    if not rows:
+        L += ["No finished (status ok) runs yet.", ""]
     head = ["rank", "method"] + hp_keys + comp_names
     head += [f"{tm.task} {tm.metric} {'↑' if tm.higher_is_better else '↓'}" for tm in tms]
     head += ["avg (norm)"] + ([f"Δ vs {baseline}"] if baseline else [])
     has_cka = any(g.cka is not None for g in groups)
     head += (["CKA"] if has_cka else []) + ["seeds", "runs"]
-    L.append("| " + " | ".join(head) + " |")
+    if rows:
+        L.append("| " + " | ".join(head) + " |")
     align = ["---:", "---"] + ["---"] * len(hp_keys) + [":-:"] * len(comp_names) + ["---"] * len(tms) + ["---"]
     align += (["---"] if baseline else []) + (["---:"] if has_cka else []) + ["---:", "---"]
-    L.append("|" + "|".join(align) + "|")
+    if rows:
+        L.append("|" + "|".join(align) + "|")
     for g in rows:
         cells = [str(g.rank) if g.rank is not None else "—", _md_escape(g.method)]
         cells += [_md_escape(_fmt_v(g.hparams.get(k))) for k in hp_keys]
@@ -712,6 +718,7 @@ def plot_tasks(groups: list[Group], tms: list[TaskMetric], path: Path) -> None:
             ax.bar([i], [st.mean], width=0.8, color=color, label=g.label, yerr=[[lo], [hi]], capsize=3,
                    error_kw={"elinewidth": 1, "ecolor": "black"})
         ax.set_title(title, fontsize=10)
+        ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks([])
         ax.set_xlim(-0.6, n - 0.4)
         ax.grid(axis="y", alpha=0.3)
@@ -891,7 +898,8 @@ def build_leaderboard(grid_dir: str | os.PathLike, *, baseline: str | None = Non
             **{f"n_{s}": sum(r["status"] == s for r in records) for s in ("ok", "failed", "diverged", "running")},
             "n_skipped_files": len(problems), "tasks": [tm.key for tm in tms],
             "best": ({"label": best.label, "avg_norm": _r(best.avg.mean),
-                      "delta": _r(best.avg.delta.value) if best.avg.delta else None} if best else None),
+                      "delta": _r(best.avg.delta.value) if best.avg.delta and not best.is_baseline else None}
+                     if best else None),
             "figures": fig_paths})
     if index:
         update_index(gdir.parent)

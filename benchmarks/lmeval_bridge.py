@@ -97,6 +97,7 @@ def export_task(task: str, out_dir: str | Path, tokenizer, *, split: str = "test
         "dataset_kwargs": {"data_files": {"test": str(d / "docs.jsonl")}},
         "test_split": "test",
         "doc_to_text": "prompt",
+        "num_fewshot": 0,  # demonstrations are already in the prompt
     }
     if family == "classification":
         cfg.update({"output_type": "multiple_choice", "doc_to_choice": "choices", "doc_to_target": "gold",
@@ -148,7 +149,9 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], *, include_path: str | P
     was_training = model.training
     model.eval()
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, task_manager=tm, limit=limit,
+        # num_fewshot=None: each task's own setting (0 for exported suite tasks, whose prompts
+        # already hold the demonstrations; the task's default for other lm-eval tasks)
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=None, task_manager=tm, limit=limit,
                                       log_samples=log_samples, bootstrap_iters=1000, verbosity="WARNING")
     finally:
         model.train(was_training)

@@ -12,7 +12,9 @@ status ``ok``; see :mod:`unisd.recovery`) and writes into it (or ``--out``):
                              correlation between recovered score and mean CKA;
 * ``recovery_study.csv``     the same table;  ``recovery_runs.csv``: one row per run;
 * ``recovery_correlation.json``  Pearson r and Spearman rho with p-values (scipy.stats), all
-                             runs and per degradation;
+                             runs and per degradation: ``score_vs_cka`` (recovered score vs mean
+                             CKA, the study's question) and ``kl_vs_cka`` (KL to the original
+                             vs mean CKA, which needs no task score);
 * ``recovery_scatter.png``   recovered score vs mean CKA (colour = degradation, marker = method);
 * ``recovery_strength.png``  score vs strength per recovery method, one panel per degradation
                              (x ordered from mild to severe; dashed = original model);
@@ -206,6 +208,7 @@ def _fmt_p(p: float) -> str:
 
 
 def markdown(agg: list[dict], corr: dict, root: Path, n_runs: int) -> str:
+    """corr: {"score_vs_cka": correlations(...), "kl_vs_cka": correlations(...)}."""
     lines = [f"# Recovery study: {root.name}", "",
              f"{n_runs} finished recovery runs read from `{root}/**/run.json`. Score = mean over tasks of "
              "each task's primary metric. *before* = degraded, *after* = after recovery, *recovered* = "
@@ -222,11 +225,15 @@ def markdown(agg: list[dict], corr: dict, root: Path, n_runs: int) -> str:
             f"{_fmt(r['score_after'], r['score_after_std'])} | {_fmt(r['recovered_frac'], digits=2)} | "
             f"{_fmt(r['cka_before'])} | {_fmt(r['cka_after'], r['cka_after_std'])} | {_fmt(r['kl_before'])} | "
             f"{_fmt(r['kl_after'], r['kl_after_std'])} | {_fmt(r['max_violation'], digits=1)} |")
-    lines += ["", f"## Correlation: recovered score vs mean CKA (over runs)", "",
-              "| runs | n | Pearson r | p | Spearman rho | p |", "|---|---:|---:|---:|---:|---:|"]
-    for label, c in [("all", corr["all"])] + [(k, v) for k, v in corr["by_degradation"].items()]:
-        lines.append(f"| {label} | {c['n']} | {_fmt(c['pearson_r'])} | {_fmt_p(c['pearson_p'])} | "
-                     f"{_fmt(c['spearman_rho'])} | {_fmt_p(c['spearman_p'])} |")
+    titles = [("score_vs_cka", "recovered score vs mean CKA"),
+              ("kl_vs_cka", "KL to the original vs mean CKA (after; a score-free check of the same link)")]
+    for key, title in titles:
+        c_all = corr[key]
+        lines += ["", f"## Correlation: {title}, over runs", "",
+                  "| runs | n | Pearson r | p | Spearman rho | p | note |", "|---|---:|---:|---:|---:|---:|---|"]
+        for label, c in [("all", c_all["all"])] + list(c_all["by_degradation"].items()):
+            lines.append(f"| {label} | {c['n']} | {_fmt(c['pearson_r'])} | {_fmt_p(c['pearson_p'])} | "
+                         f"{_fmt(c['spearman_rho'])} | {_fmt_p(c['spearman_p'])} | {c.get('note', '')} |")
     lines += ["", "Figures: `recovery_scatter.png` (score vs CKA), `recovery_strength.png` (score vs strength), "
               "`recovery_cka_layers.png` (per-layer CKA).", ""]
     return "\n".join(lines)
@@ -343,7 +350,10 @@ def plot_cka_layers(rows: list[dict], path: Path) -> Path:
                 ax.plot(range(1, L + 1), mean, marker=MARKERS.get(name.split()[0], "^"), ms=3, label=name)
             ax.set_title(f"{deg} (strength {worst:g})")
             ax.legend(fontsize=7)
-        ax.set_xlabel("layer")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("decoder layer")
         ax.set_ylabel("CKA to original")
         ax.set_ylim(top=1.02)
         ax.grid(alpha=0.3)
@@ -369,7 +379,8 @@ def study(root: str | Path, out: str | Path | None = None, plots: bool = True) -
     if not rows:
         raise ValueError(f"{root}: no finished recovery runs (run.json with recipe 'recovery', status ok)")
     agg = aggregate(rows)
-    corr = correlations(rows)
+    corr = {"score_vs_cka": correlations(rows, "cka_after", "score_after"),
+            "kl_vs_cka": correlations(rows, "cka_after", "kl_after")}
     files = {
         "markdown": out / "recovery_study.md",
         "csv": out / "recovery_study.csv",
@@ -381,7 +392,7 @@ def study(root: str | Path, out: str | Path | None = None, plots: bool = True) -
     atomic_write_text(files["runs_csv"], to_csv(rows, RUN_COLS))
     atomic_write_json(files["correlation"], corr)
     if plots:
-        files["scatter"] = plot_scatter(rows, corr, out / "recovery_scatter.png")
+        files["scatter"] = plot_scatter(rows, corr["score_vs_cka"], out / "recovery_scatter.png")
         files["strength"] = plot_strength(agg, out / "recovery_strength.png")
         files["cka_layers"] = plot_cka_layers(rows, out / "recovery_cka_layers.png")
     return {"rows": rows, "table": agg, "correlation": corr, "files": {k: str(v) for k, v in files.items()}}
@@ -399,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    c = res["correlation"]["all"]
+    c = res["correlation"]["score_vs_cka"]["all"]
     print(f"[recovery_study] {len(res['rows'])} runs; score vs CKA: Pearson r={_fmt(c['pearson_r'])} "
           f"(p={_fmt_p(c['pearson_p'])}), Spearman rho={_fmt(c['spearman_rho'])} (p={_fmt_p(c['spearman_p'])})")
     for name, path in res["files"].items():

@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--run-dir", help="run directory (default results/<grid|runs>/<method>-<run_id>)")
     r.add_argument("--results-dir", default="results", help="results root for the default run dir")
     r.add_argument("--force", action="store_true", help="recompute even if the run finished")
+    r.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     v = sub.add_parser("validate", help="validate config files")
     v.add_argument("configs", nargs="+")
     for name in passthrough:

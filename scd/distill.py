@@ -47,17 +47,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 from scd.core.config import register_recipe
+from scd.core.faults import fault_point
 from scd.core.registry import RegistryError
-from scd.core.results import RunDir, atomic_write_json, atomic_write_text, read_json, read_metrics
+from scd.core.results import RunDir, atomic_write_text, read_json, read_metrics
 from scd.core.train import (Checkpointer, TrainConfig, autocast, batch_indices, check_finite, collate,
                             finish_run, peak_memory, resolve_device, seed_everything, start_run, tokenize_sft)
 from scd.data_config import DataConfig, EvalSpec, load_training_pairs
 from scd.models import ModelConfig, build_model, check_same_tokenizer, load_tokenizer, save_model, torch_dtype
 
-AFTER_STEP_HOOK = None  # tests: called as hook(global_step) after each optimiser step (simulated kills)
-
 
 # ===================================================================== config
+def _check_registered(kind: str, name: str, key: str) -> None:
+    import scd.schedule  # noqa: F401  (registers selection rules)
+    import scd.weighting  # noqa: F401  (registers weighting rules)
+    from scd.core.registry import registry
+
+    try:
+        registry(kind).get(name)
+    except RegistryError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class TeacherSource:
     """Where the teacher's checkpoints come from: an existing run, or a config to run first."""
@@ -82,15 +92,15 @@ class TeacherSource:
 
 @dataclasses.dataclass(frozen=True)
 class StagesConfig:
-    n_stages: int = 1
+    n_stages: int = 1  # 0: one stage per teacher checkpoint (SCD's setting)
     steps_per_stage: int = 0  # optimiser steps per stage (0: epochs_per_stage, else train.max_steps // n_stages)
     epochs_per_stage: float = 0.0  # passes over the training set per stage (paper: 2)
     selection: str = "final"  # final | best | fixed_order | scd_select (registry "selection")
     reset_optimizer: bool = True  # fresh AdamW state + LR schedule per stage (paper); else one schedule overall
 
     def __post_init__(self) -> None:
-        if self.n_stages < 1:
-            raise ValueError(f"stages.n_stages must be >= 1, got {self.n_stages}")
+        if self.n_stages < 0:
+            raise ValueError(f"stages.n_stages must be >= 0 (0: one per teacher checkpoint), got {self.n_stages}")
         if self.steps_per_stage < 0 or self.epochs_per_stage < 0:
             raise ValueError("stages.steps_per_stage and stages.epochs_per_stage must be >= 0")
         _check_registered("selection", self.selection, "stages.selection")
@@ -127,13 +137,20 @@ class WeightingConfig:
             raise ValueError(f"weighting.alpha must be in [0, 1], got {self.alpha}")
         if self.anchor_run_dir and self.anchor_config:
             raise ValueError("weighting: give either anchor_run_dir or anchor_config, not both")
-        if self.name == "aw" and not (self.anchor_run_dir or self.anchor_config):
-            raise ValueError("weighting 'aw' needs a student anchor: set weighting.anchor_run_dir (an SFT student "
-                             "run) or weighting.anchor_config (e.g. configs/scd/sft_tiny.yaml)")
+        if self.needs_losses and not (self.anchor_run_dir or self.anchor_config):
+            raise ValueError(f"weighting '{self.name}' needs a student anchor: set weighting.anchor_run_dir (an SFT "
+                             "student run) or weighting.anchor_config (e.g. configs/scd/sft_anchor_tiny.yaml)")
 
     @property
     def gold_only(self) -> bool:
         return self.name == "none" and self.alpha == 0.0
+
+    @property
+    def needs_losses(self) -> bool:
+        """The rule takes per-sample anchor / checkpoint losses (``aw``, or a registered rule flagged so)."""
+        from scd.core.registry import registry
+
+        return bool(getattr(registry("weighting").get(self.name), "needs_losses", False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,17 +190,6 @@ class DistillConfig:
             raise ValueError(f"deepspeed: expected a DeepSpeed JSON file, got {self.deepspeed!r}")
 
 
-def _check_registered(kind: str, name: str, key: str) -> None:
-    import scd.schedule  # noqa: F401  (registers selection rules)
-    import scd.weighting  # noqa: F401  (registers weighting rules)
-    from scd.core.registry import registry
-
-    try:
-        registry(kind).get(name)
-    except RegistryError as e:
-        raise ValueError(f"{key}: {e}") from None
-
-
 # ===================================================================== loss math
 def token_terms(student_logits, teacher_logits, labels, loss: LossConfig, vocab: int | None = None):
     """Per-target-token KD and CE terms of one micro-batch.
@@ -218,8 +224,8 @@ def sample_weights(weighting: WeightingConfig, batch_size: int, *, anchor_loss=N
     from scd.weighting import sample_weights as rule
 
     dummy = torch.zeros(batch_size, device=device)
-    if weighting.name == "none":
-        return rule("none", dummy, alpha=weighting.alpha)
+    if not weighting.needs_losses:
+        return rule(weighting.name, dummy, alpha=weighting.alpha)
     return rule(weighting.name, dummy, student_anchor_loss=anchor_loss, teacher_ckpt_loss=teacher_loss)
 
 
@@ -273,9 +279,11 @@ class TeacherSlot:
         self.manifest, self.dtype, self.device = manifest, dtype, device
         self.model = None
         self.index: int | None = None
+        self.loads: list[tuple[int, float, bool]] = []  # (checkpoint, seconds, in place) of every load
 
     def ensure(self, index: int) -> tuple[float, bool]:
-        """Make checkpoint ``index`` resident.  Returns (seconds, switched in place)."""
+        """Make checkpoint ``index`` resident.  Returns (seconds, switched in place); (0, False)
+        when it already is."""
         if self.index == index:
             return 0.0, False
         import torch
@@ -294,7 +302,9 @@ class TeacherSlot:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.index = index
-        return time.perf_counter() - t0, in_place
+        secs = time.perf_counter() - t0
+        self.loads.append((index, secs, in_place))
+        return secs, in_place
 
     def logits(self, batch):
         import torch
@@ -341,7 +351,10 @@ def ensure_dependency(config_path: str, seed: int, results_dir: str, what: str, 
     from scd.core.config import RECIPES, load_config
     from scd.core.train import record_failure
 
-    cfg = load_config(config_path, [f"seed={seed}"])
+    path = Path(config_path)
+    if not path.is_absolute() and not path.exists():  # relative to the repository root
+        path = Path(__file__).resolve().parents[1] / config_path
+    cfg = load_config(path, [f"seed={seed}"])
     run_dir = default_run_dir(cfg, results_dir)
     rd = RunDir(run_dir)
     if rd.is_finished():
@@ -659,23 +672,102 @@ def probe_kl(p_batches: list, q_batches: list) -> float:
     return total / max(n, 1)
 
 
+def select_stage(stage: int, n_stages: int, g0: int, cfg: DistillConfig, manifest, slot: TeacherSlot, backend,
+                 probe, tok, device, vocab: int, kl_best: dict, metrics) -> int:
+    """The checkpoint index for ``stage`` under ``stages.selection``; logs a ``select`` row.
+
+    scd_select first measures KL(best || c) (once per run, kept in ``kl_best``) and
+    KL(student || c) for every checkpoint c on the probe set."""
+    from scd.schedule import select_checkpoint
+
+    kl_student, n_loads, probe_s = None, len(slot.loads), 0.0
+    if probe is not None:
+        kl_student, probe_s = _probe_kls(backend, slot, manifest, probe, cfg, tok, device, vocab, kl_best)
+    choice = int(select_checkpoint(cfg.stages.selection, stage, n_stages, manifest,
+                                   kl_best_to=kl_best if probe is not None else None, kl_student_to=kl_student))
+    row = {"step": g0, "event": "select", "stage": stage, "checkpoint": choice,
+           "checkpoint_step": manifest[choice].step, "rule": cfg.stages.selection}
+    if probe is not None:
+        row.update(kl_best={str(k): v for k, v in kl_best.items()},
+                   kl_student={str(k): v for k, v in kl_student.items()}, probe_s=round(probe_s, 3),
+                   probe_loads=len(slot.loads) - n_loads,
+                   probe_load_s=round(sum(x[1] for x in slot.loads[n_loads:]), 4))
+    metrics.log(row)
+    return choice
+
+
+def distill_step(backend, teacher_logits, encoded: list[dict], g: int, cfg: DistillConfig, vocab: int,
+                 pad_id: int, device, anchor_loss=None, teacher_loss=None) -> dict:
+    """One optimiser step on the global batch of step ``g`` (this rank's share of it).
+
+    teacher_logits: batch -> [B, T, V] (no grad) or None (gold labels only); anchor_loss /
+    teacher_loss: per-example AW losses [N_train] or None.  The loss of every micro-batch is
+    divided by the target tokens of the whole accumulated (and all-reduced) batch, so
+    batch 8 x accum 1, batch 4 x accum 2 and 2 ranks x batch 4 give the same update.
+    NaN/inf in any term raises DivergedError naming the step and the term.
+    """
+    world, rank, bs = backend.world, backend.rank, cfg.train.batch_size
+    micro = []
+    for m in range(cfg.train.grad_accum):
+        idx = batch_indices(len(encoded), bs * world, g, m, cfg.train.grad_accum, cfg.seed)[rank * bs:(rank + 1) * bs]
+        micro.append((idx, collate([encoded[i] for i in idx], pad_id)))
+    n_global = backend.all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro))
+    norm = n_global / world  # DDP/ZeRO average the ranks' gradients: overall sum / n_global
+    sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "w": 0.0}
+    for j, (idx, b) in enumerate(micro):
+        b = {k: v.to(device) for k, v in b.items()}
+        t_logits = teacher_logits(b) if teacher_logits is not None else None
+        kd, ce, rows = token_terms(backend.forward(b), t_logits, b["labels"], cfg.loss, vocab)  # [N] each
+        w = sample_weights(cfg.weighting, len(idx), device=device,
+                           anchor_loss=None if anchor_loss is None else anchor_loss[idx],
+                           teacher_loss=None if teacher_loss is None else teacher_loss[idx])  # [B]
+        loss = micro_batch_loss(kd, ce, rows, w, norm)
+        backend.backward(loss, last=j == len(micro) - 1)
+        sums["loss"] += float(loss.detach())
+        sums["kd"] += float(kd.detach().sum())
+        sums["ce"] += float(ce.detach().sum())
+        sums["w"] += float(w[rows].sum())
+    n = max(n_global, 1)
+    out = {"loss": backend.all_sum(sums["loss"]) / world, "kd": backend.all_sum(sums["kd"]) / n,
+           "ce": backend.all_sum(sums["ce"]) / n, "w_mean": backend.all_sum(sums["w"]) / n}
+    if teacher_logits is not None:
+        check_finite(out["kd"], g + 1, f"kd:{cfg.loss.divergence}")
+    check_finite(out["ce"], g + 1, "ce")
+    check_finite(out["loss"], g + 1, "loss")
+    out["grad_norm"] = backend.step()
+    out["n_tokens"] = int(n_global)
+    return out
+
+
 # ===================================================================== the recipe
 def run(cfg: DistillConfig, run_dir: Path) -> dict:
     import torch
 
-    from scd.schedule import SELECTIONS, Manifest, select_checkpoint
+    from scd.schedule import SELECTIONS, Manifest
 
     run_dir = Path(run_dir)
     rank = int(os.environ.get("RANK", "0"))
+    use_teacher = cfg.mode == "eval_teacher" or not cfg.weighting.gold_only
+    rd = RunDir(run_dir)
+    if rank == 0:  # run.json first, so a failing dependency is recorded in it
+        distilling = cfg.mode == "distill"
+        rd = start_run(cfg, run_dir, recipe="distill",
+                       hparams={"lr": cfg.train.lr, "max_steps": cfg.train.max_steps, "n_stages": cfg.stages.n_stages,
+                                "selection": cfg.stages.selection, "divergence": cfg.loss.divergence,
+                                "temperature": cfg.loss.temperature, "weighting": cfg.weighting.name,
+                                "alpha": cfg.weighting.alpha},
+                       components={"kd": distilling and use_teacher, "staged": distilling and cfg.stages.n_stages != 1,
+                                   "scd_select": distilling and use_teacher and cfg.stages.selection == "scd_select",
+                                   "aw": distilling and cfg.weighting.needs_losses} if distilling else {})
 
     # 1. dependencies: the teacher run and the AW anchor (trained here if named by a config and missing)
     teacher_dir, anchor_dir = None, None
-    if cfg.teacher.config:
+    if use_teacher and cfg.teacher.config:
         teacher_dir = ensure_dependency(cfg.teacher.config, cfg.teacher.seed if cfg.teacher.seed is not None
                                         else cfg.seed, cfg.teacher.results_dir, "teacher", rank)
-    elif cfg.teacher.run_dir:
+    elif use_teacher:
         teacher_dir = Path(cfg.teacher.run_dir)
-    if cfg.weighting.name == "aw":
+    if cfg.weighting.needs_losses:
         if cfg.weighting.anchor_config:
             anchor_dir = ensure_dependency(cfg.weighting.anchor_config, cfg.weighting.anchor_seed
                                            if cfg.weighting.anchor_seed is not None else cfg.seed,
@@ -685,14 +777,6 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
         anchor_dir = anchor_model_dir(anchor_dir)
 
     rank, world, _, device = init_distributed(cfg)
-    rd = RunDir(run_dir)
-    if rank == 0:
-        rd = start_run(cfg, run_dir, recipe="distill",
-                       hparams={"lr": cfg.train.lr, "n_stages": cfg.stages.n_stages, "selection": cfg.stages.selection,
-                                "divergence": cfg.loss.divergence, "temperature": cfg.loss.temperature,
-                                "weighting": cfg.weighting.name, "alpha": cfg.weighting.alpha},
-                       components={"selection": cfg.stages.selection, "divergence": cfg.loss.divergence,
-                                   "weighting": cfg.weighting.name})
     metrics = rd.metrics(enabled=rank == 0)
     seed_everything(cfg.seed)
     if cfg.train.num_threads:
@@ -700,7 +784,6 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
 
     # 2. the teacher manifest, verified (sha256) before anything is trained
     manifest = None
-    use_teacher = cfg.mode == "eval_teacher" or not cfg.weighting.gold_only
     if use_teacher:
         manifest = Manifest.read(find_manifest(teacher_dir))
         manifest.verify()  # an edited checkpoint -> ManifestError naming it
@@ -720,14 +803,15 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
     pairs = load_training_pairs(cfg.data, tok)
     encoded = [tokenize_sft(tok, p, t, cfg.train.max_len) for p, t in pairs]
     dhash = data_hash(encoded)
+    n_stages = cfg.stages.n_stages or (len(manifest) if manifest is not None else 1)
     per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     if cfg.stages.steps_per_stage:
         sps = cfg.stages.steps_per_stage
     elif cfg.stages.epochs_per_stage:
         sps = max(1, math.ceil(cfg.stages.epochs_per_stage * len(encoded) / per_step))
     else:
-        sps = max(1, cfg.train.max_steps // cfg.stages.n_stages)
-    n_stages, total_steps = cfg.stages.n_stages, cfg.stages.n_stages * sps
+        sps = max(1, cfg.train.max_steps // n_stages)
+    total_steps = n_stages * sps
     cache_dir = run_dir / "cache"
 
     # 5. AW: the anchor's per-sample losses, computed once (rank 0) and cached
@@ -749,6 +833,8 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
         anchor_loss = _rank0_cached(cache_dir, anchor_sha, dhash, anchor_ce, rank)
 
     # 6. backend (plain PyTorch or DeepSpeed) and the resident teacher
+    if cfg.train.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
     backend = make_backend(cfg, student, device)
     slot = TeacherSlot(manifest, cfg.teacher.dtype, device) if use_teacher else None
     selection_rule = SELECTIONS.get(cfg.stages.selection)
@@ -772,6 +858,8 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
         kl_best = {int(k): float(v) for k, v in extra.get("kl_best", {}).items()}
         metrics.drop_after(start_step)  # rows after the checkpoint are recomputed (no duplicates)
         print(f"[distill] resumed at step {start_step}/{total_steps} (stage {extra.get('stage')})", flush=True)
+    else:
+        metrics.drop_after(-1)  # killed before the first checkpoint: forget rows logged then
 
     # 8. stages
     t_start = time.time()
@@ -780,26 +868,16 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
         # resumed inside this stage (or at its start, after its selection was saved)
         resumed_mid_stage = resumed and (start_step > g0 or (start_step == g0 and len(selections) > stage))
         if use_teacher:
-            if len(selections) <= stage:  # select this stage's checkpoint
-                kl_student = None
-                if needs_probe:
-                    kl_student, probe_s = _probe_kls(backend, slot, manifest, probe, cfg, tok, device, vocab,
-                                                     kl_best, cache_dir)
-                choice = select_checkpoint(cfg.stages.selection, stage, n_stages, manifest,
-                                           kl_best_to=kl_best if needs_probe else None, kl_student_to=kl_student)
-                selections.append(int(choice))
-                row = {"step": g0, "event": "select", "stage": stage, "checkpoint": int(choice),
-                       "checkpoint_step": manifest[choice].step, "rule": cfg.stages.selection}
-                if needs_probe:
-                    row.update(kl_best={str(k): v for k, v in kl_best.items()},
-                               kl_student={str(k): v for k, v in kl_student.items()}, probe_s=round(probe_s, 3))
-                metrics.log(row)
+            if len(selections) <= stage:  # select this stage's checkpoint (logged with its probe KLs)
+                selections.append(select_stage(stage, n_stages, g0, cfg, manifest, slot, backend, probe, tok,
+                                               device, vocab, kl_best, metrics))
             choice = selections[stage]
+            resident = slot.index == choice  # e.g. the last checkpoint the probe loaded
             secs, in_place = slot.ensure(choice)
             if not resumed_mid_stage:
                 metrics.log({"step": g0, "event": "teacher_switch", "stage": stage, "checkpoint": choice,
                              "checkpoint_step": manifest[choice].step, "switch_s": round(secs, 4),
-                             "in_place": in_place})
+                             "in_place": in_place, "already_resident": resident})
             if anchor_loss is not None and choice not in teacher_losses:
                 from scd.teacher import per_sample_ce
 
@@ -812,50 +890,19 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
             backend.save_state(run_dir, g0, _extra(stage, tokens, selections, kl_best))
 
         for g in range(max(g0, start_step), g0 + sps):
-            # one optimiser step: the global batch of step g, this rank's share of it
-            micro = []
-            for m in range(cfg.train.grad_accum):
-                idx = batch_indices(len(encoded), cfg.train.batch_size * world, g, m, cfg.train.grad_accum, cfg.seed)
-                idx = idx[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
-                micro.append((idx, collate([encoded[i] for i in idx], tok.pad_token_id)))
-            n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
-            n_global = backend.all_sum(n_local)
-            norm = n_global / world  # ranks' gradients are averaged: sum / n_global overall
-            sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "w": 0.0}
-            for j, (idx, b) in enumerate(micro):
-                b = {k: v.to(device) for k, v in b.items()}
-                t_logits = slot.logits(b) if use_teacher else None
-                s_logits = backend.forward(b)
-                kd, ce, rows = token_terms(s_logits, t_logits, b["labels"], cfg.loss, vocab)
-                w = sample_weights(cfg.weighting, len(idx), device=device,
-                                   anchor_loss=None if anchor_loss is None else anchor_loss[idx],
-                                   teacher_loss=None if anchor_loss is None else teacher_losses[selections[stage]][idx])
-                loss = micro_batch_loss(kd, ce, rows, w, norm)
-                backend.backward(loss, last=j == len(micro) - 1)
-                sums["loss"] += float(loss.detach())
-                sums["kd"] += float(kd.detach().sum())
-                sums["ce"] += float(ce.detach().sum())
-                sums["w"] += float(w[rows].sum())
-            kd_mean = backend.all_sum(sums["kd"]) / max(n_global, 1)
-            ce_mean = backend.all_sum(sums["ce"]) / max(n_global, 1)
-            loss_val = backend.all_sum(sums["loss"]) / world
-            if use_teacher:
-                check_finite(kd_mean, g + 1, f"kd:{cfg.loss.divergence}")
-            check_finite(ce_mean, g + 1, "ce")
-            check_finite(loss_val, g + 1, "loss")
-            gnorm = backend.step()
-            tokens += int(n_global)
+            stats = distill_step(backend, slot.logits if use_teacher else None, encoded, g, cfg, vocab,
+                                 tok.pad_token_id, device, anchor_loss,
+                                 teacher_losses.get(selections[stage]) if use_teacher else None)
+            tokens += stats.pop("n_tokens")
             done = g + 1
             if done % cfg.train.log_every == 0 or done == g0 + sps:
-                metrics.log({"step": done, "stage": stage, "loss": loss_val, "kd": kd_mean, "ce": ce_mean,
-                             "w_mean": backend.all_sum(sums["w"]) / max(n_global, 1), "lr": backend.lr(),
-                             "grad_norm": gnorm, "tokens": tokens,
+                metrics.log({"step": done, "stage": stage, **stats, "lr": backend.lr(), "tokens": tokens,
                              "teacher": selections[stage] if use_teacher else None})
-            if AFTER_STEP_HOOK is not None:
-                AFTER_STEP_HOOK(done)
+            fault_point("step")
             if cfg.train.save_every and done % cfg.train.save_every == 0 and done < g0 + sps:
                 backend.save_state(run_dir, done, _extra(stage, tokens, selections, kl_best))
         resumed = False
+        fault_point("stage")  # reliability tests: killed between stages
     wall = round(time.time() - t_start, 2)
 
     # 9. the student: saved, evaluated, recorded (rank 0)
@@ -864,7 +911,9 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
         return {}
     artifacts = {}
     if cfg.save_model:
-        artifacts["model"] = str(save_model(final, tok, run_dir / "model"))
+        from scd.teacher import savable
+
+        artifacts["model"] = str(save_model(savable(final), tok, run_dir / "model"))  # LoRA: merged
     evaluation = cfg.eval.run(final, tok, run_dir)
     backend.clear_state(run_dir)
     switches = [r for r in read_metrics(rd.metrics_path) if r.get("event") == "teacher_switch"]
@@ -895,8 +944,8 @@ def _rank0_cached(cache_dir: Path, sha: str, dhash: str, compute, rank: int):
     return out
 
 
-def _probe_kls(backend, slot: TeacherSlot, manifest, probe, cfg, tok, device, vocab, kl_best: dict,
-               cache_dir: Path) -> tuple[dict, float]:
+def _probe_kls(backend, slot: TeacherSlot, manifest, probe, cfg, tok, device, vocab,
+               kl_best: dict) -> tuple[dict, float]:
     """KL(student || c) for every checkpoint c (and KL(best || c) once per run) on the probe set.
 
     One teacher is resident at a time: the best checkpoint's probe log-probs are kept

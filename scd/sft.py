@@ -70,6 +70,8 @@ def train_sft(model, tokenizer, pairs, cfg: TrainConfig, *, seed: int, run_dir: 
         tokens = int(extra.get("tokens", 0))
         metrics.drop_after(start_step)
         print(f"[sft] resumed at step {start_step}/{cfg.max_steps}", flush=True)
+    else:
+        metrics.drop_after(0)  # killed before the first checkpoint: forget rows logged then
     t0 = time.time()
     from tqdm.auto import tqdm
 

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from scd.core.config import register_recipe
+from scd.core.faults import fault_point
 from scd.core.results import atomic_write_json, read_json
 from scd.core.train import (Checkpointer, TrainConfig, collate, finish_run, resolve_device, seed_everything,
                             start_run, tokenize_sft)
@@ -213,10 +214,16 @@ def run(cfg: TeacherConfig, run_dir: Path) -> dict:
                 metrics.log({"step": step, "event": "dev", "dev_loss": dl})
                 return
         if manifest.checkpoints and step <= manifest.checkpoints[-1].step:
-            return  # already saved before an interruption: kept as it is
+            # saved before an interruption: kept as it is; its metrics row is logged again
+            # (rows after the resume step were dropped), so metrics equal an uninterrupted run's
+            entry = next((c for c in manifest.checkpoints if c.step == step), None)
+            if entry is not None:
+                metrics.log(_checkpoint_row(entry))
+            return
         t0 = time.time()
         path = save_model(savable(model), tok, ck_dir / f"ckpt-{step}")
         save_s = time.time() - t0
+        fault_point("teacher_ckpt")  # reliability tests: killed between the save and the manifest
         if dl is None:
             dl = dev_loss(model, dev_encoded, tok.pad_token_id, cfg.dev.batch_size)
         score, score_name, hib = None, None, True
@@ -226,11 +233,10 @@ def run(cfg: TeacherConfig, run_dir: Path) -> dict:
             model.train()
         if score_name is not None:
             manifest.score_name, manifest.higher_is_better = score_name, hib
-        entry = manifest.add(step=step, epoch=round(step / steps_per_epoch, 4), path=path, dev_loss=dl,
-                             dev_score=score, save_s=round(save_s, 3))
+        entry = manifest.add(step=step, epoch=round(step / steps_per_epoch, 4), path=Path(path).resolve(),
+                             dev_loss=dl, dev_score=score, save_s=round(save_s, 3))
         manifest.write(manifest_path)
-        metrics.log({"step": step, "event": "checkpoint", "index": entry.index, "dev_loss": dl,
-                     "dev_score": score, "sha256": entry.sha256, "save_s": round(save_s, 3)})
+        metrics.log(_checkpoint_row(entry))
         print(f"[teacher] checkpoint {entry.index} at step {step}: dev_loss={dl:.4f}"
               + (f" dev_score={score:.4f}" if score is not None else ""), flush=True)
 
@@ -248,6 +254,11 @@ def run(cfg: TeacherConfig, run_dir: Path) -> dict:
                                  "model": str(manifest.resolve(manifest.final_index)),
                                  "best_model": str(manifest.resolve(best)) if best is not None else None},
                       **evaluation)
+
+
+def _checkpoint_row(entry) -> dict:
+    return {"step": entry.step, "event": "checkpoint", "index": entry.index, "dev_loss": entry.dev_loss,
+            "dev_score": entry.dev_score, "sha256": entry.sha256}
 
 
 def _resume_step(run_dir: Path) -> int:

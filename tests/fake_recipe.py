@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import traceback
 import uuid
 from pathlib import Path
 
-from scd.core.config import Source, from_dict, load_yaml, register_recipe, to_dict
+from scd.core.config import from_dict, load_yaml, register_recipe, to_dict
 from scd.core.results import (SCHEMA_VERSION, DivergedError, MetricsWriter, RunDir, atomic_write_json,
                               config_hash, read_json)
 
@@ -83,6 +82,10 @@ def run(cfg: FakeConfig, run_dir: Path) -> None:
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": None, "env": {"host": "fake"},
            "components": dict(cfg.components), "hparams": {"lr": cfg.train.lr}, "config": resolved,
            "train": {}, "eval": {}, "cka": {}, "metric_meta": {}, "artifacts": {}}
+    if rd.exists():  # like scd.core.train.start_run: update the existing record in place
+        old = rd.read()
+        old.update(status="running", error=None)
+        rec = old
     rd.write(rec)
     print(f"[fake] run {run_id} pid {os.getpid()} CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}",
           flush=True)

@@ -314,6 +314,11 @@ def test_select_units_ignores_masked_positions():
     assert C.select_units(h, empty, "mean_pool").shape == (1, 3)
     with pytest.raises(ValueError, match="unknown CKA unit"):
         C.select_units(h, mask, "words")
+    # skip_first counts real tokens, whatever the padding side
+    torch.testing.assert_close(C.select_units(h, mask, "tokens", skip_first=1),
+                               torch.cat([h[0, 1:3], h[1, 2:5]]))
+    torch.testing.assert_close(C.select_units(h, mask, "mean_pool", skip_first=2),
+                               torch.stack([h[0, 2], h[1, 3:5].mean(0)]))
 
 
 VOCAB = 1000
@@ -433,3 +438,22 @@ def _smollm2_shape(cfg):
     return TinyConfig(num_hidden_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
                       intermediate_size=cfg.intermediate_size, num_attention_heads=cfg.num_attention_heads,
                       num_key_value_heads=cfg.num_key_value_heads, tie_word_embeddings=cfg.tie_word_embeddings)
+
+
+def test_bench_cka_smoke(tmp_path, capsys):
+    import json
+
+    from benchmarks.perf import bench_cka
+
+    out = tmp_path / "bench.json"
+    bench_cka.main(["--n", "64", "200", "--layers", "2", "--dim", "16", "--batch", "50", "--device", "cpu",
+                    "--out", str(out)])
+    rec = json.loads(out.read_text())
+    assert [r["n"] for r in rec["rows"]] == [64, 200] and rec["device"].startswith("CPU")
+    for r in rec["rows"]:
+        assert r["max_abs_diff"] < 1e-10 and r["speedup"] > 0 and r["stream_s"] > 0
+    assert "speed-up" in capsys.readouterr().out
+    # the Gram baseline is skipped (with a note) when it would not fit
+    bench_cka.main(["--n", "100", "--layers", "2", "--dim", "8", "--max-gram-gb", "1e-6", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["gram_s"] is None and "GiB" in row["gram_skipped"]

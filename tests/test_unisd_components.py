@@ -410,3 +410,15 @@ def test_every_builtin_component_has_a_test_entry():
     for name in builtin:  # one file per component
         assert COMPONENTS.get(name).__module__ == f"unisd.components.{name}"
         assert dataclasses.is_dataclass(COMPONENTS.get(name).Params)
+
+
+@pytest.mark.slow
+def test_agreement_with_retrieved_demos(smol_tokenizer):
+    run = setup_run(smol_tokenizer, {"in_context_teacher": {"max_new_tokens": 4},
+                                     "multi_teacher_agreement": {"k": 2, "shots": 2, "demos": "retrieval"}})
+    comp = run.components[1]
+    for i, groups in enumerate(comp.demos):
+        flat = [j for g in groups for j in g]
+        assert len(flat) == 4 and len(set(flat)) == 4 and i not in flat
+    step_once(run)
+    assert run.ctx.teacher_passes == 3

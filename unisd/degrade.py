@@ -592,6 +592,8 @@ def _apply_forget(model, strength: float, opts: ForgetOptions, ctx: DegradeConte
 
         run_dir = Path(tempfile.mkdtemp(prefix="forget-"))
     device = ctx.device if ctx.device is not None else resolve_device("auto")
+    if not (run_dir / "ckpt" / "last" / "state.pt").exists():  # fresh start: drop rows of a killed attempt
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     train_sft(model, ctx.tokenizer, pairs, tcfg, seed=ctx.seed, run_dir=run_dir,
               metrics=MetricsWriter(run_dir / "metrics.jsonl"), device=device)
     model.eval()

@@ -35,8 +35,11 @@ run.json: ``eval`` (after), ``eval_before``, ``eval_original``, ``cka`` (after:
 mean_matched, per_layer, matrix, estimator, unit, n), ``cka_before``,
 ``kl_to_original`` {before, after}, ``degradation`` {name, strength, options, summary},
 ``recovery`` {method, budget_steps, tokens, loss, continuation, kl_tokens},
-``constraint_violation``.  Resumable: the degradation's result is kept under
-``run_dir/degraded`` and training checkpoints under ``run_dir/ckpt`` until the run ends.
+``constraint_violation``; heatmaps ``cka_before.png`` / ``cka.png``.  Resumable: the
+degradation's result is kept under ``run_dir/degraded`` and training checkpoints under
+``run_dir/ckpt`` until the run ends.  Runs of one grid that share the degraded model
+share its "before" results and the original model's evaluation (``share_cache``, see
+:func:`cache_keys`).
 """
 from __future__ import annotations
 
@@ -138,6 +141,7 @@ class RecoveryConfig:
     recovery: RecoverySpec = RecoverySpec()
     probe: ProbeConfig = ProbeConfig()
     eval_original: bool = True  # also evaluate the undegraded model (the ceiling)
+    share_cache: bool = True  # share "original" and "before" results between runs of one grid (see run())
     save_model: bool = False
     keep_degraded: bool = False  # keep run_dir/degraded (constraint tensors) after the run
 
@@ -237,9 +241,9 @@ def recover(student, teacher, encoded: list[dict], train: TrainConfig, *, method
         start_step, extra = ckpt.load(student, opt, sched)
         tokens = int(extra.get("tokens", 0))
         constraint.load_state({k: v.to(device) for k, v in (extra.get("constraint") or {}).items()})
-        if metrics is not None:
-            metrics.drop_after(start_step)
         print(f"[recovery] resumed at step {start_step}/{train.max_steps}", flush=True)
+    if metrics is not None:
+        metrics.drop_after(start_step)  # also without a checkpoint: rows of a killed attempt go
     t0 = time.time()
     last = {}
     for step in range(start_step, train.max_steps):
@@ -338,28 +342,32 @@ def load_probe(cfg: RecoveryConfig, tokenizer) -> list[dict]:
 
 
 # ======================================================================= measurements
-def cka_to_original(student, teacher, batches: list[dict], probe: ProbeConfig, out_png: Path | None = None) -> dict:
+def cka_to_original(student, teacher, batches: list[dict], probe: ProbeConfig) -> dict:
     """Per-layer CKA(student layer l, original layer l) on the probe batches -> run.json["cka"]."""
-    from benchmarks.cka import model_cka, plot_cka_heatmap
+    from benchmarks.cka import model_cka
 
     layers = list(probe.layers) if probe.layers is not None else None
     res = model_cka(student, teacher, batches, layers_a=layers, layers_b=layers, estimator=probe.estimator,
                     unit=probe.unit, minibatch_size=probe.minibatch_size)
-    out = {"mean_matched": res["mean_matched"], "per_layer": res["matched"], "layers": res["layers_a"],
-           "matrix": res["matrix"], "estimator": res["estimator"], "unit": res["unit"], "n": res["n"],
-           "reference": "original"}
-    if out_png is not None and probe.heatmap:
-        plot_cka_heatmap(res["matrix"], out_png, title="CKA: recovered (rows) vs original (cols)",
-                         xlabel="original layer", ylabel="model layer")
-        out["heatmap"] = out_png.name
-    return out
+    return {"mean_matched": res["mean_matched"], "per_layer": res["matched"], "layers": res["layers_a"],
+            "layers_a": res["layers_a"], "layers_b": res["layers_b"], "matrix": res["matrix"],
+            "estimator": res["estimator"], "unit": res["unit"], "n": res["n"], "reference": "original"}
 
 
-def measure(student, teacher, batches: list[dict], cfg: RecoveryConfig, png: Path | None) -> dict:
+def measure(student, teacher, batches: list[dict], cfg: RecoveryConfig) -> dict:
+    """{"kl": mean per-token forward KL(original || model), "cka": per-layer CKA} on the probe set."""
     res = {"kl": token_kl(student, teacher, batches, "forward_kl", "all")}
     if cfg.probe.cka:
-        res["cka"] = cka_to_original(student, teacher, batches, cfg.probe, png)
+        res["cka"] = cka_to_original(student, teacher, batches, cfg.probe)
     return res
+
+
+def write_heatmap(cka: dict, path: Path, title: str) -> dict:
+    from benchmarks.cka import plot_cka_heatmap
+
+    plot_cka_heatmap(cka["matrix"], path, title=title, xlabel="original layer", ylabel="model layer",
+                     xticklabels=cka.get("layers_b"), yticklabels=cka.get("layers_a"))
+    return {**cka, "heatmap": Path(path).name}
 
 
 # ============================================================================ recipe
@@ -413,6 +421,25 @@ def _load_degraded(deg_dir: Path, student, teacher, meta: dict):
         c.project(student)
         return c
     return NoConstraint()
+
+
+def cache_keys(cfg: RecoveryConfig, run_dir: Path) -> tuple[Path, str, str]:
+    """(cache dir, key of the original model's evaluation, key of the degraded model's results).
+
+    The degraded model is a deterministic function of (model, data, degradation, seed,
+    calibration batching); runs of a grid that differ only in the recovery (none / sft /
+    sd, budget, lr) share its evaluation and probe measurements through
+    ``<grid dir>/.shared/`` when ``share_cache`` is on (delete that folder after changing
+    code that affects them).  Otherwise the cache is the run's own ``degraded/`` folder.
+    """
+    from scd.core.config import to_dict
+    from scd.core.results import config_hash
+
+    orig = {"model": to_dict(cfg.model), "eval": to_dict(cfg.eval), "seed": cfg.seed}
+    before = {**orig, "data": to_dict(cfg.data), "degradation": to_dict(cfg.degradation),
+              "probe": to_dict(cfg.probe), "calib": [cfg.train.batch_size, cfg.train.max_len]}
+    cache = Path(run_dir).parent / ".shared" if cfg.share_cache else Path(run_dir) / "degraded"
+    return cache, config_hash(orig), config_hash(before)
 
 
 def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
@@ -470,11 +497,12 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
 
     # 3. before: task scores, KL and CKA to the original on the probe set
     probe = probe_batches(load_probe(cfg, tok), cfg.probe.batch_size, pad_id)
-    before = _cached(deg_dir / "measure_before.json",
-                     lambda: measure(student, teacher, probe, cfg, run_dir / "cka_before.png"))
-    eval_before = _cached(deg_dir / "eval_before.json", lambda: cfg.eval.run(student, tok, run_dir / "before"))
-    eval_orig = (_cached(deg_dir / "eval_original.json", lambda: cfg.eval.run(teacher, tok, run_dir / "original"))
-                 if cfg.eval_original else {})
+    cache, orig_key, before_key = cache_keys(cfg, run_dir)
+    before = _cached(cache / f"measure_before-{before_key}.json", lambda: measure(student, teacher, probe, cfg))
+    eval_before = _cached(cache / f"eval_before-{before_key}.json",
+                          lambda: cfg.eval.run(student, tok, run_dir / "before"))
+    eval_orig = (_cached(cache / f"eval_original-{orig_key}.json",
+                         lambda: cfg.eval.run(teacher, tok, run_dir / "original")) if cfg.eval_original else {})
 
     # 4. recover
     stats: dict[str, Any] = {"tokens": 0, "steps": 0, "wall_s": 0.0, "peak_mem": peak_memory(device)}
@@ -495,12 +523,14 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
     # 5. after
     if rcfg.method == "none":
         after, evaluation = before, eval_before
-        if cfg.probe.cka and cfg.probe.heatmap and (run_dir / "cka_before.png").exists():
-            shutil.copyfile(run_dir / "cka_before.png", run_dir / "cka.png")
-            after = {**before, "cka": {**before["cka"], "heatmap": "cka.png"}}
     else:
-        after = measure(student, teacher, probe, cfg, run_dir / "cka.png")
+        after = measure(student, teacher, probe, cfg)
         evaluation = cfg.eval.run(student, tok, run_dir)
+    if cfg.probe.cka and cfg.probe.heatmap:
+        before = {**before, "cka": write_heatmap(before["cka"], run_dir / "cka_before.png",
+                                                 "CKA: degraded vs original")}
+        after = {**after, "cka": write_heatmap(after["cka"], run_dir / "cka.png",
+                                               f"CKA: recovered ({rcfg.method}) vs original")}
     artifacts = {}
     if cfg.save_model:
         artifacts["model"] = str(save_model(student, tok, run_dir / "model"))
@@ -525,7 +555,7 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
     if cfg.probe.cka:
         fields["cka"] = after["cka"]
         fields["cka_before"] = before["cka"]
-    Checkpointer(run_dir).clear()
+    shutil.rmtree(run_dir / "ckpt", ignore_errors=True)  # training state (the run is complete)
     if not cfg.keep_degraded:
         shutil.rmtree(deg_dir, ignore_errors=True)
     return finish_run(rd, **fields)

@@ -29,7 +29,7 @@ def default_encoder_path() -> Path:
 
 @torch.no_grad()
 def encode_texts(texts: Sequence[str], path: str | Path | None = None, *, batch_size: int = 64,
-                 max_length: int = 256, cache: bool = True) -> torch.Tensor:
+                 max_length: int = 256, cache: bool = True, device=None) -> torch.Tensor:
     """L2-normalised sentence embeddings.  N texts -> [N, 384] float32 (CPU)."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -44,13 +44,14 @@ def encode_texts(texts: Sequence[str], path: str | Path | None = None, *, batch_
         if emb.shape[0] == len(texts):
             return emb
     tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModel.from_pretrained(str(path), use_safetensors=True).eval()
+    model = AutoModel.from_pretrained(str(path), use_safetensors=True).eval().to(device or "cpu")
     out = []
     for start in range(0, len(texts), batch_size):
         enc = tok(list(texts[start:start + batch_size]), padding=True, truncation=True, max_length=max_length,
                   return_tensors="pt")
-        hidden = model(**enc).last_hidden_state  # [b, T, H]
-        out.append(torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1))
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        hidden = model(**enc).last_hidden_state.float()  # [b, T, H]
+        out.append(torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1).cpu())
     emb = torch.cat(out) if out else torch.zeros((0, model.config.hidden_size))
     if cache:
         import io

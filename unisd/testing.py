@@ -42,7 +42,7 @@ def setup_run(tokenizer, components: dict, *, examples: list[dict] | None = None
     from scd.data_config import load_examples
     from scd.models import build_model
     from unisd.components.base import build_components
-    from unisd.train import TrainableBundle, build_context, make_divergence
+    from unisd.train import build_context, make_divergence, trainable_module
 
     cfg = kw.pop("cfg", None) or tiny_unisd_cfg(components, **kw)
     seed_everything(cfg.seed)
@@ -51,7 +51,7 @@ def setup_run(tokenizer, components: dict, *, examples: list[dict] | None = None
     exs = examples if examples is not None else load_examples(cfg.data)
     comps = build_components(cfg.components)
     ctx = build_context(cfg, model, tok, exs, comps, torch.device("cpu"))
-    trainable = TrainableBundle.build(model, comps)
+    trainable = trainable_module(model, comps)
     opt, sched = make_optimizer(trainable, cfg.train)
     return SimpleNamespace(cfg=cfg, model=model, tok=tok, examples=exs, components=comps, ctx=ctx,
                            trainable=trainable, opt=opt, sched=sched, divergence=make_divergence(cfg.loss), step=0)

@@ -149,8 +149,8 @@ def hparams(cfg: UniSDConfig) -> dict:
     out.update({"divergence": name, **{f"divergence.{k}": v for k, v in params.items()}})
     for comp in build_components(cfg.components):
         for k, v in comp.describe().items():
-            if isinstance(v, (int, float, str, bool)) or v is None:
-                out[f"{comp.name}.{k}"] = v
+            if isinstance(v, (int, float, bool)) or v is None or (isinstance(v, str) and len(v) <= 64):
+                out[f"{comp.name}.{k}"] = v  # (long strings such as prompt templates stay in config.yaml)
     return out
 
 
@@ -185,20 +185,18 @@ def distill_step(ctx, components, divergence, batches: list[list[int]]) -> tuple
     return dict(totals), tokens
 
 
-class TrainableBundle:
-    """The student plus the trainable modules of components (e.g. a projection), as one module."""
+def trainable_module(model, components):
+    """The student alone, or the student plus the components' trainable modules (e.g. a
+    projection) as one module, so one optimiser and one checkpoint hold them all."""
+    import torch
 
-    @staticmethod
-    def build(model, components):
-        import torch
-
-        extras = {c.name: torch.nn.ModuleDict(c.trainable_modules()) for c in components if c.trainable_modules()}
-        if not extras:
-            return model
-        bundle = torch.nn.Module()
-        bundle.model = model
-        bundle.extras = torch.nn.ModuleDict(extras)
-        return bundle
+    extras = {c.name: torch.nn.ModuleDict(c.trainable_modules()) for c in components if c.trainable_modules()}
+    if not extras:
+        return model
+    bundle = torch.nn.Module()
+    bundle.model = model
+    bundle.extras = torch.nn.ModuleDict(extras)
+    return bundle
 
 
 def shots_by_task(cfg: DataConfig) -> dict[str, list[dict]]:
@@ -249,7 +247,7 @@ def run(cfg: UniSDConfig, run_dir: Path) -> dict:
     examples = load_examples(cfg.data)
     components = build_components(cfg.components)
     ctx = build_context(cfg, model, tok, examples, components, device)
-    trainable = TrainableBundle.build(model, components)
+    trainable = trainable_module(model, components)
     opt, sched = make_optimizer(trainable, cfg.train)
     divergence = make_divergence(cfg.loss)
 

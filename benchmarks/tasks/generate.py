@@ -193,7 +193,8 @@ def _score_batch(model, batch, pad: int, device) -> list[list[float]]:
         mask[r, width - len(ctx):] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L) positions ignore the padding
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-    first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}  # skip the (L, V) head
+    first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
     last_logp = F.log_softmax(first.logits[:, -1, :].double(), dim=-1)  # (B, V): next-token after context
 
     counts = [len(conts) for _, conts in batch]
@@ -225,6 +226,15 @@ def _score_batch(model, batch, pad: int, device) -> list[list[float]]:
         out.append(vals[k:k + n])
         k += n
     return out
+
+
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def loglik_reference(model, tokenizer, context: str, continuation: str) -> float:

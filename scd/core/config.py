@@ -160,7 +160,7 @@ def _check(value: Any, tp: Any, key: str, err, root_err) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise err(key, f"expected a mapping for {tp.__name__}, got {type(value).__name__}")
-        return _from_dict(tp, value, key, root_err)
+        return _from_dict(tp, value, key, root_err, post_err=err)
     if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise err(key, f"expected a list, got {type(value).__name__} {value!r}")
@@ -200,7 +200,7 @@ def _check(value: Any, tp: Any, key: str, err, root_err) -> Any:
     return value
 
 
-def _from_dict(cls: type, data: dict, prefix: str, err) -> Any:
+def _from_dict(cls: type, data: dict, prefix: str, err, post_err=None) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
@@ -221,6 +221,8 @@ def _from_dict(cls: type, data: dict, prefix: str, err) -> Any:
     try:
         obj = cls(**kwargs)
     except (ValueError, TypeError) as e:  # __post_init__ checks (contradictory options)
+        if post_err is not None:  # points at the line of this block's key in the parent
+            raise post_err(prefix, str(e)) from None
         raise err(prefix or cls.__name__, str(e), mapping=None) from None
     return obj
 

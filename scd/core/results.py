@@ -227,6 +227,7 @@ def new_run_record(*, run_id: str, grid: str | None, method: str, seed: int, rec
         "config": config,
         "train": {},
         "eval": {},
+        "eval_info": {},
         "cka": {},
         "metric_meta": {},
         "artifacts": {},

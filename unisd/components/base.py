@@ -167,12 +167,11 @@ def load_plugins(plugins, source: str | None = None) -> None:
         if str(entry).endswith(".py"):
             path = Path(entry).expanduser()
             if not path.is_file():
-                raise ConfigError(f"{_where(source)}key 'plugins': file {entry} not found "
+                raise ConfigError(f"{_where(source)}plugins: file {entry} not found "
                                   f"(paths are relative to the working directory {Path.cwd()})")
-            mod_name = path.stem
-            loaded = sys.modules.get(mod_name)
-            if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve():
+            if _loaded_from(path):  # already imported (e.g. by pytest under another module name)
                 continue
+            mod_name = f"_unisd_plugin_{path.stem}"  # never shadows an importable module
             spec = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[mod_name] = module
@@ -185,7 +184,16 @@ def load_plugins(plugins, source: str | None = None) -> None:
             try:
                 importlib.import_module(entry)
             except ModuleNotFoundError as e:
-                raise ConfigError(f"{_where(source)}key 'plugins': cannot import '{entry}' ({e})") from None
+                raise ConfigError(f"{_where(source)}plugins: cannot import '{entry}' ({e})") from None
+
+
+def _loaded_from(path: Path) -> bool:
+    target = path.resolve()
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if f and f.endswith(path.name) and Path(f).resolve() == target:
+            return True
+    return False
 
 
 def component_enabled(raw: Any) -> bool:
@@ -199,13 +207,13 @@ def build_component(name: str, raw: Any, source: str | None = None) -> Component
 
     if name not in COMPONENTS:
         known = ", ".join(COMPONENTS.names())
-        raise ConfigError(f"{_where(source)}key 'components.{name}': unknown component '{name}'"
+        raise ConfigError(f"{_where(source)}components.{name}: unknown component '{name}'"
                           f"{did_you_mean(name, COMPONENTS.names())}; known: {known} "
                           "(a component of your own must be imported first: list its module in `plugins:`)")
     if raw is None or raw is False:
         return None
     if raw is not True and not isinstance(raw, dict):
-        raise ConfigError(f"{_where(source)}key 'components.{name}': expected a mapping of parameters, "
+        raise ConfigError(f"{_where(source)}components.{name}: expected a mapping of parameters, "
                           f"true or false, got {raw!r}")
     cls = COMPONENTS.get(name)
     try:
@@ -220,11 +228,11 @@ def build_components(spec: dict, source: str | None = None) -> list[Component]:
     comps = [c for c in (build_component(n, raw, source) for n, raw in (spec or {}).items()) if c is not None]
     providers = [c.name for c in comps if c.provides_teacher]
     if len(providers) > 1:
-        raise ConfigError(f"{_where(source)}key 'components': {' and '.join(providers)} both provide teacher "
+        raise ConfigError(f"{_where(source)}components: {' and '.join(providers)} both provide teacher "
                           "targets; enable exactly one teacher provider")
     if not providers:
         names = [n for n, cls in COMPONENTS.items() if cls.provides_teacher]
-        raise ConfigError(f"{_where(source)}key 'components': no teacher provider is enabled; add one of "
+        raise ConfigError(f"{_where(source)}components: no teacher provider is enabled; add one of "
                           f"{', '.join(names)} (e.g. `in_context_teacher: {{}}`)")
     return comps
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from benchmarks.tasks.base import task_max_new_tokens
 from unisd.components.base import Component, Targets, register_component
 from unisd.prompts import REFERENCE_TEMPLATE, check_template, teacher_prompt
 
@@ -33,7 +34,7 @@ class InContextTeacher(Component):
     @dataclasses.dataclass(frozen=True)
     class Params:
         temperature: float = 0.7  # sampling temperature; the loss divides logits by it too
-        max_new_tokens: int = 64
+        max_new_tokens: int | None = 64  # None: each task's generation budget (scd.data.tasks)
         on_policy_fraction: float = 1.0
         skip_first_tokens: int = 0
         generation_batch_size: int = 16
@@ -43,7 +44,7 @@ class InContextTeacher(Component):
         def __post_init__(self) -> None:
             if not self.temperature > 0:
                 raise ValueError(f"temperature must be > 0, got {self.temperature}")
-            if self.max_new_tokens < 1:
+            if self.max_new_tokens is not None and self.max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
             if not 0.0 <= self.on_policy_fraction <= 1.0:
                 raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
@@ -55,14 +56,15 @@ class InContextTeacher(Component):
         p = self.params
         b = ctx.batch
         on_policy = random.Random(ctx.sample_seed("on_policy")).random() < p.on_policy_fraction
+        budgets = [p.max_new_tokens or task_max_new_tokens(ex["task"]) for ex in b.examples]
         if on_policy:
-            completions = ctx.sample_completions(temperature=p.temperature, max_new_tokens=p.max_new_tokens,
+            completions = ctx.sample_completions(temperature=p.temperature, max_new_tokens=max(budgets),
                                                  batch_size=p.generation_batch_size)
         else:
             from scd.data.prompts import render_target
 
-            completions = [ctx.encode_target(render_target(ex, ctx.tokenizer))[:p.max_new_tokens]
-                           for ex in b.examples]
+            completions = [ctx.encode_target(render_target(ex, ctx.tokenizer)) for ex in b.examples]
+        completions = [c[:n] for c, n in zip(completions, budgets)]
         ctx.set_completions(completions, skip_first=p.skip_first_tokens, on_policy=on_policy)
         texts = [teacher_prompt(ex, ctx.tokenizer, template=p.template, shots=ctx.shots_for(ex)) for ex in b.examples]
         prompts = ctx.encode(texts, p.max_teacher_prompt_len)

@@ -113,7 +113,7 @@ class MultiTeacherAgreement(Component):
         if p.demos == "retrieval":
             from unisd.retrieval import encode_texts, nearest
 
-            emb = encode_texts([f"{e['instruction']}\n{e['input']}" for e in exs], p.encoder)
+            emb = encode_texts([f"{e['instruction']}\n{e['input']}" for e in exs], p.encoder, device=ctx.device)
             neighbours = nearest(emb, p.k * p.shots, groups=[e.get("task") for e in exs])
         by_task: dict = {}
         for j, e in enumerate(exs):

@@ -1,0 +1,391 @@
+"""Distillation recipe (KD / CD / SCD / SCD+AW) on tiny random-init Llamas and real
+rotten_tomatoes data: loss math through the recipe's own functions, AW limits,
+batch x accumulation invariance, scd_select end to end against an independent KL
+reference, in-place teacher switches, exact resume after SIGKILL, and the start-up
+errors (edited checkpoint, tokenizer mismatch), NaN -> diverged."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from scd.cli import main as cli_main
+from scd.core.results import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = "{num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 1}"
+
+TEACHER = f"""
+recipe: teacher
+method: teacher-test
+seed: 0
+model: {{name: tiny, tiny: {SHAPE}}}
+data: {{tasks: [rotten_tomatoes], limit_per_task: 16}}
+train: {{lr: 1.0e-2, max_steps: 6, batch_size: 2, max_len: 48, save_every: 0, log_every: 1}}
+schedule: {{name: even_steps, n_checkpoints: 3}}
+dev: {{limit_per_task: 4, batch_size: 4}}
+"""
+
+ANCHOR = f"""
+recipe: sft
+method: anchor-test
+seed: 0
+model: {{name: student, init_from: tiny, keep_layers: [1], tiny: {SHAPE}}}
+data: {{tasks: [rotten_tomatoes], limit_per_task: 16}}
+train: {{lr: 1.0e-2, max_steps: 3, batch_size: 4, max_len: 48, save_every: 0, log_every: 1}}
+"""
+
+DISTILL = """
+recipe: distill
+method: {method}
+seed: 0
+model: {{name: student, init_from: tiny, keep_layers: [1], tiny: {shape}}}
+teacher: {{run_dir: {teacher}}}
+stages: {{n_stages: {n_stages}, steps_per_stage: {sps}, selection: {selection}}}
+loss: {{divergence: {divergence}, temperature: {temperature}}}
+weighting: {weighting}
+probe: {{n: 6, batch_size: 3}}
+data: {{tasks: [rotten_tomatoes], limit_per_task: 16}}
+train: {{lr: 5.0e-3, batch_size: {bs}, grad_accum: {accum}, max_len: 48, save_every: {save_every}, log_every: 1, grad_clip: 1000.0}}
+"""
+
+
+def distill_yaml(teacher, method="kd", n_stages=1, sps=2, selection="final", divergence="forward_kl",
+                 temperature=1.0, weighting="{name: none, alpha: 1.0}", bs=4, accum=1, save_every=0, extra=""):
+    return DISTILL.format(shape=SHAPE, method=method, teacher=teacher, n_stages=n_stages, sps=sps, selection=selection,
+                          divergence=divergence, temperature=temperature, weighting=weighting, bs=bs,
+                          accum=accum, save_every=save_every) + extra
+
+
+def write(tmp, text, name):
+    p = Path(tmp) / name
+    p.write_text(text)
+    return p
+
+
+def load(tmp, text, name="c.yaml"):
+    from scd.core.config import load_config
+
+    return load_config(write(tmp, text, name))
+
+
+def strip_time(rows):
+    return [{k: v for k, v in r.items() if k not in ("time", "switch_s", "probe_s", "probe_load_s")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny teacher run (3 checkpoints) and an SFT anchor run, shared by the tests."""
+    from scd.sft import run as run_sft
+    from scd.teacher import run as run_teacher
+
+    tmp = tmp_path_factory.mktemp("distill")
+    run_teacher(load(tmp, TEACHER, "teacher.yaml"), tmp / "teacher")
+    run_sft(load(tmp, ANCHOR, "anchor.yaml"), tmp / "anchor")
+    return tmp, tmp / "teacher", tmp / "anchor"
+
+
+# ----------------------------------------------------------------------------- loss math
+def test_kl_direction_and_values_hand_computed():
+    """One target token, vocab 2: p_S = (1/2, 1/2), p_T = (3/4, 1/4), gold label 0."""
+    from scd.distill import LossConfig, token_terms
+
+    s = torch.log(torch.tensor([[[0.5, 0.5], [0.3, 0.7]]]))  # [B=1, T=2, V=2]; position 0 predicts token 1
+    t = torch.log(torch.tensor([[[0.75, 0.25], [0.1, 0.9]]]))
+    labels = torch.tensor([[-100, 0]])
+    fkl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # KL(p_T || p_S) = 0.130812
+    rkl = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)  # KL(p_S || p_T) = 0.143841
+    kd, ce, rows = token_terms(s, t, labels, LossConfig(divergence="forward_kl"))
+    assert kd.tolist() == pytest.approx([fkl], abs=1e-6) and fkl == pytest.approx(0.130812, abs=1e-6)
+    assert ce.tolist() == pytest.approx([math.log(2)], abs=1e-6) and rows.tolist() == [0]
+    kd, _, _ = token_terms(s, t, labels, LossConfig(divergence="reverse_kl"))
+    assert kd.tolist() == pytest.approx([rkl], abs=1e-6) and rkl == pytest.approx(0.143841, abs=1e-6)
+    # temperature 2: both distributions softened (p ** (1/2), renormalised), loss times 4
+    pt = [math.sqrt(0.75), math.sqrt(0.25)]
+    pt = [x / sum(pt) for x in pt]
+    want = 4 * sum(p * math.log(p / 0.5) for p in pt)
+    kd, ce, _ = token_terms(s, t, labels, LossConfig(divergence="forward_kl", temperature=2.0))
+    assert kd.tolist() == pytest.approx([want], abs=1e-6)
+    assert ce.tolist() == pytest.approx([math.log(2)], abs=1e-6)  # CE never sees the temperature
+
+
+def test_aw_weight_limits_through_the_recipe():
+    from scd.distill import WeightingConfig, micro_batch_loss, sample_weights
+
+    aw = WeightingConfig(name="aw", anchor_run_dir="unused")
+    anchor = torch.tensor([1e-4, 5.0, 2.0, 0.0])  # L_S: student anchor far better / far worse / equal / perfect
+    teacher = torch.tensor([5.0, 1e-4, 2.0, 1.0])  # L_Tc
+    w = sample_weights(aw, 4, anchor_loss=anchor, teacher_loss=teacher)
+    assert w[0] < 1e-4 and w[1] > 1 - 1e-4 and w[2] == 0.5 and w[3] == 0.0
+    assert w.tolist() == pytest.approx((anchor / (anchor + teacher)).nan_to_num(0.0).tolist(), abs=1e-6)
+    # student far better on every sample -> the loss is (almost) plain CE; teacher far better -> KD
+    kd, ce, rows = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0]), torch.tensor([0, 0, 1])
+    w_small = sample_weights(aw, 2, anchor_loss=torch.tensor([1e-6, 1e-6]), teacher_loss=torch.tensor([3.0, 3.0]))
+    assert float(micro_batch_loss(kd, ce, rows, w_small, 3)) == pytest.approx(20.0, rel=1e-5)
+    w_big = sample_weights(aw, 2, anchor_loss=torch.tensor([3.0, 3.0]), teacher_loss=torch.tensor([1e-6, 1e-6]))
+    assert float(micro_batch_loss(kd, ce, rows, w_big, 3)) == pytest.approx(2.0, rel=1e-5)
+    # `none`: a constant alpha
+    w = sample_weights(WeightingConfig(name="none", alpha=0.25), 3)
+    assert w.tolist() == [0.25] * 3
+    assert float(micro_batch_loss(kd, ce, rows, w, 6)) == pytest.approx((0.25 * 6 + 0.75 * 60) / 6)
+
+
+def test_config_errors_are_one_line_with_hints(tmp_path):
+    from scd.core.config import ConfigError
+
+    bad = {
+        "{name: aw}": "needs a student anchor",
+        "{name: aww}": "did you mean 'aw'",
+    }
+    for weighting, msg in bad.items():
+        with pytest.raises(ConfigError, match=msg):
+            load(tmp_path, distill_yaml("t", weighting=weighting))
+    with pytest.raises(ConfigError, match="did you mean 'scd_select'"):
+        load(tmp_path, distill_yaml("t", selection="scd_selct"))
+    with pytest.raises(ConfigError, match="did you mean 'forward_kl'"):
+        load(tmp_path, distill_yaml("t", divergence="forwrd_kl"))
+    with pytest.raises(ConfigError, match="stages.selection must be final or best"):
+        load(tmp_path, distill_yaml("t", selection="scd_select", extra="mode: eval_teacher\n"))
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_batch8_accum1_equals_batch4_accum2(runs):
+    """Same parameters, loss, KD/CE means and gradient norm after one optimiser step: the loss is
+    normalised by the target tokens of the whole accumulated batch (a per-micro-batch mean would
+    change loss and gradient norm)."""
+    from scd.distill import run
+
+    tmp, teacher, _ = runs
+    out = []
+    for bs, accum in [(8, 1), (4, 2)]:
+        cfg = load(tmp, distill_yaml(teacher, sps=1, bs=bs, accum=accum, temperature=2.0,
+                                     weighting="{name: none, alpha: 0.5}"), f"acc{bs}.yaml")
+        run(cfg, tmp / f"acc{bs}")
+        row = [r for r in read_metrics(tmp / f"acc{bs}" / "metrics.jsonl") if "loss" in r][0]
+        out.append((row, load_file(str(tmp / f"acc{bs}" / "model" / "model.safetensors"))))
+    (r8, w8), (r4, w4) = out
+    for key in ("loss", "kd", "ce", "grad_norm", "tokens"):
+        assert r8[key] == pytest.approx(r4[key], rel=1e-5), key
+    for k in w8:
+        torch.testing.assert_close(w8[k], w4[k], rtol=1e-5, atol=1e-6)
+
+
+def _with_head(seed, head_seed, vocab, tok, head=None):
+    """A tiny untied Llama (body from ``seed``) with its own random lm-head (std 0.3) or ``head``."""
+    from scd.models import TinyConfig, tiny_model
+
+    m = tiny_model(vocab, TinyConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False),
+                   seed, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        if head is None:
+            g = torch.Generator().manual_seed(head_seed)
+            head = torch.randn(m.lm_head.weight.shape, generator=g) * 0.3
+        m.lm_head.weight.copy_(head)
+    return m
+
+
+def test_scd_select_end_to_end_matches_independent_reference(tmp_path, smol_tokenizer):
+    """Constructed teacher: three checkpoints with the same body and different lm-heads W0, W1, W2,
+    W1 = (W0 + W2) / 2 (so c1's logits are exactly the midpoint of c0's and c2's).  c2 is the best
+    (lowest dev loss), the student starts as c0.  KL(best || c) alone picks c2, KL(student || c)
+    alone picks c0; their sum is smallest at the midpoint c1.  The recipe's probe KLs and its
+    choice must equal a full-vocabulary float64 reference computed here."""
+    from transformers import AutoModelForCausalLM
+
+    from scd.distill import probe_encoded, run
+    from scd.models import save_model
+    from scd.schedule import Manifest
+
+    tok = smol_tokenizer
+    c0, c2 = _with_head(11, 1, len(tok), tok), _with_head(11, 2, len(tok), tok)
+    c1 = _with_head(11, 0, len(tok), tok, head=(c0.lm_head.weight + c2.lm_head.weight) / 2)
+    tdir = tmp_path / "teacher"
+    m = Manifest()
+    m.root = tdir
+    for i, (model, dl) in enumerate([(c0, 3.0), (c1, 2.0), (c2, 1.0)]):
+        save_model(model, tok, tdir / f"ckpt-{i + 1}")
+        m.add(step=i + 1, epoch=0.1 * (i + 1), path=tdir / f"ckpt-{i + 1}", dev_loss=dl)
+    m.write(tdir)
+    text = distill_yaml(tdir, method="scd", n_stages=2, sps=1, selection="scd_select").replace(
+        "{name: student, init_from: tiny, keep_layers: [1], tiny: " + SHAPE + "}",
+        f"{{name: student, init_from: {tdir / 'ckpt-1'}, keep_layers: 'first:2'}}")
+    cfg = load(tmp_path, text)
+    run(cfg, tmp_path / "run")
+
+    models = [AutoModelForCausalLM.from_pretrained(str(tdir / f"ckpt-{i}")).double().eval() for i in (1, 2, 3)]
+    probe = probe_encoded(cfg, tok)
+    lps = [[] for _ in models]
+    with torch.no_grad():
+        for ex in probe:
+            ids = torch.tensor([ex["input_ids"]])
+            tgt = torch.tensor(ex["labels"][1:]) != -100
+            for j, mdl in enumerate(models):
+                lps[j].append(F.log_softmax(mdl(input_ids=ids).logits[0, :-1][tgt], -1))
+    lps = [torch.cat(x) for x in lps]  # [N_tokens, V] per checkpoint
+
+    def kl(p, q):  # KL(p || q), token average: F.kl_div(input=log q, target=log p) is KL(p || q)
+        return float(F.kl_div(q, p, log_target=True, reduction="sum")) / p.shape[0]
+
+    ref_best = {c: kl(lps[2], lps[c]) for c in range(3)}
+    ref_student = {c: kl(lps[0], lps[c]) for c in range(3)}  # the student is c0 at stage 0
+    scores = {c: ref_best[c] + ref_student[c] for c in range(3)}
+    assert min(scores, key=scores.get) == 1  # the constructed case is discriminative:
+    assert min(ref_best, key=ref_best.get) == 2 and min(ref_student, key=ref_student.get) == 0
+    sel = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "select"]
+    assert [r["stage"] for r in sel] == [0, 1]
+    assert sel[0]["checkpoint"] == 1
+    for c in range(3):
+        assert sel[0]["kl_best"][str(c)] == pytest.approx(ref_best[c], rel=1e-3, abs=1e-6)
+        assert sel[0]["kl_student"][str(c)] == pytest.approx(ref_student[c], rel=1e-3, abs=1e-6)
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert rec["status"] == "ok" and rec["train"]["selections"][0] == 1
+    switches = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "teacher_switch"]
+    assert len(switches) == 2 and all("switch_s" in r for r in switches)
+
+
+def test_teacher_switch_is_in_place_and_exact(runs):
+    from transformers import AutoModelForCausalLM
+
+    from scd.distill import TeacherSlot
+    from scd.schedule import Manifest
+
+    _, teacher, _ = runs
+    m = Manifest.read(teacher / "checkpoints")
+    slot = TeacherSlot(m, "float32", torch.device("cpu"))
+    slot.ensure(0)
+    params = {n: p for n, p in slot.model.named_parameters()}
+    secs, in_place = slot.ensure(2)
+    assert in_place and secs >= 0 and slot.index == 2
+    assert all(p is params[n] for n, p in slot.model.named_parameters())  # same tensors, new values
+    ref = AutoModelForCausalLM.from_pretrained(str(m.resolve(2))).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    torch.testing.assert_close(slot.logits(batch), ref(**batch).logits, rtol=0, atol=0)
+    assert not slot.model.training and not any(p.requires_grad for p in slot.model.parameters())
+
+
+def _run_cli(cfg, run_dir, fault=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SCD_FAULT", None)
+    if fault:
+        env["SCD_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "scd", "run", str(cfg), "--run-dir", str(run_dir)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def aw_reference(runs):
+    """Uninterrupted SCD+AW run: 2 stages x 2 steps, resumable state after every step."""
+    tmp, teacher, anchor = runs
+    from scd.core.config import load_config
+    from scd.distill import run
+
+    cfg = write(tmp, distill_yaml(teacher, method="scd_aw", n_stages=2, sps=2, selection="scd_select",
+                                  weighting=f"{{name: aw, anchor_run_dir: {anchor}}}", save_every=1), "aw.yaml")
+    run(load_config(cfg), tmp / "aw-ref")  # in-process (the killed runs below are subprocesses)
+    return cfg, tmp / "aw-ref"
+
+
+@pytest.mark.parametrize("fault", ["step:3", pytest.param("stage:1", marks=pytest.mark.slow)])
+def test_resume_after_sigkill_equals_uninterrupted(aw_reference, fault):
+    cfg, ref = aw_reference
+    killed = ref.parent / f"aw-killed-{fault.replace(':', '-')}"
+    p = _run_cli(cfg, killed, fault=fault)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert json.loads((killed / "run.json").read_text())["status"] == "running"
+    p = _run_cli(cfg, killed)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed at step" in p.stdout + p.stderr
+    a = load_file(str(ref / "model" / "model.safetensors"))
+    b = load_file(str(killed / "model" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert strip_time(read_metrics(ref / "metrics.jsonl")) == strip_time(read_metrics(killed / "metrics.jsonl"))
+    ra, rb = (json.loads((d / "run.json").read_text())["train"] for d in (ref, killed))
+    assert ra["selections"] == rb["selections"] and ra["tokens"] == rb["tokens"]
+    # AW losses were computed once per (model, data) and cached
+    assert len(list((ref / "cache").glob("ce-*.safetensors"))) == 1 + len(set(ra["selections"]))
+
+
+def test_edited_teacher_checkpoint_fails_before_training(runs, capsys):
+    tmp, teacher, _ = runs
+    edited = tmp / "teacher-edited"
+    shutil.copytree(teacher, edited)
+    f = edited / "checkpoints" / "ckpt-4" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF  # one weight byte
+    f.write_bytes(bytes(data))
+    rd = tmp / "edited-run"
+    assert cli_main(["run", str(write(tmp, distill_yaml(edited), "e.yaml")), "--run-dir", str(rd)]) == 1
+    rec = json.loads((rd / "run.json").read_text())
+    assert rec["status"] == "failed"
+    assert "teacher checkpoint 1 (step 4" in rec["error"] and "modified after the manifest" in rec["error"]
+    assert not [r for r in read_metrics(rd / "metrics.jsonl") if "loss" in r]
+    assert "modified after the manifest" in capsys.readouterr().err
+
+
+def test_tokenizer_mismatch_is_a_clear_startup_error(runs):
+    from scd.core.assets import raw_dir
+    from scd.distill import run
+
+    tmp, teacher, _ = runs
+    bert = raw_dir("minilm") / "model"
+    if not (bert / "tokenizer.json").exists():
+        pytest.skip("MiniLM asset not fetched")
+    text = distill_yaml(teacher).replace(
+        "{name: student, init_from: tiny, keep_layers: [1], tiny: " + SHAPE + "}",
+        f"{{name: tiny, tokenizer: {bert}, tiny: {SHAPE}}}")
+    with pytest.raises(ValueError, match="teacher and student tokenizers differ.*shared token ids"):
+        run(load(tmp, text, "tok.yaml"), tmp / "tok-run")
+    assert not (tmp / "tok-run" / "metrics.jsonl").exists() or \
+        not [r for r in read_metrics(tmp / "tok-run" / "metrics.jsonl") if "loss" in r]
+
+
+def test_nan_loss_marks_run_diverged_with_step_and_term(runs, capsys):
+    from scd.losses import LOSSES
+
+    def nan_test(student_logits, teacher_logits):
+        return (student_logits.sum(-1) * float("nan")).float()
+
+    nan_test.kind = "divergence"
+    LOSSES.register("nan_test", override=True)(nan_test)
+    tmp, teacher, _ = runs
+    rd = tmp / "nan-run"
+    assert cli_main(["run", str(write(tmp, distill_yaml(teacher, divergence="nan_test"), "nan.yaml")),
+                     "--run-dir", str(rd)]) == 1
+    rec = json.loads((rd / "run.json").read_text())
+    assert rec["status"] == "diverged"
+    assert rec["diverged_at"]["step"] == 1 and rec["diverged_at"]["term"] == "kd:nan_test"
+    assert "run diverged" in capsys.readouterr().err
+
+
+def test_gold_only_baseline_needs_no_teacher(tmp_path):
+    """weighting none, alpha 0 = the SFT-only student baseline: the teacher is never loaded."""
+    from scd.distill import run
+
+    text = distill_yaml("unused").replace("teacher: {run_dir: unused}\n", "")
+    rec = run(load(tmp_path, text.replace("{name: none, alpha: 1.0}", "{name: none, alpha: 0.0}")),
+              tmp_path / "run")
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert rec["status"] == "ok" and len(rows) == 2
+    assert all(r["kd"] == 0.0 and r["loss"] == pytest.approx(r["ce"], rel=1e-6) for r in rows)
+    assert rec["train"]["selections"] == []
+
+
+def test_eval_teacher_mode_scores_the_selected_checkpoint(runs):
+    from scd.distill import run
+
+    tmp, teacher, _ = runs
+    rec = run(load(tmp, distill_yaml(teacher, method="teacher", selection="best", extra="mode: eval_teacher\n"),
+                   "et.yaml"), tmp / "eval-teacher")
+    m = json.loads((teacher / "checkpoints" / "manifest.json").read_text())
+    assert rec["status"] == "ok" and rec["train"]["selections"] == [m["best_index"]]
+    assert rec["artifacts"]["model"].endswith(m["checkpoints"][m["best_index"]]["path"])

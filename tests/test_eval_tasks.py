@@ -1,0 +1,321 @@
+"""Scorers (QA / NER / classification), bootstrap CIs, batched generation and likelihood scoring."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.stats import (bootstrap_ci, f1_from_counts, macro_f1_sums, micro_f1_sums, resample_indices)
+from benchmarks.tasks import SCORERS
+from benchmarks.tasks.classification import class_counts, map_label, uniform_guess_macro_f1
+from benchmarks.tasks.ner import ner_counts, parse_ner_output
+from benchmarks.tasks.qa import normalize_answer, qa_scores, token_f1
+
+
+# ----------------------------------------------------------------------------- QA
+@pytest.mark.parametrize("text, lang, expected", [
+    ("The  Eiffel-Tower!", "en", "eiffeltower"),            # punctuation deleted (SQuAD), article dropped
+    ("An apple a day", "en", "apple day"),
+    ("An apple a day", "hi", "an apple a day"),             # articles only stripped for English
+    ("  Hello,\u00a0WORLD  ", "fr", "hello world"),         # NBSP is whitespace; casefold
+    ("STRASSE", "de", "strasse"),
+    ("Straße", "de", "strasse"),                            # casefold (not lower): ß -> ss
+    ("भारत की राजधानी नई दिल्ली है।", "hi", "भारत की राजधानी नई दिल्ली है"),  # danda removed, matras kept
+    ("“नई दिल्ली”", "hi", "नई दिल्ली"),
+    ("\u0643\u062a\u0627\u0628\u200c\u0647\u0627", "fa", "\u06a9\u062a\u0627\u0628 \u0647\u0627"),  # kaf->keheh, ZWNJ->space
+    ("\u0639\u0644\u064a", "fa", "\u0639\u0644\u06cc"),      # Arabic yeh -> Farsi yeh
+    ("\u06a9\u0640\u062a\u0627\u0628", "fa", "\u06a9\u062a\u0627\u0628"),  # tatweel removed
+    ("\u06a9\u0650\u062a\u0627\u0628", "fa", "\u06a9\u062a\u0627\u0628"),  # kasra (diacritic) removed
+    ("\u06f1\u06f2\u06f3 \u0633\u0627\u0644\u061f", "fa", "123 \u0633\u0627\u0644"),  # Persian digits, ؟ removed
+    ("\u0627\u0644\u0641\u060c \u0628", "fa", "\u0627\u0644\u0641 \u0628"),  # Persian comma removed
+])
+def test_normalize_answer(text, lang, expected):
+    assert normalize_answer(text, lang) == expected
+
+
+def test_devanagari_combining_marks_survive():
+    s = normalize_answer("दिल्ली", "hi")
+    assert s == "दिल्ली" and "\u094d" in s and "\u0940" in s  # virama and vowel sign ii kept
+
+
+def test_token_f1_by_hand():
+    assert token_f1("a b b", "b b c") == pytest.approx(2 / 3)  # overlap 2, P = R = 2/3
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0 and token_f1("x", "y") == 0.0
+
+
+def test_em_f1_max_over_answers():
+    em, f1 = qa_scores("the Eiffel Tower", ["Eiffel Tower in Paris", "tower"], "en")
+    # "eiffel tower" vs "eiffel tower in paris": P 1, R 1/2 -> 2/3; vs "tower": P 1/2, R 1 -> 2/3
+    assert em == 0.0 and f1 == pytest.approx(2 / 3)
+    assert qa_scores("Eiffel Tower.", ["the eiffel tower"], "en") == (1.0, 1.0)
+    assert qa_scores("नई दिल्ली।", ["नई दिल्ली"], "hi") == (1.0, 1.0)
+    assert qa_scores("\u0639\u0644\u064a", ["\u0639\u0644\u06cc"], "fa") == (1.0, 1.0)
+    # article stripping is English-only: "the" is a content token elsewhere
+    assert qa_scores("the tower", ["tower"], "hi")[0] == 0.0
+
+
+def test_unanswerable():
+    assert qa_scores("Unanswerable.", ["unanswerable"], "en", unanswerable=True) == (1.0, 1.0)
+    assert qa_scores("Paris", ["unanswerable"], "en", unanswerable=True) == (0.0, 0.0)
+    assert qa_scores("unanswerable", ["Paris"], "en") == (0.0, 0.0)
+
+
+def _qa(i, answers, lang="en", answerable=True):
+    return {"id": f"t-test-{i}", "task": "t", "family": "qa", "lang": lang, "answers": answers,
+            "answerable": answerable, "target": answers[0]}
+
+
+def test_qa_scorer_from_outputs():
+    sc = SCORERS.build("qa", n_boot=200, seed=0)
+    exs = [_qa(0, ["Paris"]), _qa(1, ["blue whale"]), _qa(2, ["unanswerable"], answerable=False),
+           _qa(3, ["नई दिल्ली"], "hi")]
+    outs = ["Answer: Paris\nBecause it is the capital.", "the whale", "unanswerable", "दिल्ली"]
+    preds = sc.predictions_from_outputs(exs, outs)
+    assert preds[0]["prediction"] == "Paris"  # first line, "Answer:" label removed
+    res = sc.score(exs, preds)
+    assert res["exact_match"]["value"] == pytest.approx(0.5) and res["exact_match"]["n"] == 4
+    # F1: 1, "whale" vs "blue whale" = 2/3, 1, "दिल्ली" vs "नई दिल्ली" = 2/3
+    assert res["f1"]["value"] == pytest.approx((1 + 2 / 3 + 1 + 2 / 3) / 4, abs=1e-6)
+    assert res["exact_match"]["primary"] and not res["f1"]["primary"]
+    assert res["exact_match"]["chance"] == 0.0 and res["exact_match"]["higher_is_better"]
+    lo, hi = res["f1"]["ci"]
+    assert lo <= res["f1"]["value"] <= hi
+
+
+# ---------------------------------------------------------------------------- NER
+def _ner(i, tokens, tags):
+    return {"id": f"n-test-{i}", "task": "n", "family": "ner", "lang": "en", "tokens": tokens, "tags": tags}
+
+
+NER_EXAMPLES = [
+    _ner(0, ["John", "lives", "in", "New", "York", "."], ["B-person", "O", "O", "B-geo-loc", "I-geo-loc", "O"]),
+    _ner(1, ["Apple", "makes", "iPhones"], ["B-company", "O", "B-product"]),
+    _ner(2, ["I", "saw", "Paris"], ["O", "O", "B-geo-loc"]),
+    _ner(3, ["hello", "world"], ["O", "O"]),
+]
+NER_OUTPUTS = ["person: John; geo-loc: New York", "company: Apple; person: iPhones", "I could not find any",
+               "none"]
+
+
+def test_parse_ner_output():
+    p = parse_ner_output("person: John; geo-loc: new york", NER_EXAMPLES[0]["tokens"])
+    assert p["tags"] == ["B-person", "O", "O", "B-geo-loc", "I-geo-loc", "O"] and not p["failed"]
+    assert parse_ner_output("none", ["a"])["failed"] is False
+    assert parse_ner_output("", ["a"])["failed"] is True
+    bad = parse_ner_output("the entities are unclear", ["a", "b"])
+    assert bad["failed"] and bad["tags"] == ["O", "O"]
+    miss = parse_ner_output("person: Mary", ["John"])  # parsed but not in the sentence
+    assert not miss["failed"] and miss["unplaced"] == 1 and miss["tags"] == ["O"]
+
+
+def test_ner_scores_by_hand():
+    sc = SCORERS.build("ner", n_boot=200, seed=0)
+    preds = sc.predictions_from_outputs(NER_EXAMPLES, NER_OUTPUTS)
+    res = sc.score(NER_EXAMPLES, preds)
+    # tp = 2 + 1 + 0 + 0 = 3, predicted = 2 + 2 = 4, gold = 2 + 2 + 1 = 5 -> F1 = 6/9
+    assert res["f1_micro"]["value"] == pytest.approx(2 / 3, abs=1e-6)
+    # person 2/3 (1 of 2 predicted, 1 gold), geo-loc 2/3, company 1, product 0 -> 7/12
+    assert res["f1_macro"]["value"] == pytest.approx(7 / 12, abs=1e-6)
+    assert res["parse_failure_rate"]["value"] == pytest.approx(0.25)
+    assert res["parse_failure_rate"]["higher_is_better"] is False
+    per_type = res["f1_micro"]["extra"]["per_type"]
+    assert per_type["company"]["f1-score"] == pytest.approx(1.0) and per_type["product"]["support"] == 1
+    for m in res.values():
+        assert m["ci"][0] <= m["value"] <= m["ci"][1] and m["n"] == 4
+
+
+def test_ner_counts_match_seqeval():
+    from seqeval.metrics import f1_score
+
+    rng = np.random.default_rng(1)
+    vocab = ["O", "B-a", "I-a", "B-b", "I-b"]
+    gold = [[vocab[i] for i in rng.integers(0, 5, size=rng.integers(1, 9))] for _ in range(40)]
+    pred = [[vocab[i] for i in rng.integers(0, 5, size=len(g))] for g in gold]
+    micro, per_type, types = ner_counts(gold, pred)
+    assert micro_f1_sums(micro.sum(0, keepdims=True))[0] == pytest.approx(f1_score(gold, pred, average="micro"))
+    got = macro_f1_sums(len(types))(per_type.sum(0, keepdims=True))[0]
+    assert got == pytest.approx(f1_score(gold, pred, average="macro"))
+
+
+# ----------------------------------------------------------------- classification
+LABELS = ["positive", "negative", "neutral"]
+
+
+@pytest.mark.parametrize("output, label, rule", [
+    ("positive", "positive", "exact"),
+    ("  Negative. ", "negative", "normalised"),
+    ("The sentiment is negative.", "negative", "word"),
+    ("positive, not negative", "positive", "word"),        # first mentioned wins
+    ("It's NEUTRAL!\nMore text", "neutral", "word"),
+    ("neutrality", None, "invalid"),                      # whole words only
+    ("pos", None, "invalid"),
+    ("", None, "invalid"),
+])
+def test_map_label(output, label, rule):
+    assert map_label(output, LABELS) == (label, rule)
+
+
+def test_map_label_multiword():
+    assert map_label("this is very good indeed", ["good", "very good"]) == ("very good", "word")
+
+
+def _cls(i, label, label_set=("a", "b")):
+    return {"id": f"c-test-{i}", "task": "c", "family": "classification", "lang": "en", "label": label,
+            "label_set": list(label_set), "target": label}
+
+
+def test_classification_scores_by_hand():
+    from sklearn.metrics import f1_score
+
+    sc = SCORERS.build("classification", n_boot=300, seed=0)
+    exs = [_cls(0, "a"), _cls(1, "b"), _cls(2, "a"), _cls(3, "b")]
+    preds = sc.predictions_from_outputs(exs, ["a", "I don't know", "b", "The answer: b"])
+    assert [p["prediction"] for p in preds] == ["a", None, "b", "b"]
+    res = sc.score(exs, preds)
+    assert res["accuracy"]["value"] == pytest.approx(0.5)
+    assert res["invalid_rate"]["value"] == pytest.approx(0.25) and not res["invalid_rate"]["higher_is_better"]
+    # a: tp 1, pred 1, gold 2 -> 2/3; b: tp 1, pred 2, gold 2 -> 1/2
+    assert res["f1_macro"]["value"] == pytest.approx((2 / 3 + 1 / 2) / 2, abs=1e-6)
+    assert res["f1_macro"]["value"] == pytest.approx(
+        f1_score(["a", "b", "a", "b"], ["a", "x", "b", "b"], labels=["a", "b"], average="macro"), abs=1e-6)
+    assert res["accuracy"]["chance"] == 0.5 and res["f1_macro"]["chance"] == pytest.approx(0.5)
+    assert res["accuracy"]["primary"] and not res["f1_macro"]["primary"]
+
+
+def test_class_counts_macro_equals_sklearn():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    labels = ["x", "y", "z", "w"]
+    gold = list(rng.choice(labels[:3], 50))
+    pred = [None if r < 0.1 else labels[k] for r, k in zip(rng.random(50), rng.integers(0, 4, 50))]
+    counts = class_counts(gold, pred, labels)
+    present = [lab for lab in labels if lab in gold or lab in pred]
+    ref = f1_score(gold, ["\0" if p is None else p for p in pred], labels=present, average="macro", zero_division=0)
+    assert macro_f1_sums(4)(counts.sum(0, keepdims=True))[0] == pytest.approx(ref)
+
+
+def test_uniform_guess_macro_f1():
+    assert uniform_guess_macro_f1(["a", "b", "c", "d"], "abcd") == pytest.approx(0.25)
+    # p = (3/4, 1/4), q = 1/2: (2*.75*.5/1.25 + 2*.25*.5/.75) / 2
+    assert uniform_guess_macro_f1(["a", "a", "a", "b"], "ab") == pytest.approx((0.6 + 1 / 3) / 2)
+
+
+def test_likelihood_predictions_pick_argmax():
+    exs = [_cls(0, "a"), _cls(1, "b")]
+    preds = SCORERS.build("classification").predictions_from_logliks(exs, [[-1.0, -2.0], [-3.0, -3.0]])
+    assert [p["prediction"] for p in preds] == ["a", "a"]  # tie -> first label
+
+
+# -------------------------------------------------------------------------- stats
+def test_bootstrap_mean_ci_brackets_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    v = (rng.random(200) < 0.7).astype(float)
+    ci = bootstrap_ci(v, n_boot=500, seed=3)
+    assert ci[0] < v.mean() < ci[1]
+    assert ci == bootstrap_ci(v, n_boot=500, seed=3)
+    assert ci != bootstrap_ci(v, n_boot=500, seed=4)
+    # more data -> narrower interval
+    wide = bootstrap_ci(v[:20], n_boot=500, seed=3)
+    assert (ci[1] - ci[0]) < (wide[1] - wide[0])
+    assert bootstrap_ci(np.ones(10)) == (1.0, 1.0)
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_bootstrap_matches_slow_reference():
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=37)
+    idx = next(resample_indices(37, 300, seed=9))  # one block: (300, 37)
+    slow = np.array([np.mean([v[j] for j in row]) for row in idx])
+    assert bootstrap_ci(v, n_boot=300, seed=9) == pytest.approx(tuple(np.quantile(slow, [0.025, 0.975])))
+
+
+def test_bootstrap_sum_fn_equals_metric_fn():
+    rng = np.random.default_rng(2)
+    counts = rng.integers(0, 4, size=(60, 3)).astype(float)
+
+    def f1_rows(c):
+        s = np.asarray(c, dtype=float).sum(0)
+        return f1_from_counts(s[0], s[1], s[2])
+
+    a = bootstrap_ci(counts, sum_fn=micro_f1_sums, n_boot=200, seed=1)
+    b = bootstrap_ci((counts,), metric_fn=f1_rows, n_boot=200, seed=1)
+    assert a == pytest.approx(b)
+
+
+# --------------------------------------------------------------------- generation
+@pytest.fixture(scope="module")
+def lively_model(smol_tokenizer):
+    """A tiny random Llama whose greedy outputs vary (scaled weights, untied head)."""
+    import torch
+
+    from scd.models import TinyConfig, tiny_model
+
+    tok = smol_tokenizer
+    m = tiny_model(len(tok), TinyConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+                   seed=0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(20)
+    return m.eval()
+
+
+def _prompts(tok, sizes=(1, 7, 3, 15, 0)):
+    return [tok.apply_chat_template([{"role": "user", "content": "x " * n + "hello"}], tokenize=False,
+                                    add_generation_prompt=True) for n in sizes]
+
+
+def test_batched_generation_equals_unbatched(lively_model, smol_tokenizer):
+    from benchmarks.tasks.generate import greedy_generate
+
+    prompts = _prompts(smol_tokenizer)
+    batched = greedy_generate(lively_model, smol_tokenizer, prompts, max_new_tokens=10, batch_size=3, progress=False)
+    single = [greedy_generate(lively_model, smol_tokenizer, [p], max_new_tokens=10, batch_size=1, progress=False)[0]
+              for p in prompts]
+    assert batched == single
+    assert len(set(batched)) == len(batched) and all(batched)  # outputs differ: the check is not vacuous
+    again = greedy_generate(lively_model, smol_tokenizer, prompts, max_new_tokens=10, batch_size=2, progress=False)
+    assert again == batched  # deterministic, independent of the batch size
+    for p, out in zip(prompts, batched):
+        assert len(smol_tokenizer(out, add_special_tokens=False).input_ids) <= 11  # budget (re-tokenising may merge)
+
+
+def test_generation_stops_at_stop_token(lively_model, smol_tokenizer):
+    import torch
+
+    from benchmarks.tasks.generate import encode, greedy_generate
+
+    tok = smol_tokenizer
+    prompt = _prompts(tok, (2,))[0]
+    ids = torch.tensor([encode(tok, prompt)])
+    full = lively_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                 do_sample=False, eos_token_id=[], pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+    stop = int(full[3])
+    assert stop not in full[:3].tolist()
+    out = greedy_generate(lively_model, tok, [prompt], max_new_tokens=8, stop_ids=[stop], progress=False)[0]
+    assert out == tok.decode(full[:3], skip_special_tokens=True)
+
+
+def test_loglik_choices_match_reference(lively_model, smol_tokenizer):
+    from benchmarks.tasks.generate import loglik_choices, loglik_reference
+
+    prompts = _prompts(smol_tokenizer)
+    choices = [["positive", "negative"], ["a", "bb c", "neutral<|im_end|>"], ["x"], ["fresh", "rotten"], ["q", "r"]]
+    got = loglik_choices(lively_model, smol_tokenizer, prompts, choices, batch_size=2, progress=False)
+    ref = [[loglik_reference(lively_model, smol_tokenizer, p, c) for c in cs] for p, cs in zip(prompts, choices)]
+    for g, r in zip(got, ref):
+        assert g == pytest.approx(r, rel=1e-5, abs=1e-3)
+    same_count = loglik_choices(lively_model, smol_tokenizer, prompts[:2], [["a", "b"], ["c", "d"]], batch_size=2,
+                                progress=False)
+    assert same_count[1] == pytest.approx([loglik_reference(lively_model, smol_tokenizer, prompts[1], c)
+                                           for c in ("c", "d")], rel=1e-5, abs=1e-3)
+
+
+def test_encode_pair_moves_trailing_whitespace(smol_tokenizer):
+    from benchmarks.tasks.generate import encode_pair
+
+    ctx, cont = encode_pair(smol_tokenizer, "Answer: ", "yes")
+    assert smol_tokenizer.decode(ctx) == "Answer:" and smol_tokenizer.decode(cont) == " yes"

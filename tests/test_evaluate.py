@@ -1,0 +1,155 @@
+"""benchmarks.evaluate: CLI end to end on a tiny saved model, run.json merging, configs, shots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scd.core.results import new_run_record, read_json, validate_run_record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_saved(tmp_path_factory, smol_tokenizer):
+    from scd.models import TinyConfig, save_model, tiny_model
+
+    tok = smol_tokenizer
+    m = tiny_model(len(tok), TinyConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                        num_attention_heads=4, num_key_value_heads=2),
+                   seed=0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id)
+    return save_model(m, tok, tmp_path_factory.mktemp("m") / "tiny")
+
+
+def _lines(p: Path) -> list[dict]:
+    return [json.loads(line) for line in p.read_text().splitlines()]
+
+
+def test_cli_end_to_end_and_merge(tmp_path, tiny_saved):
+    from benchmarks.evaluate import main
+
+    out = tmp_path / "out"
+    rc = main([str(tiny_saved), "--tasks", "rotten_tomatoes", "wnut16", "--limit", "8", "--shots", "1",
+               "--scoring", "likelihood", "--max-new-tokens", "6", "--out", str(out), "--no-progress",
+               "--n-boot", "100", "--batch-size", "4"])
+    assert rc == 0
+    rec = validate_run_record(read_json(out / "run.json"))
+    assert rec["status"] == "ok" and rec["recipe"] == "evaluate" and rec["method"] == "tiny"
+    assert set(rec["eval"]) == {"rotten_tomatoes", "wnut16"}
+    for task, metrics in rec["eval"].items():
+        for name, m in metrics.items():
+            assert set(m) == {"value", "n", "ci"} and m["n"] == 8
+            assert 0.0 <= m["value"] <= 1.0 and m["ci"][0] <= m["value"] <= m["ci"][1]
+            meta = rec["metric_meta"][f"{task}/{name}"]
+            assert set(meta) == {"higher_is_better", "chance", "primary"}
+    assert rec["metric_meta"]["rotten_tomatoes/accuracy"] == {"higher_is_better": True, "chance": 0.5,
+                                                             "primary": True}
+    assert rec["eval"]["rotten_tomatoes"]["invalid_rate"]["value"] == 0.0  # likelihood scoring
+    assert rec["eval_info"]["rotten_tomatoes"]["scoring"] == "likelihood"
+    assert rec["eval_info"]["wnut16"]["scoring"] == "generate"  # NER always generates
+    assert rec["eval_info"]["wnut16"]["max_new_tokens"] == 6
+    assert len(rec["eval_info"]["rotten_tomatoes"]["shot_ids"]) == 1
+    rows = _lines(out / "predictions" / "rotten_tomatoes.jsonl")
+    assert [r["id"] for r in rows] == [f"rotten_tomatoes-test-{i}" for i in range(8)]
+    acc = sum(r["scores"]["correct"] for r in rows) / 8
+    assert rec["eval"]["rotten_tomatoes"]["accuracy"]["value"] == pytest.approx(acc)
+
+    # a second call adds a task and keeps the others untouched
+    before = rec["eval"]["rotten_tomatoes"]
+    assert main([str(tiny_saved), "--tasks", "disfl_qa", "--limit", "4", "--max-new-tokens", "4", "--out", str(out),
+                 "--no-progress", "--n-boot", "50"]) == 0
+    rec2 = validate_run_record(read_json(out / "run.json"))
+    assert set(rec2["eval"]) == {"rotten_tomatoes", "wnut16", "disfl_qa"}
+    assert rec2["eval"]["rotten_tomatoes"] == before and rec2["eval"]["disfl_qa"]["exact_match"]["n"] == 4
+
+
+def test_evaluate_run_dir(tmp_path, tiny_saved):
+    import shutil
+
+    from benchmarks.evaluate import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_saved, run_dir / "model")
+    rec = new_run_record(run_id="abc", grid="g", method="sft-tiny", seed=3, recipe="sft", config={})
+    rec.update(status="ok", train={"tokens": 10}, artifacts={"model": "model"},
+               eval={"old_task": {"acc": {"value": 0.1, "n": 5, "ci": [0.0, 0.2]}}})
+    (run_dir / "run.json").write_text(json.dumps(rec))
+    assert main([str(run_dir), "--tasks", "rotten_tomatoes", "--limit", "4", "--scoring", "likelihood",
+                 "--no-progress", "--n-boot", "50"]) == 0
+    got = validate_run_record(read_json(run_dir / "run.json"))
+    assert got["method"] == "sft-tiny" and got["train"] == {"tokens": 10} and got["status"] == "ok"
+    assert set(got["eval"]) == {"old_task", "rotten_tomatoes"}
+    assert (run_dir / "predictions" / "rotten_tomatoes.jsonl").exists()
+
+
+def test_cli_errors(tmp_path, tiny_saved, capsys):
+    from benchmarks.evaluate import main
+
+    assert main([str(tiny_saved), "--tasks", "roten_tomatoes", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "did you mean 'rotten_tomatoes'" in capsys.readouterr().err
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "run.json").write_text(json.dumps(new_run_record(run_id="x", grid=None, method="m", seed=0,
+                                                              recipe="sft", config={})))
+    assert main([str(empty), "--tasks", "rotten_tomatoes"]) == 2
+    assert "no saved model" in capsys.readouterr().err
+    assert main([str(tiny_saved)]) == 2
+    assert "no tasks" in capsys.readouterr().err
+
+
+def test_eval_configs_validate():
+    from benchmarks.evaluate import EvalConfig
+    from scd.core.config import ConfigError, load_config
+
+    files = sorted((ROOT / "configs" / "eval").glob("*.yaml"))
+    assert files
+    for f in files:
+        assert f.read_text().startswith("# Purpose:"), f
+        cfg = load_config(f)
+        assert isinstance(cfg, EvalConfig), f
+    with pytest.raises(ConfigError, match="scoring"):
+        load_config(files[0], ["scoring=likelyhood"])
+
+
+def test_recipe_run_with_lm_eval_and_cka(tmp_path):
+    """configs/eval/tiny_smoke.yaml through the recipe entry point (scd run)."""
+    from scd.core.config import RECIPES, load_config
+
+    cfg = load_config(ROOT / "configs" / "eval" / "tiny_smoke.yaml",
+                      ["limit=4", "tasks=[rotten_tomatoes]", "cka.n_examples=4", "n_boot=50"])
+    rec = RECIPES.get("evaluate").run(cfg, tmp_path / "r")
+    validate_run_record(rec)
+    assert set(rec["eval"]) == {"rotten_tomatoes", "lm_eval:rotten_tomatoes"}
+    assert rec["eval"]["lm_eval:rotten_tomatoes"]["acc"]["n"] == 4
+    cka = rec["cka"]["tiny"]
+    assert cka["diagonal"] == pytest.approx([1.0] * len(cka["diagonal"]), abs=1e-6)  # identical copy
+    assert (tmp_path / "r" / cka["heatmap"]).exists()
+
+
+def test_select_shots_deterministic_and_balanced():
+    from benchmarks.evaluate import select_shots
+
+    a = select_shots("multiemo_en", 4, seed=0)
+    assert [s["id"] for s in a] == [s["id"] for s in select_shots("multiemo_en", 4, seed=0)]
+    assert sorted(s["label"] for s in a) == sorted(a[0]["label_set"])  # one per label
+    assert all(s["id"].startswith("multiemo_en-train-") for s in a)
+    b = select_shots("multiemo_en", 4, seed=1)
+    assert [s["id"] for s in a] != [s["id"] for s in b]
+    excl = select_shots("multiemo_en", 4, seed=0, exclude_ids=[a[0]["id"]])
+    assert a[0]["id"] not in [s["id"] for s in excl]
+    assert select_shots("wnut16", 0) == []
+    assert len(select_shots("wnut16", 3, seed=0)) == 3
+
+
+def test_expand_tasks():
+    from benchmarks.evaluate import expand_tasks
+    from scd.core.registry import RegistryError
+
+    cls = expand_tasks(["classification"])
+    assert "rotten_tomatoes" in cls and "multiemo_en" in cls and "wnut16" not in cls
+    assert expand_tasks(["wnut16", "ner"])[0] == "wnut16" and len(set(expand_tasks(["ner", "ner"]))) == len(
+        expand_tasks(["ner"]))
+    with pytest.raises(RegistryError):
+        expand_tasks(["nope"])
