@@ -16,8 +16,9 @@ status ``ok``; see :mod:`unisd.recovery`) and writes into it (or ``--out``):
                              CKA, the study's question) and ``kl_vs_cka`` (KL to the original
                              vs mean CKA, which needs no task score);
 * ``recovery_scatter.png``   recovered score vs mean CKA (colour = degradation, marker = method);
-* ``recovery_strength.png``  score vs strength per recovery method, one panel per degradation
-                             (x ordered from mild to severe; dashed = original model);
+* ``recovery_strength.png``  score (top) and KL to the original (bottom) vs strength per recovery
+                             method, one column per degradation (x from mild to severe; dashed =
+                             original model);
 * ``recovery_cka_layers.png`` per-layer CKA to the original at each degradation's most severe
                              strength, one line per method.
 
@@ -276,7 +277,7 @@ def plot_scatter(rows: list[dict], corr: dict, path: Path) -> Path:
     degs = sorted({r["degradation"] for r in rows})
     colors = {d: f"C{i}" for i, d in enumerate(degs)}
     seen = set()
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (str(r["degradation"]), _method_key(r["method"]))):
         if not (math.isfinite(r["cka_after"]) and math.isfinite(r["score_after"])):
             continue
         label = f"{r['degradation']} / {r['method']}"
@@ -300,10 +301,11 @@ def _label(m: str, budget: int, budgets: set) -> str:
 
 
 def plot_strength(agg: list[dict], path: Path) -> Path:
+    """Row 1: task score vs strength per recovery method; row 2: KL to the original (log scale)."""
     degs = sorted({r["degradation"] for r in agg})
-    fig = _figure(4.2 * max(1, len(degs)), 3.8)
+    fig = _figure(4.2 * max(1, len(degs)), 7.0)
+    rows = (("score_after", "task score", "score_original"), ("kl_after", "KL(original ‖ model), probe", None))
     for k, deg in enumerate(degs):
-        ax = fig.add_subplot(1, len(degs), k + 1)
         sub = [r for r in agg if r["degradation"] == deg]
         strengths = sorted({r["strength"] for r in sub}, key=lambda s: _severity_key(deg, s))
         xs = list(range(len(strengths)))
@@ -311,22 +313,27 @@ def plot_strength(agg: list[dict], path: Path) -> Path:
         series: dict[str, dict] = {}
         for r in sub:
             series.setdefault(_label(r["method"], r["budget"], budgets), {})[r["strength"]] = r
-        for i, (name, pts) in enumerate(sorted(series.items(), key=lambda kv: _method_key(kv[0].split()[0]))):
-            x = [xs[strengths.index(s)] for s in strengths if s in pts]
-            y = [pts[s]["score_after"] for s in strengths if s in pts]
-            e = [pts[s]["score_after_std"] if math.isfinite(pts[s]["score_after_std"]) else 0 for s in strengths
-                 if s in pts]
-            ax.errorbar(x, y, yerr=e, marker=MARKERS.get(name.split()[0], "^"), capsize=3, label=name)
-        orig = [r["score_original"] for r in sub if math.isfinite(r["score_original"])]
-        if orig:
-            ax.axhline(sum(orig) / len(orig), ls="--", c="gray", lw=1, label="original")
-        ax.set_xticks(xs, [f"{s:g}" for s in strengths])
-        meaning = {"quantize": "bits", "prune": "sparsity", "forget": "SFT steps"}.get(deg, "strength")
-        ax.set_xlabel(f"{meaning} (mild → severe)")
-        ax.set_ylabel("task score")
-        ax.set_title(deg)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        for j, (col, ylabel, ref) in enumerate(rows):
+            ax = fig.add_subplot(2, len(degs), j * len(degs) + k + 1)
+            for name, pts in sorted(series.items(), key=lambda kv: _method_key(kv[0].split()[0])):
+                have = [s for s in strengths if s in pts and math.isfinite(pts[s][col])]
+                e = [pts[s][col + "_std"] if math.isfinite(pts[s][col + "_std"]) else 0 for s in have]
+                ax.errorbar([xs[strengths.index(s)] for s in have], [pts[s][col] for s in have], yerr=e,
+                            marker=MARKERS.get(name.split()[0], "^"), capsize=3, label=name)
+            if ref:
+                vals = [r[ref] for r in sub if math.isfinite(r[ref])]
+                if vals:
+                    ax.axhline(sum(vals) / len(vals), ls="--", c="gray", lw=1, label="original")
+            elif any(r[col] > 0 for r in sub if math.isfinite(r[col])):
+                ax.set_yscale("log")
+            ax.set_xticks(xs, [f"{s:g}" for s in strengths])
+            meaning = {"quantize": "bits", "prune": "sparsity", "forget": "SFT steps"}.get(deg, "strength")
+            ax.set_xlabel(f"{meaning} (mild → severe)")
+            ax.set_ylabel(ylabel)
+            if j == 0:
+                ax.set_title(deg)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     return _save(fig, path)
 
 

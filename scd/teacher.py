@@ -14,8 +14,8 @@ registered save schedule (``scd.schedule``) -> the SFT loop of ``scd.sft`` with 
    (atomically: temp dir + rename; a LoRA teacher is saved merged, so every
    checkpoint is a plain full model the distillation recipe can load in place),
 2. evaluates it on the dev split: dev loss always (token-level CE on the dev
-   targets), dev score when ``eval.tasks`` is set (mean of the primary metric per
-   task through ``benchmarks.evaluate`` on ``dev.split``),
+   targets), dev score when ``dev.tasks`` (default: ``eval.tasks``) is set (mean of
+   the primary metric per task through ``benchmarks.evaluate`` on ``dev.split``),
 3. appends it to ``run_dir/checkpoints/manifest.json`` (step, epoch, dev loss, dev
    score, path, sha256 of the weight files; the best checkpoint is marked).
 
@@ -68,7 +68,8 @@ class DevConfig:
     split: str = "dev"
     limit_per_task: int | None = 64  # dev examples per task for the dev loss (None: all)
     batch_size: int = 8
-    score: bool = True  # also a dev score (needs eval.tasks); off: dev loss only
+    score: bool = True  # also a dev score (mean primary metric); off: dev loss only
+    tasks: tuple[str, ...] = ()  # dev-score tasks (empty: eval.tasks; both empty: no dev score)
     score_limit: int | None = 64  # dev examples per task for the dev score
 
 
@@ -227,8 +228,9 @@ def run(cfg: TeacherConfig, run_dir: Path) -> dict:
         if dl is None:
             dl = dev_loss(model, dev_encoded, tok.pad_token_id, cfg.dev.batch_size)
         score, score_name, hib = None, None, True
-        if cfg.dev.score and (cfg.eval.tasks or cfg.eval.lm_eval_tasks):
-            spec = dataclasses.replace(cfg.eval, split=cfg.dev.split, limit=cfg.dev.score_limit)
+        if cfg.dev.score and (cfg.dev.tasks or cfg.eval.tasks or cfg.eval.lm_eval_tasks):
+            spec = dataclasses.replace(cfg.eval, split=cfg.dev.split, limit=cfg.dev.score_limit,
+                                       tasks=cfg.dev.tasks or cfg.eval.tasks)
             score, score_name, hib = primary_score(spec.run(model, tok, ck_dir / "dev_eval" / f"ckpt-{step}"))
             model.train()
         if score_name is not None:

@@ -159,3 +159,32 @@ def test_dev_loss_milestone_schedule(tmp_path):
     assert [c.step for c in m.checkpoints] == want and want[-1] == 4
     for c in m.checkpoints:  # the checkpoint's dev loss is the history's value at its step
         assert c.dev_loss == pytest.approx(dict(hist)[c.step])
+
+
+def test_dev_score_is_the_primary_metric_of_the_checkpoint(tmp_path):
+    """dev.tasks set: each checkpoint gets a dev score = mean primary metric on the dev split,
+    equal to an independent evaluation of the saved checkpoint; best_index follows the score."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.evaluate import evaluate_model
+    from scd.core.config import load_config
+    from scd.models import load_tokenizer
+    from scd.schedule import Manifest
+    from scd.teacher import primary_score, run
+
+    text = TINY.format(steps=2, schedule="{name: even_steps, n_checkpoints: 1}", lora="") + \
+        "eval: {scoring: likelihood, batch_size: 4}\n"
+    text = text.replace("dev: {limit_per_task: 4, batch_size: 4}",
+                        "dev: {limit_per_task: 4, batch_size: 4, tasks: [rotten_tomatoes], score_limit: 6}")
+    (tmp_path / "t.yaml").write_text(text)
+    run(load_config(tmp_path / "t.yaml"), tmp_path / "run")
+    m = Manifest.read(tmp_path / "run" / "checkpoints")
+    entry = m.checkpoints[0]
+    assert m.score_name == "mean(rotten_tomatoes/accuracy)" and m.higher_is_better
+    path = m.resolve(0)
+    ref = evaluate_model(AutoModelForCausalLM.from_pretrained(str(path)).eval(), load_tokenizer(str(path)),
+                         tasks=["rotten_tomatoes"], split="dev", limit=6, scoring="likelihood", batch_size=4,
+                         progress=False)
+    assert entry.dev_score == pytest.approx(ref["eval"]["rotten_tomatoes"]["accuracy"]["value"])
+    assert primary_score(ref)[0] == pytest.approx(entry.dev_score)
+    assert m.best_index == 0

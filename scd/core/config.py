@@ -223,7 +223,7 @@ def _from_dict(cls: type, data: dict, prefix: str, err, post_err=None) -> Any:
     except (ValueError, TypeError) as e:  # __post_init__ checks (contradictory options)
         if post_err is not None:  # points at the line of this block's key in the parent
             raise post_err(prefix, str(e)) from None
-        raise err(prefix or cls.__name__, str(e), mapping=None) from None
+        raise err(prefix or None, str(e), mapping=None) from None
     return obj
 
 
@@ -231,9 +231,10 @@ def from_dict(cls: type, data: dict, source: Source | None = None) -> Any:
     """Validate ``data`` into dataclass ``cls``; errors name file:line: key."""
     source = source or Source()
 
-    def err(key: str, msg: str, mapping: Any = None, raw_key: str | None = None, **_: Any) -> ConfigError:
+    def err(key: str | None, msg: str, mapping: Any = None, raw_key: str | None = None, **_: Any) -> ConfigError:
         line = source.line(mapping, raw_key) if mapping is not None and raw_key is not None else None
-        return ConfigError(f"{_where(source.path, line)}key '{key}': {msg}")
+        what = f"key '{key}': " if key else ""
+        return ConfigError(f"{_where(source.path, line)}{what}{msg}")
 
     return _from_dict(cls, data, "", err)
 

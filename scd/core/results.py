@@ -198,10 +198,12 @@ def env_info() -> dict:
             info["threads"] = torch.get_num_threads()
     except ImportError:  # pragma: no cover
         pass
+    from importlib.metadata import PackageNotFoundError, version
+
     for mod in ("transformers", "peft", "deepspeed", "datasets"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001  (optional packages)
+        try:  # metadata only: importing deepspeed/peft costs seconds
+            info[mod] = version(mod)
+        except PackageNotFoundError:
             pass
     return info
 
