@@ -193,7 +193,8 @@ def test_registry_names_and_errors():
     losses = registry("loss")
     for name in DIVERGENCES + ("ce",):
         assert name in losses
-    assert divergence_names() == sorted(DIVERGENCES)
+    # plugins (and other tests) may register more divergences; the built-ins must all be there
+    assert set(DIVERGENCES) <= set(divergence_names()) and "ce" not in divergence_names()
     with pytest.raises(RegistryError, match="did you mean 'forward_kl'"):
         per_token_divergence("forwrd_kl", *_rand())
     with pytest.raises(ValueError, match="unknown parameter 'lam'; accepted: beta"):

@@ -73,6 +73,17 @@ def test_config_rejects_keep_layers_without_teacher():
 
 
 @pytest.mark.slow
+def test_smollm2_is_a_plain_checkpoint_that_can_be_saved_again(tmp_path):
+    """Fine-tuned copies must be savable: no GGUF quantizer survives the conversion."""
+    import json
+
+    model, tok = build_model(ModelConfig(name="smollm2-135m"))
+    assert "quantization_config" not in json.loads(model.config.to_json_string())
+    save_model(model, tok, tmp_path / "copy")
+    assert "quantization_config" not in json.loads((tmp_path / "copy" / "config.json").read_text())
+
+
+@pytest.mark.slow
 def test_smollm2_greedy_answer_and_loss():
     """Converted SmolLM2-135M-Instruct: fixed greedy answer, and loss on a fixed sentence.
 

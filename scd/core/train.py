@@ -243,10 +243,12 @@ def start_run(cfg, run_dir: Path, *, recipe: str, components: dict | None = None
     rd.path.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config(cfg)
     run_id = config_hash({k: v for k, v in resolved.items() if k != "grid"})
-    if rd.exists():
-        rec = rd.read()
-        rec.update(status="running", error=None)
-    else:
+    rec = rd.read() if rd.exists() else None
+    if rec is not None and rec.get("run_id") == run_id and "config" in rec:
+        rec.update(status="running", error=None)  # a resumed attempt keeps its record
+        for stale in ("diverged_at", "traceback_tail", "log_tail"):
+            rec.pop(stale, None)
+    else:  # new run, or a stub written by record_failure before the recipe started
         rec = new_run_record(run_id=run_id, grid=getattr(cfg, "grid", None), method=getattr(cfg, "method", recipe),
                              seed=getattr(cfg, "seed", 0), recipe=recipe, config=resolved,
                              components=components, hparams=hparams)
