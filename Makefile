@@ -15,7 +15,7 @@ help:
 	@echo "make test          set up, fetch assets, run the test suite (CPU)"
 	@echo "make ablate GRID=configs/grids/<grid>.yaml   run a grid (multi-GPU aware) + leaderboard"
 	@echo "make leaderboard   rebuild every leaderboard under results/"
-	@echo "make bench         performance benchmarks (small on CPU)"
+	@echo "make bench         CKA layer-pair benchmark vs the Gram baseline (small on CPU)"
 
 # Virtualenv with the pinned stack; re-done only when pyproject/requirements.lock change.
 $(STAMP)/venv: pyproject.toml requirements.lock
@@ -49,7 +49,7 @@ leaderboard: setup
 	$(BIN)/python -m benchmarks.leaderboard
 
 bench: setup
-	$(BIN)/python -m benchmarks.perf.run_all
+	$(BIN)/python -m benchmarks.perf.bench_cka
 
 clean-venv:
 	rm -rf $(VENV) $(STAMP)

@@ -73,11 +73,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         record_failure(run_dir, RuntimeError("interrupted (KeyboardInterrupt)"))
         raise
     except Exception as e:  # noqa: BLE001  (recorded, then reported in one line)
-        record_failure(run_dir, e)
+        recorded = record_failure(run_dir, e)
         if os.environ.get("SCD_DEBUG"):
             raise
-        status = rd.status() or "failed"
-        print(f"error: run {status}: {type(e).__name__}: {e} (details in {run_dir}/run.json)", file=sys.stderr)
+        from scd.core.results import DivergedError
+
+        status = "diverged" if isinstance(e, DivergedError) else "failed"
+        where = f" (details in {run_dir}/run.json)" if recorded else " (could not record it in run.json)"
+        print(f"error: run {status}: {type(e).__name__}: {e}{where}", file=sys.stderr)
         return 1
     print(f"[scd] done: {run_dir}/run.json", flush=True)
     return 0

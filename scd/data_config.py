@@ -18,15 +18,32 @@ class DataConfig:
             raise ValueError("data.tasks is empty: name at least one task")
         if self.limit_per_task is not None and self.limit_per_task < 1:
             raise ValueError("data.limit_per_task must be >= 1")
+        check_task_names(self.tasks, "data.tasks")
+
+
+def check_task_names(tasks, key: str) -> None:
+    """Unknown task names fail at config time (with did-you-mean), not mid-run."""
+    from scd.core.registry import RegistryError
+    from scd.data.load import is_spec
+    from scd.data.tasks import TASKS
+
+    for task in tasks:
+        if is_spec(task):
+            continue
+        try:
+            TASKS.get(task)
+        except RegistryError as e:
+            raise ValueError(f"{key}: {e}") from None
 
 
 def load_examples(cfg: DataConfig, split: str | None = None) -> list[dict]:
-    from scd.data.load import load_split
+    from scd.data.load import is_spec, load_split
     from scd.data.tasks import TASKS
 
     out: list[dict] = []
     for task in cfg.tasks:
-        TASKS.get(task)  # unknown task -> did-you-mean error
+        if not is_spec(task):
+            TASKS.get(task)  # unknown task -> did-you-mean error
         rows = load_split(task, split or cfg.split, limit=cfg.limit_per_task,
                           skip_malformed=cfg.skip_malformed)
         if not rows:

@@ -355,7 +355,9 @@ def ensure_dependency(config_path: str, seed: int, results_dir: str, what: str, 
     if not path.is_absolute() and not path.exists():  # relative to the repository root
         path = Path(__file__).resolve().parents[1] / config_path
     cfg = load_config(path, [f"seed={seed}"])
-    run_dir = default_run_dir(cfg, results_dir)
+    from scd.core.results import safe_join
+
+    run_dir = safe_join(results_dir, *default_run_dir(cfg, ".").parts)
     rd = RunDir(run_dir)
     if rd.is_finished():
         return run_dir

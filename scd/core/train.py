@@ -180,15 +180,30 @@ class Checkpointer:
         self.dir = Path(run_dir) / "ckpt"
         self.last = self.dir / "last"
 
+    def _recover(self) -> None:
+        """A kill between the two renames of ``save`` leaves the only complete
+        checkpoint in ``.last.old-<pid>``: put it back.  Half-written temps are removed."""
+        if not self.dir.exists():
+            return
+        if not (self.last / "state.pt").exists():
+            olds = sorted(self.dir.glob(".last.old-*"), key=lambda p: p.stat().st_mtime)
+            olds = [p for p in olds if (p / "state.pt").exists()]
+            if olds:
+                shutil.rmtree(self.last, ignore_errors=True)
+                os.replace(olds[-1], self.last)
+        for tmp in self.dir.glob(".last.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def exists(self) -> bool:
+        self._recover()
         return (self.last / "state.pt").exists()
 
     def save(self, model, optimizer, scheduler, step: int, extra: dict | None = None) -> None:
         import torch
         from safetensors.torch import save_file
 
+        self._recover()  # also sweeps temps left by a killed attempt (any pid)
         tmp = self.dir / f".last.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         weights = {k: v.detach().contiguous().cpu() for k, v in trainable_state(model).items()}
         save_file(weights, str(tmp / "model.safetensors"))
@@ -220,9 +235,8 @@ class Checkpointer:
         return int(state["step"]), state.get("extra") or {}
 
     def clear(self) -> None:
-        shutil.rmtree(self.last, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.dir.rmdir()  # only if nothing else lives there
+        """The run finished: drop all resume state (temps of killed attempts included)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def trainable_state(model) -> dict:
@@ -267,8 +281,8 @@ def finish_run(rd: RunDir, **fields: Any) -> dict:
     return rec
 
 
-def record_failure(run_dir: Path, exc: BaseException, log_tail: str | None = None) -> None:
-    """Write status failed/diverged + error into run.json (never raises)."""
+def record_failure(run_dir: Path, exc: BaseException, log_tail: str | None = None) -> bool:
+    """Write status failed/diverged + error into run.json (never raises; False if it could not)."""
     try:
         rd = RunDir(run_dir)
         rec = rd.read() if rd.exists() else {"schema_version": 1, "run_id": Path(run_dir).name,
@@ -283,8 +297,9 @@ def record_failure(run_dir: Path, exc: BaseException, log_tail: str | None = Non
             rec["log_tail"] = log_tail
         rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         rd.write(rec)
+        return True
     except Exception:  # noqa: BLE001  (best effort while already failing)
-        pass
+        return False
 
 
 def infinite(it_fn) -> Iterator:
