@@ -22,12 +22,12 @@ import shutil
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from scd.core.config import dump_yaml, to_dict
 from scd.core.faults import fault_point
 from scd.core.results import (DivergedError, RunDir, atomic_write_json, atomic_write_text, config_hash,
-                              new_run_record, read_json)
+                              new_run_record)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +89,15 @@ def batch_indices(n_examples: int, batch_size: int, step: int, micro: int, grad_
 
     if n_examples == 0:
         raise ValueError("the training set is empty")
-    per_step = batch_size * grad_accum
     start = (step * grad_accum + micro) * batch_size
+    perms: dict[int, list[int]] = {}  # one permutation per epoch touched by this micro-batch
     out = []
     for pos in range(start, start + batch_size):
         epoch, offset = divmod(pos, n_examples)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(n_examples, generator=g)
-        out.append(int(perm[offset]))
-    del per_step
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            perms[epoch] = torch.randperm(n_examples, generator=g).tolist()
+        out.append(perms[epoch][offset])
     return out
 
 
@@ -130,11 +130,6 @@ def collate(items: list[dict], pad_id: int) -> dict:
         labels[i, :n] = torch.tensor(it["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def shifted_labels(labels):
-    """labels [B, T] -> the next-token targets aligned with logits[:, :-1] ([B, T-1])."""
-    return labels[:, 1:]
 
 
 def make_optimizer(model, cfg: TrainConfig, total_steps: int | None = None):
@@ -245,17 +240,12 @@ def trainable_state(model) -> dict:
 
 
 # ---------------------------------------------------------------- run life cycle
-def resolved_config(cfg) -> dict:
-    d = to_dict(cfg)
-    return d
-
-
 def start_run(cfg, run_dir: Path, *, recipe: str, components: dict | None = None,
               hparams: dict | None = None) -> RunDir:
     """Create/refresh run.json (status running) and config.yaml for a run."""
     rd = RunDir(run_dir)
     rd.path.mkdir(parents=True, exist_ok=True)
-    resolved = resolved_config(cfg)
+    resolved = to_dict(cfg)
     run_id = config_hash({k: v for k, v in resolved.items() if k != "grid"})
     rec = rd.read() if rd.exists() else None
     if rec is not None and rec.get("run_id") == run_id and "config" in rec:
@@ -302,11 +292,6 @@ def record_failure(run_dir: Path, exc: BaseException, log_tail: str | None = Non
         return False
 
 
-def infinite(it_fn) -> Iterator:
-    while True:
-        yield from it_fn()
-
-
 def peak_memory(device) -> int | None:
     import torch
 
@@ -319,6 +304,3 @@ def peak_memory(device) -> int | None:
     except (ImportError, OSError):
         return None
 
-
-def load_run_config(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / "run.json").get("config", {})
