@@ -77,7 +77,7 @@ class EvalConfig:
     shot_seed: int = 0
     batch_size: int = 8
     max_new_tokens: int | None = None  # None: each task's own budget (TaskSpec.max_new_tokens)
-    scoring: Literal["generate", "likelihood"] = "generate"  # classification tasks only
+    scoring: Literal["generate", "likelihood", "calibrated"] = "generate"  # classification tasks only
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_limit: int | None = None  # None: same as limit
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -519,7 +519,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shots", type=int, help="few-shot demonstrations from the train split")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--max-new-tokens", type=int, help="override every task's generation budget")
-    ap.add_argument("--scoring", choices=("generate", "likelihood"), help="classification scoring")
+    ap.add_argument("--scoring", choices=("generate", "likelihood", "calibrated"), help="classification scoring")
     ap.add_argument("--config", help="configs/eval/*.yaml (recipe: evaluate); CLI flags override it")
     ap.add_argument("--out", help="run directory to write (bare model only)")
     ap.add_argument("--lm-eval", nargs="+", help="suite task names (exported) or lm-eval task names")

