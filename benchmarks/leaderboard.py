@@ -906,6 +906,20 @@ def build_leaderboard(grid_dir: str | os.PathLike, *, baseline: str | None = Non
     return gdir / "leaderboard.md"
 
 
+UNINDEXED = ("runs",)  # <results>/runs: hand-made and on-demand dependency runs (git-ignored)
+
+
+def _note_title(path: Path) -> str:
+    """The first markdown heading of a results note (or its folder name)."""
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("#"):
+                return line.lstrip("#").strip()
+    except (OSError, UnicodeDecodeError):
+        pass
+    return path.parent.name
+
+
 def update_index(results_dir: str | os.PathLike) -> Path:
     """Regenerate results/README.md: one line per grid leaderboard, with its timestamp."""
     from benchmarks.grid import file_lock
@@ -918,6 +932,8 @@ def update_index(results_dir: str | os.PathLike) -> Path:
         found = 0
         for lb in sorted(root.glob("*/leaderboard.md")):
             gdir = lb.parent
+            if gdir.name in UNINDEXED:
+                continue
             try:
                 s = read_json(gdir / "leaderboard.json")
             except (OSError, ValueError):
@@ -944,6 +960,15 @@ def update_index(results_dir: str | os.PathLike) -> Path:
             found += 1
         if not found:
             lines.append("No leaderboards yet: run `python -m benchmarks.grid configs/grids/<grid>.yaml`.")
+        notes = sorted(p for p in list(root.glob("*/README.md")) + list(root.glob("*/*/README.md"))
+                       if p.relative_to(root).parts[0] not in UNINDEXED)
+        if notes:
+            lines += ["", "Results notes (hand-written, with the commands that produced them):", ""]
+            for p in notes:
+                rel = p.relative_to(root).as_posix()
+                lines.append(f"- [{p.parent.relative_to(root).as_posix()}]({rel}): {_note_title(p)}")
+        lines += ["", "`runs/` (runs made by hand and teachers / anchors trained on demand) is not indexed: "
+                      "it is not committed."]
         atomic_write_text(root / "README.md", "\n".join(lines) + "\n")
     return root / "README.md"
 

@@ -95,7 +95,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             cfg = load_config(path)
             print(f"ok    {path} ({cfg.recipe})")
         except _user_errors() + (ValueError,) as e:
-            print(f"error {e}")
+            print(f"error {e}", file=sys.stderr)
             bad += 1
     return 1 if bad else 0
 

@@ -237,8 +237,12 @@ def test_sweep_rows_are_labelled_and_compared_with_the_matching_baseline(tmp_pat
 def test_index_links_every_grid_and_cli(grid, tmp_path, capsys):
     other = grid.parent / "other"
     write_runs(other, [rec("kd", 0, 0.4, 0.6)])
+    write_runs(grid.parent / "runs", [rec("kd", 0, 0.4, 0.6)])  # hand-made / dependency runs: not indexed
+    (other / "README.md").write_text("# Other study, 3 seeds\n\nbody\n")
     assert LB.main(["--results-dir", str(grid.parent), "--no-figures"]) == 0
     index = (grid.parent / "README.md").read_text()
+    assert "(runs/leaderboard.md)" not in index and "`runs/`" in index
+    assert "- [other](other/README.md): Other study, 3 seeds" in index
     assert "[syn](syn/leaderboard.md) — synthetic test grid: 3 configs, 9 runs (1 failed) (1 unfinished); " \
            "best: scd+aw" in index
     assert "[other](other/leaderboard.md)" in index and "Updated " in index

@@ -32,7 +32,12 @@ os.umask(_UMASK)
 
 
 class ResultsError(OSError):
-    """Could not write results (disk full, permission denied, path outside root)."""
+    """Could not write results (disk full, permission denied, path outside root).
+
+    ``errno`` is kept for callers; the message is the plain sentence (no ``[Errno N]`` prefix)."""
+
+    def __str__(self) -> str:
+        return self.strerror if self.strerror is not None else super().__str__()
 
 
 # ------------------------------------------------------------------- atomic writes

@@ -152,9 +152,9 @@ def test_missing_recipe_key_and_unknown_recipe(tmp_path, capsys):
 def test_validate_reports_every_bad_file(tmp_path, capsys):
     good, bad = write(tmp_path, SFT, "good.yaml"), write(tmp_path, SFT + "bogus: 1\n", "bad.yaml")
     rc = cli_main(["validate", str(good), str(bad)])
-    out = capsys.readouterr().out.strip().splitlines()
-    assert rc == 1 and out[0] == f"ok    {good} (sft)"
-    assert out[1] == f"error {bad}:12: key 'bogus': unknown key in SFTConfig"
+    cap = capsys.readouterr()
+    assert rc == 1 and cap.out.strip().splitlines() == [f"ok    {good} (sft)"]
+    assert cap.err.strip().splitlines() == [f"error {bad}:12: key 'bogus': unknown key in SFTConfig"]
 
 
 def test_subprocess_cli_and_grid_give_one_line(tmp_path):
