@@ -120,6 +120,23 @@ def test_recovery_reduces_kl_to_original_on_held_out(degradation):
     assert c.violation(student) == 0.0
 
 
+def test_probe_cka_skips_the_first_tokens():
+    """The recovery probe's CKA leaves the attention-sink position out (probe.skip_first, default 1)."""
+    from benchmarks.cka import model_cka
+    from unisd.recovery import ProbeConfig, cka_to_original
+
+    a, b = _teacher(), _teacher(seed=3)
+    for k in (0, 1, 3):
+        probe = ProbeConfig(skip_first=k, n_examples=16, heatmap=False)
+        got = cka_to_original(a, b, HELD, probe)
+        ref = model_cka(a, b, HELD, estimator="linear", unit="tokens", skip_first=k)
+        assert got["skip_first"] == k and got["per_layer"] == pytest.approx(ref["matched"])
+        assert got["n"] == 16 * (16 - k)  # tokens: 16 sequences of 16, k left out of each
+    assert ProbeConfig().skip_first == 1
+    with pytest.raises(ValueError, match="skip_first"):
+        ProbeConfig(skip_first=-1)
+
+
 def test_token_kl_zero_for_identical_models_and_matches_reference():
     teacher = _teacher()
     assert token_kl(copy.deepcopy(teacher), teacher, HELD) == pytest.approx(0.0, abs=1e-6)

@@ -119,12 +119,17 @@ class ProbeConfig:
     unit: str = "tokens"  # tokens | mean_pool
     minibatch_size: int | None = 1024
     layers: tuple[int, ...] | None = None  # hidden-state indices (None: every decoder layer)
+    # first k real tokens of every probe sequence left out of CKA: position 0 is the LLM's
+    # attention sink (SmolLM2: norm ~23k vs ~100), which otherwise dominates linear CKA (docs/cka.md)
+    skip_first: int = 1
     cka: bool = True
     heatmap: bool = True
 
     def __post_init__(self) -> None:
         if self.n_examples < 4:
             raise ValueError("probe.n_examples must be >= 4")
+        if self.skip_first < 0:
+            raise ValueError(f"probe.skip_first must be >= 0, got {self.skip_first}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,10 +353,11 @@ def cka_to_original(student, teacher, batches: list[dict], probe: ProbeConfig) -
 
     layers = list(probe.layers) if probe.layers is not None else None
     res = model_cka(student, teacher, batches, layers_a=layers, layers_b=layers, estimator=probe.estimator,
-                    unit=probe.unit, minibatch_size=probe.minibatch_size)
+                    unit=probe.unit, minibatch_size=probe.minibatch_size, skip_first=probe.skip_first)
     return {"mean_matched": res["mean_matched"], "per_layer": res["matched"], "layers": res["layers_a"],
             "layers_a": res["layers_a"], "layers_b": res["layers_b"], "matrix": res["matrix"],
-            "estimator": res["estimator"], "unit": res["unit"], "n": res["n"], "reference": "original"}
+            "estimator": res["estimator"], "unit": res["unit"], "n": res["n"], "reference": "original",
+            "skip_first": probe.skip_first}
 
 
 def measure(student, teacher, batches: list[dict], cfg: RecoveryConfig) -> dict:
