@@ -371,21 +371,71 @@ def _fmt_v(v: Any) -> str:
     return str(v)
 
 
+def metric_stat(g: Group, tm: TaskMetric) -> Stat:
+    """One metric of one configuration over its seeds: mean, std, CI (a single seed: its own CI)."""
+    ok = sorted(g.ok, key=lambda r: r["seed"])
+    by_seed = {r["seed"]: _value(r, tm) for r in ok if _value(r, tm) is not None}
+    st = Stat(by_seed=by_seed)
+    if by_seed:
+        st.mean, st.std = mean_std(list(by_seed.values()))
+        if len(by_seed) == 1:
+            rec = next(r for r in ok if _value(r, tm) is not None)
+            st.lo, st.hi = _run_ci(rec, tm) or (st.mean, st.mean)
+        else:
+            st.lo, st.hi = bootstrap_mean_ci(list(by_seed.values()))
+    return st
+
+
+def secondary_metrics(records: list[dict], tms: list[TaskMetric]) -> list[TaskMetric]:
+    """Every reported metric that is not a task's primary one (e.g. f1_macro, label_nll)."""
+    primary = {tm.key for tm in tms}
+    out: dict[str, TaskMetric] = {}
+    for rec in records:
+        for task, metrics in rec["eval"].items():
+            for m in metrics:
+                key = f"{task}/{m}"
+                if key in primary or key in out:
+                    continue
+                meta = metric_meta(rec, task, m)
+                out[key] = TaskMetric(task, m, bool(meta.get("higher_is_better", True)),
+                                      float(meta["chance"]) if _finite(meta.get("chance")) else None)
+    return list(out.values())
+
+
+def secondary_table(groups: list[Group], sec: list[TaskMetric], baseline: str | None) -> list[str]:
+    """Markdown lines: every secondary metric per configuration, with its delta vs the baseline."""
+    rows = [g for g in ordered(groups) if g.ok]
+    if not sec or not rows:
+        return []
+    by_id = {g.config_id: g for g in groups}
+    head = ["method"] + [f"{tm.task} {tm.metric} {'↑' if tm.higher_is_better else '↓'}"
+                         + (f" (chance {tm.chance:.3g})" if tm.chance is not None else "") for tm in sec]
+    L = ["## Other metrics", "",
+         "Same cells as above" + (f"; (Δ vs {baseline} [95% CI, paired by seed])" if baseline else "") + ".", "",
+         "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for g in rows:
+        cells = [_md_escape(g.label)]
+        b = by_id.get(g.baseline_id) if g.baseline_id else None
+        for tm in sec:
+            st = metric_stat(g, tm)
+            cell = _cell(st)
+            if b is not None and b is not g and st.by_seed:
+                bst = metric_stat(b, tm)
+                if bst.by_seed:
+                    d = delta_vs_baseline(st.by_seed, bst.by_seed, _ci(st), _ci(bst))
+                    if d is not None:
+                        cell += f" (Δ {_f(d.value, sign=True)} [{_f(d.lo, sign=True)}, {_f(d.hi, sign=True)}])"
+            cells.append(cell)
+        L.append("| " + " | ".join(cells) + " |")
+    return L + [""]
+
+
 def compute(groups: list[Group], tms: list[TaskMetric], baseline: str | None) -> None:
     """Fill per-task stats, avg, cka, baseline deltas and ranks (in place)."""
     for g in groups:
         ok = sorted(g.ok, key=lambda r: r["seed"])
         for tm in tms:
-            by_seed = {r["seed"]: _value(r, tm) for r in ok if _value(r, tm) is not None}
-            st = Stat(by_seed=by_seed)
-            if by_seed:
-                st.mean, st.std = mean_std(list(by_seed.values()))
-                if len(by_seed) == 1:
-                    rec = next(r for r in ok if _value(r, tm) is not None)
-                    st.lo, st.hi = _run_ci(rec, tm) or (st.mean, st.mean)
-                else:
-                    st.lo, st.hi = bootstrap_mean_ci(list(by_seed.values()))
-            g.tasks[tm.key] = st
+            g.tasks[tm.key] = metric_stat(g, tm)
         avgs = {r["seed"]: run_avg(r, tms) for r in ok}
         by_seed = {s: a for s, (a, _) in avgs.items() if a is not None}
         g.avg = Stat(by_seed=by_seed)
@@ -579,6 +629,7 @@ def render_markdown(grid: str, desc: str, groups: list[Group], tms: list[TaskMet
         cells.append(status)
         L.append("| " + " | ".join(cells) + " |")
     L.append("")
+    L += secondary_table(groups, secondary_metrics(ok, tms), baseline)
     bad = [r for r in records if r["status"] != "ok"]
     if bad:
         L += ["## Failed and incomplete runs (not averaged)", "",

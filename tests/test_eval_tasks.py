@@ -202,6 +202,19 @@ def test_uniform_guess_macro_f1():
     assert uniform_guess_macro_f1(["a", "a", "a", "b"], "ab") == pytest.approx((0.6 + 1 / 3) / 2)
 
 
+def test_label_nll_by_hand_and_only_with_likelihoods():
+    scorer = SCORERS.build("classification")
+    exs = [_cls(0, "a"), _cls(1, "b")]
+    preds = scorer.predictions_from_logliks(exs, [[math.log(0.75), math.log(0.25)], [-3.0, -3.0]])
+    got = scorer.score(exs, preds)["label_nll"]
+    assert got["value"] == pytest.approx((-math.log(0.75) + math.log(2)) / 2, abs=1e-6)
+    assert got["chance"] == pytest.approx(math.log(2), abs=1e-6) and got["higher_is_better"] is False
+    assert got["n"] == 2 and not got["primary"]
+    # generation scoring has no label probabilities: no label_nll
+    gen = scorer.predictions_from_outputs(exs, ["a", "b"])
+    assert "label_nll" not in scorer.score(exs, gen)
+
+
 def test_likelihood_predictions_pick_argmax():
     exs = [_cls(0, "a"), _cls(1, "b")]
     preds = SCORERS.build("classification").predictions_from_logliks(exs, [[-1.0, -2.0], [-3.0, -3.0]])

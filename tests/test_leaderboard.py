@@ -256,3 +256,18 @@ def test_cka_heatmap_uses_benchmarks_cka(grid):
     g = next(g for g in LB.make_groups(LB.load_records(grid)[0]) if g.method == "scd")
     out = grid / "figures" / "cka.png"
     assert LB.plot_cka(g, out) and out.stat().st_size > 5000
+
+
+def test_other_metrics_table_with_paired_deltas(grid):
+    """Non-primary metrics (here qa/em = f1 / 2) get their own table, with deltas vs the baseline."""
+    assert LB.main(["--results-dir", str(grid.parent), "--no-figures"]) == 0
+    md = (grid / "leaderboard.md").read_text()
+    assert "## Other metrics" in md
+    section = md.split("## Other metrics", 1)[1].split("\n## ", 1)[0]
+    row = next(line for line in section.splitlines() if line.startswith("| scd |"))
+    em = [SCD["qa"][s] / 2 for s in range(3)]
+    d = sum(SCD["qa"][s] / 2 - KD["qa"][s] / 2 for s in range(3)) / 3
+    assert f"{sum(em) / 3:.3f}" in row and f"(Δ {d:+.3f} [" in row
+    kd_row = next(line for line in section.splitlines() if line.startswith("| kd |"))
+    assert "(Δ" not in kd_row  # the baseline has no delta against itself
+    assert "qa em ↑" in section and "qa f1" not in section  # the primary metric stays in the main table

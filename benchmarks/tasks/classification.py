@@ -27,7 +27,9 @@ Metrics: ``accuracy`` (primary; chance = 1/|labels|), ``f1_macro`` (sklearn,
 macro over the labels of ``label_set`` that occur in gold or predictions; chance =
 the expected macro-F1 of a uniform random guesser given the gold label
 distribution, sum_c 2 p_c q / (p_c + q) / C with q = 1/C, which is 1/C for balanced
-classes), ``invalid_rate`` (lower is better; chance 0).
+classes), ``invalid_rate`` (lower is better; chance 0), and with likelihood or calibrated
+scoring ``label_nll``: the mean of -log softmax_labels(scores)[gold] (lower is better; chance
+log |labels|, the uniform guess), a proper scoring rule that moves before accuracy does.
 """
 from __future__ import annotations
 
@@ -90,6 +92,13 @@ def map_label(output: str, label_set: Sequence[str]) -> tuple[str | None, str]:
     if best is not None:
         return best[2], "word"
     return INVALID, "invalid"
+
+
+def label_nll(scores: dict, gold: str) -> float:
+    """-log softmax(scores)[gold] over the label set (scores: label -> log-likelihood or calibrated score)."""
+    v = np.asarray(list(scores.values()), dtype=np.float64)
+    m = v.max()
+    return float(m + np.log(np.exp(v - m).sum()) - scores[gold])
 
 
 def uniform_guess_macro_f1(gold: Sequence[str], label_set: Sequence[str]) -> float:
@@ -219,10 +228,17 @@ class ClassificationScorer(Scorer):
         invalid = [float(p is None) for p in pred]
         inv = self.mean_metric(invalid, higher_is_better=False, chance=0.0, primary=False)
         majority = max((gold.count(lab) for lab in label_set), default=0) / n if n else float("nan")
+        extra = {}
+        if n and all(isinstance(p.get("calibrated", p.get("logliks")), dict) for p in predictions):
+            # likelihood scoring: the gold label's negative log-probability under the label-set softmax
+            nll = [label_nll(p.get("calibrated", p.get("logliks")), ex["label"]) for ex, p in zip(examples, predictions)]
+            extra["label_nll"] = self.mean_metric(nll, higher_is_better=False, chance=round(float(np.log(len(label_set))), 6),
+                                                  primary=False)
         return {
             "accuracy": {**metric_entry(acc, n, acc_ci), "higher_is_better": True, "chance": chance_acc,
                          "primary": True, "extra": {"majority_baseline": round(majority, 6)}},
             "f1_macro": {**metric_entry(f1, n, f1_ci), "higher_is_better": True,
                          "chance": round(uniform_guess_macro_f1(gold, label_set), 6), "primary": False},
             "invalid_rate": inv,
+            **extra,
         }
