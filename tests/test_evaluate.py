@@ -154,3 +154,29 @@ def test_expand_tasks():
         expand_tasks(["ner"]))
     with pytest.raises(RegistryError):
         expand_tasks(["nope"])
+
+
+def test_rescore_adds_new_metrics_and_checks_old_ones(tmp_path, tiny_saved, capsys):
+    """--rescore: saved predictions + current scorers; existing metrics must reproduce exactly."""
+    from benchmarks.evaluate import main, rescore_run
+    from scd.core.results import atomic_write_json
+
+    out = tmp_path / "out"
+    assert main([str(tiny_saved), "--tasks", "rotten_tomatoes", "--limit", "6", "--scoring", "likelihood",
+                 "--out", str(out), "--no-progress", "--n-boot", "50", "--batch-size", "3"]) == 0
+    full = read_json(out / "run.json")
+    assert rescore_run(out) == []  # nothing new: untouched
+    old = json.loads(json.dumps(full))
+    del old["eval"]["rotten_tomatoes"]["label_nll"], old["metric_meta"]["rotten_tomatoes/label_nll"]
+    atomic_write_json(out / "run.json", old)  # a run made before label_nll existed
+    assert main(["--rescore", str(tmp_path)]) == 0
+    assert "added rotten_tomatoes/label_nll" in capsys.readouterr().out
+    new = read_json(out / "run.json")
+    assert new["eval"] == full["eval"] and new["metric_meta"] == full["metric_meta"]
+    assert new["eval_info"]["rotten_tomatoes"]["rescored"]["added"] == ["label_nll"]
+    bad = json.loads(json.dumps(new))
+    bad["eval"]["rotten_tomatoes"]["accuracy"]["value"] = 0.123
+    atomic_write_json(out / "run.json", bad)
+    with pytest.raises(ValueError, match="accuracy re-scores to"):
+        rescore_run(out)
+    assert main(["--rescore", str(out)]) == 1
