@@ -21,7 +21,7 @@ help:
 $(STAMP)/venv: pyproject.toml requirements.lock
 	@mkdir -p $(STAMP)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "pip==26.3"   # pinned: the build was tested with it
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
 	@touch $@
 

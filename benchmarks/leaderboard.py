@@ -306,7 +306,8 @@ class Group:
     config: dict  # flattened, without seed/grid/method/recipe
     records: list[dict] = dataclasses.field(default_factory=list)
     label: str = ""
-    hparams: dict = dataclasses.field(default_factory=dict)  # displayed (varying within a method)
+    hparams: dict = dataclasses.field(default_factory=dict)  # varying within a method (csv columns)
+    shown: dict = dataclasses.field(default_factory=dict)  # hparams less sub-options (label, markdown)
     components: dict = dataclasses.field(default_factory=dict)
     tasks: dict = dataclasses.field(default_factory=dict)  # key -> Stat
     avg: Stat = dataclasses.field(default_factory=Stat)
@@ -347,15 +348,32 @@ def make_groups(records: list[dict]) -> list[Group]:
     methods = {g.method for g in out}
     varying = [k for k in keys
                if any(len({_canon(g.config.get(k)) for g in out if g.method == m}) > 1 for m in methods)]
+    shown = [k for k in varying if not _sub_option(k, varying, out)]
     for g in out:
         g.hparams = {k: g.config.get(k) for k in varying}
+        g.shown = {k: g.config.get(k) for k in shown}
         comps: dict = {}
         for r in g.records:
             comps.update({k: bool(v) for k, v in (r.get("components") or {}).items()})
         g.components = comps
         g.label = g.method + "".join(f" {k.split('.')[-1] if _unique_leaf(k, varying) else k}={_fmt_v(v)}"
-                                     for k, v in g.hparams.items())
+                                     for k, v in g.shown.items() if v is not None)
     return out
+
+
+def _sub_option(k: str, keys: list[str], groups: list[Group]) -> bool:
+    """Is ``k`` an option of one choice of another key (e.g. ``degradation.options.group_size`` of
+    ``degradation.name: quantize``)?  True when ``k`` is unset (None) in some groups and constant among the
+    groups sharing each value of an earlier key: it adds no information to the label and only clutters
+    the table (the csv keeps it)."""
+    vals = [_canon(g.config.get(k)) for g in groups]
+    if _canon(None) not in vals:
+        return False
+    for k2 in keys[:keys.index(k)]:
+        seen: dict[str, str] = {}
+        if all(seen.setdefault(_canon(g.config.get(k2)), v) == v for g, v in zip(groups, vals)):
+            return True
+    return False
 
 
 def _unique_leaf(k: str, keys: list[str]) -> bool:
@@ -593,7 +611,7 @@ def render_markdown(grid: str, desc: str, groups: list[Group], tms: list[TaskMet
              + (f"; **Δ** = avg − avg of the baseline **{baseline}** [95% CI; paired by seed]" if baseline else "")
              + ". ↑ higher is better, ↓ lower is better.")
     L.append("")
-    hp_keys = list(dict.fromkeys(k for g in groups for k in g.hparams))
+    hp_keys = list(dict.fromkeys(k for g in groups for k in g.shown))
     comp_names = sorted({c for g in groups for c in g.components})
     if not rows:
         L += ["No finished (status ok) runs yet.", ""]
@@ -610,7 +628,7 @@ def render_markdown(grid: str, desc: str, groups: list[Group], tms: list[TaskMet
         L.append("|" + "|".join(align) + "|")
     for g in rows:
         cells = [str(g.rank) if g.rank is not None else "—", _md_escape(g.method)]
-        cells += [_md_escape(_fmt_v(g.hparams.get(k))) for k in hp_keys]
+        cells += [_md_escape(_fmt_v(g.shown.get(k))) for k in hp_keys]
         cells += [("✓" if g.components.get(c) else "·") for c in comp_names]
         cells += [_cell(g.tasks.get(tm.key, Stat())) for tm in tms]
         cells.append(_cell(g.avg))

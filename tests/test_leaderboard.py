@@ -271,3 +271,28 @@ def test_other_metrics_table_with_paired_deltas(grid):
     kd_row = next(line for line in section.splitlines() if line.startswith("| kd |"))
     assert "(Δ" not in kd_row  # the baseline has no delta against itself
     assert "qa em ↑" in section and "qa f1" not in section  # the primary metric stays in the main table
+
+
+def test_sub_options_of_one_choice_are_left_out_of_labels_but_kept_in_the_csv():
+    """Recovery-style rows: options that belong to one degradation only (None for the others) are
+    determined by the degradation name, so the label and markdown table show name and strength only."""
+    def row(method, name, strength, options):
+        r = rec(method, 0, cls=0.6)
+        r["config"]["degradation"] = {"name": name, "strength": strength, "options": options}
+        return r
+    quant, forget = {"group_size": 64}, {"lr": 3e-4}
+    recs = [row(m, n, s, o) for m in ("none", "sd")
+            for n, s, o in (("quantize", 8, quant), ("quantize", 4, quant), ("forget", 8, forget))]
+    groups = LB.make_groups(recs)
+    labels = sorted(g.label for g in groups)
+    assert labels[0] == "none name=forget strength=8", labels
+    assert all("None" not in g.label and "group_size" not in g.label for g in groups)
+    assert all(set(g.shown) == {"degradation.name", "degradation.strength"} for g in groups)
+    # the csv columns keep every varying key
+    assert {"degradation.options.group_size", "degradation.options.lr"} <= set(groups[0].hparams)
+    # a zipped key that is never unset is not a sub-option, even when another key determines it
+    recs = [rec("kd", 0, cls=0.6, lr=lr) for lr in (1e-3, 1e-4)]
+    for r, w in zip(recs, (10, 20)):
+        r["config"]["train"]["warmup"] = w
+    groups = LB.make_groups(recs)
+    assert all(set(g.shown) == {"train.lr", "train.warmup"} for g in groups)
