@@ -283,14 +283,15 @@ def _run_cli(cfg, run_dir, fault=None):
 
 @pytest.fixture(scope="module")
 def aw_reference(runs):
-    """Uninterrupted SCD+AW run: 2 stages x 2 steps, resumable state after every step."""
-    tmp, teacher, anchor = runs
-    from scd.core.config import load_config
-    from scd.distill import run
+    """Uninterrupted SCD+AW run: 2 stages x 2 steps, resumable state after every step.
 
+    A subprocess like the killed runs below, so that both use the same thread count: an in-process
+    reference (2 threads) differed from 1-thread runs in the 5th digit on some CPUs."""
+    tmp, teacher, anchor = runs
     cfg = write(tmp, distill_yaml(teacher, method="scd_aw", n_stages=2, sps=2, selection="scd_select",
                                   weighting=f"{{name: aw, anchor_run_dir: {anchor}}}", save_every=1), "aw.yaml")
-    run(load_config(cfg), tmp / "aw-ref")  # in-process (the killed runs below are subprocesses)
+    p = _run_cli(cfg, tmp / "aw-ref")
+    assert p.returncode == 0, p.stderr[-3000:]
     return cfg, tmp / "aw-ref"
 
 

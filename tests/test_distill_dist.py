@@ -99,7 +99,8 @@ def assert_same_run(a: Path, b: Path):
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2, 3, 4]
     for x, y in zip(ra, rb):
         for key in ("loss", "kd", "ce"):
-            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+            # float32 sums split over 2 ranks vs one batch of 4: measured up to 1.6e-5 relative by step 4
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-7), (x["step"], key)
         # DeepSpeed computes the norm over its flat fp32 partitions (another summation order)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3), x["step"]
         assert x["tokens"] == y["tokens"] and x["teacher"] == y["teacher"]
@@ -107,7 +108,9 @@ def assert_same_run(a: Path, b: Path):
     wb = load_file(str(b / "model" / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+        # Adam divides by sqrt(v): a near-zero gradient that differs in its last bits moves its weight by a
+        # visibly different amount (seen: 1 of 1.5 M weights off by 1.8e-6 after 4 steps)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
