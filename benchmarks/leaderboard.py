@@ -186,13 +186,17 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 _NOT_HPARAMS = {"seed", "grid", "method", "recipe"}
+# top-level keys that say how a run was executed, not what was computed (benchmarks.evaluate records
+# its output folder, thread count, device and progress flag in its config)
+_EXECUTION_KEYS = {"out", "progress", "num_threads", "device"}
 
 
 def config_of(rec: dict) -> dict[str, Any]:
     """Flattened configuration that identifies the group (``config`` if present, else
-    ``hparams``), without seed/grid/method/recipe."""
+    ``hparams``), without seed/grid/method/recipe and the top-level execution keys."""
     cfg = rec.get("config") if isinstance(rec.get("config"), dict) and rec.get("config") else rec["hparams"]
-    return {k: v for k, v in flatten(cfg).items() if k.split(".")[0] not in _NOT_HPARAMS}
+    return {k: v for k, v in flatten(cfg).items()
+            if k.split(".")[0] not in _NOT_HPARAMS and k not in _EXECUTION_KEYS}
 
 
 def _canon(v: Any) -> str:

@@ -296,3 +296,14 @@ def test_sub_options_of_one_choice_are_left_out_of_labels_but_kept_in_the_csv():
         r["config"]["train"]["warmup"] = w
     groups = LB.make_groups(recs)
     assert all(set(g.shown) == {"train.lr", "train.warmup"} for g in groups)
+
+
+def test_execution_keys_do_not_split_configurations():
+    """benchmarks.evaluate records its output folder, threads and progress flag in its config: two
+    evaluations that differ only there are one configuration, and those keys are not columns."""
+    recs = [rec("smollm2", s, cls=0.6) for s in range(2)]
+    for r, out, threads in zip(recs, ("results/eval/a", "/tmp/b"), (1, 2)):
+        r["config"].update(out=out, num_threads=threads, progress=bool(threads - 1), device=None)
+    (g,) = LB.make_groups(recs)
+    assert not {"out", "num_threads", "progress", "device"} & set(LB.config_of(recs[0]))
+    assert len(g.records) == 2 and g.label == "smollm2"
