@@ -39,7 +39,9 @@ import zlib
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from benchmarks.tasks.classification import LabelWords
 from scd.core.config import ConfigError, apply_overrides, from_dict, load_yaml, register_recipe, to_dict
+from scd.core.registry import did_you_mean
 
 FAMILIES = ("qa", "ner", "classification")
 DEFAULT_ROOT = Path("results") / "eval"
@@ -90,6 +92,9 @@ class EvalConfig:
     out: str | None = None  # run dir for a bare model (default results/eval/<model>-<hash>)
     progress: bool = True
     cka: CKAOptions = CKAOptions()
+    # per-task prompt variants of classification tasks: label words (verbalizer) and instruction,
+    # e.g. {rotten_tomatoes: {label_words: {fresh: positive, rotten: negative}}}; suite scorer only
+    prompts: dict[str, LabelWords] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.recipe != "evaluate":
@@ -135,6 +140,20 @@ def load_examples(task: str, split: str, limit: int | None = None) -> list[dict]
     if not rows:
         raise ValueError(f"task '{task}' split '{split}' has no examples")
     return rows
+
+
+def check_prompts(prompts: dict | None, tasks: Sequence[str]) -> None:
+    """Every ``prompts`` key must be one of the (expanded) tasks evaluated, and a classification
+    task where the registry knows its family (dataset specs are checked when their data loads)."""
+    from scd.data.tasks import TASKS
+
+    for name in prompts or {}:
+        if name not in tasks:
+            raise ConfigError(f"key 'prompts.{name}': not among the evaluated tasks {list(tasks)}"
+                              f"{did_you_mean(name, tasks)}")
+        if name in TASKS and TASKS.get(name).family != "classification":
+            raise ConfigError(f"key 'prompts.{name}': label words apply to classification tasks, '{name}' is "
+                              f"{TASKS.get(name).family}")
 
 
 def _task_seed(task: str, seed: int) -> list[int]:
@@ -242,8 +261,11 @@ def _split_entry(entry: dict) -> tuple[dict, dict, Any]:
 def evaluate_task(model, tokenizer, task: str, *, split: str = "test", limit: int | None = None, shots: int = 0,
                   shot_seed: int = 0, batch_size: int = 8, max_new_tokens: int | None = None,
                   scoring: str = "generate", n_boot: int = 1000, seed: int = 0, progress: bool = True,
-                  examples: Sequence[dict] | None = None) -> dict:
-    """Predict + score one task.  Returns {metrics, meta, info, rows} (see evaluate_model)."""
+                  examples: Sequence[dict] | None = None, prompt: LabelWords | None = None) -> dict:
+    """Predict + score one task.  Returns {metrics, meta, info, rows} (see evaluate_model).
+
+    ``prompt``: a classification prompt variant; the model sees and is scored on its label words,
+    predictions are mapped back to the task's labels before scoring (see benchmarks.tasks.classification)."""
     from benchmarks.tasks.base import scorer_for, task_max_new_tokens
 
     t0 = time.time()
@@ -253,8 +275,19 @@ def evaluate_task(model, tokenizer, task: str, *, split: str = "test", limit: in
     task_scoring = scoring if scoring in scorer.scorings else "generate"
     demos = select_shots(task, shots, shot_seed, exclude_ids=[e["id"] for e in examples]) if shots else []
     budget = max_new_tokens or task_max_new_tokens(task)
-    preds = scorer.predict(model, tokenizer, examples, shots=demos, batch_size=batch_size,
+    seen, seen_demos = examples, demos
+    if prompt is not None:
+        from benchmarks.tasks.classification import verbalize
+
+        if family != "classification":
+            raise ValueError(f"prompts.{task}: label words apply to classification tasks, '{task}' is {family}")
+        seen, seen_demos = [verbalize(e, prompt) for e in examples], [verbalize(d, prompt) for d in demos]
+    preds = scorer.predict(model, tokenizer, seen, shots=seen_demos, batch_size=batch_size,
                            max_new_tokens=budget, scoring=task_scoring, progress=progress)
+    if prompt is not None:
+        from benchmarks.tasks.classification import unverbalize
+
+        preds = [unverbalize(p, prompt) for p in preds]
     scores = scorer.score(examples, preds)
     per_ex = scorer.per_example(examples, preds)
     metrics, meta, extra = {}, {}, {}
@@ -271,6 +304,9 @@ def evaluate_task(model, tokenizer, task: str, *, split: str = "test", limit: in
             "max_new_tokens": budget if task_scoring == "generate" else None,
             "wall_s": round(time.time() - t0, 2), "predictions": f"predictions/{task_file(task)}.jsonl",
             "n_boot": n_boot, "boot_seed": seed}
+    if prompt is not None:
+        info["label_words"] = dict(prompt.label_words)
+        info["instruction"] = seen[0].get("instruction")
     if extra:
         info["extra"] = extra
     return {"metrics": metrics, "meta": meta, "info": info, "rows": rows}
@@ -293,14 +329,16 @@ def evaluate_model(model, tokenizer, *, tasks: Sequence[str] = (), split: str = 
                    max_new_tokens: int | None = None, lm_eval_tasks: Sequence[str] = (),
                    lm_eval_limit: int | None = None, out_dir: str | Path | None = None, n_boot: int = 1000,
                    seed: int = 0, progress: bool = True, cka: CKAOptions | None = None,
-                   cka_reference_model=None) -> dict:
+                   cka_reference_model=None, prompts: dict[str, LabelWords] | None = None) -> dict:
     """Evaluate an in-memory model.  Returns ``{"eval", "metric_meta", "eval_info"[, "cka"]}``
     ready to merge into run.json; per-example predictions go to ``out_dir/predictions``."""
     result: dict[str, Any] = {"eval": {}, "metric_meta": {}, "eval_info": {}}
-    for task in expand_tasks(tasks):
+    task_names = expand_tasks(tasks)
+    check_prompts(prompts, task_names)
+    for task in task_names:
         r = evaluate_task(model, tokenizer, task, split=split, limit=limit, shots=shots, shot_seed=shot_seed,
                           batch_size=batch_size, max_new_tokens=max_new_tokens, scoring=scoring, n_boot=n_boot,
-                          seed=seed, progress=progress)
+                          seed=seed, progress=progress, prompt=(prompts or {}).get(task))
         result["eval"][task] = r["metrics"]
         result["metric_meta"].update({f"{task}/{m}": meta for m, meta in r["meta"].items()})
         result["eval_info"][task] = r["info"]
@@ -416,6 +454,7 @@ def evaluate(cfg: EvalConfig, target: str | None = None, run_dir: str | Path | N
         raise ConfigError("nothing to evaluate: pass RUN_DIR_OR_MODEL (or set `model:` in the config)")
     if not cfg.tasks and not cfg.lm_eval_tasks and cfg.cka.reference is None:
         raise ConfigError("no tasks: pass --tasks (or set `tasks:` / `lm_eval_tasks:` in the config)")
+    check_prompts(cfg.prompts, expand_tasks(cfg.tasks) if cfg.tasks else [])
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
@@ -446,7 +485,7 @@ def evaluate(cfg: EvalConfig, target: str | None = None, run_dir: str | Path | N
                                 shot_seed=cfg.shot_seed, batch_size=cfg.batch_size, scoring=cfg.scoring,
                                 max_new_tokens=cfg.max_new_tokens, lm_eval_tasks=cfg.lm_eval_tasks,
                                 lm_eval_limit=cfg.lm_eval_limit, out_dir=out, n_boot=cfg.n_boot, seed=cfg.seed,
-                                progress=cfg.progress, cka=cfg.cka)
+                                progress=cfg.progress, cka=cfg.cka, prompts=cfg.prompts)
     except BaseException as e:
         if fresh is not None:  # our own run.json: record the failure (a trained run's status is left alone)
             from scd.core.results import read_json

@@ -173,12 +173,13 @@ def load_records(grid_dir: str | os.PathLike, *, plan_only: bool = True) -> tupl
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists kept as values."""
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists kept as values; an empty mapping sets nothing (like an
+    absent key: ``prompts: {}`` and no ``prompts`` are the same configuration)."""
     out: dict[str, Any] = {}
     if isinstance(d, dict):
         for k, v in d.items():
             key = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(v, dict) and v:
+            if isinstance(v, dict):
                 out.update(flatten(v, key))
             else:
                 out[key] = v
@@ -954,6 +955,9 @@ def build_leaderboard(grid_dir: str | os.PathLike, *, baseline: str | None = Non
                     fig_paths.append(name)
             if plot_recovery_vs_cka(records, groups, tms, fdir / "recovery_vs_cka.png"):
                 fig_paths.append("figures/recovery_vs_cka.png")
+            for stale_fig in fdir.glob("cka_*.png"):  # heatmaps of configurations no longer in the table
+                if f"figures/{stale_fig.name}" not in fig_paths:
+                    stale_fig.unlink()
         md = render_markdown(grid, meta.get("description") or "", groups, tms, baseline, records, problems,
                              notes_b + notes, fig_paths, stale)
         df = runs_table(records, groups, tms)

@@ -376,6 +376,65 @@ def test_calibrated_scoring_matches_slow_reference(lively_model, smol_tokenizer)
         assert p["rule"] == "calibrated"
 
 
+def test_label_words_verbalize_and_back():
+    from benchmarks.tasks.classification import LabelWords, unverbalize, verbalize
+
+    lw = LabelWords(label_words={"fresh": "positive", "rotten": "negative"})
+    ex = {**_cls(0, "rotten", ("fresh", "rotten")),
+          "instruction": "Classify it. Fresh means good. Answer with exactly one of: fresh, rotten."}
+    v = verbalize(ex, lw)
+    assert v["label_set"] == ["positive", "negative"] and v["label"] == v["target"] == "negative"
+    assert v["instruction"] == "Classify it. Fresh means good. Answer with exactly one of: positive, negative."
+    assert ex["label"] == "rotten" and ex["label_set"] == ["fresh", "rotten"]  # input untouched
+    assert verbalize(ex, LabelWords(lw.label_words, instruction="Sentiment?"))["instruction"] == "Sentiment?"
+    pred = {"id": "c-test-0", "prediction": "positive", "rule": "calibrated", "logliks": {"positive": -1.0,
+            "negative": -2.0}, "calibrated": {"positive": 0.1, "negative": -0.1},
+            "calibration": {"positive": 0.7, "negative": 0.3}}
+    back = unverbalize(pred, lw)
+    assert back["prediction"] == "fresh" and back["rule"] == "calibrated"
+    assert back["logliks"] == {"fresh": -1.0, "rotten": -2.0} and back["calibration"] == {"fresh": 0.7, "rotten": 0.3}
+    assert unverbalize({"id": "x", "prediction": None, "output": "?"}, lw)["prediction"] is None  # invalid stays
+    with pytest.raises(ValueError, match=r"missing \['rotten'\]"):
+        verbalize(ex, LabelWords({"fresh": "positive"}))
+    with pytest.raises(ValueError, match=r"unknown \['meh'\]"):
+        verbalize(ex, LabelWords({"fresh": "positive", "rotten": "negative", "meh": "neutral"}))
+    with pytest.raises(ValueError, match="share a word"):
+        LabelWords({"fresh": "Good", "rotten": "good!"})
+    with pytest.raises(ValueError, match="give `instruction`"):
+        verbalize({**ex, "instruction": "Classify it."}, lw)
+
+
+def test_label_words_scoring_matches_slow_reference(lively_model, smol_tokenizer):
+    """evaluate_task with label words = argmax over the words' log-likelihoods given the reworded prompt,
+    recomputed one string at a time; predictions and metrics come back in the task's labels."""
+    from benchmarks.evaluate import evaluate_task
+    from benchmarks.tasks.classification import LabelWords
+    from benchmarks.tasks.generate import loglik_reference
+    from scd.data.prompts import render_prompt, render_target
+
+    labels, words = ("fresh", "rotten"), {"fresh": "positive", "rotten": "negative"}
+    texts = ["great film", "dull and long", "it exists", "loved it", "meh", "a mess"]
+    exs = [{**_cls(i, labels[i % 2], labels), "task": "rotten_tomatoes", "input": t,
+            "instruction": "Movie review. Answer with exactly one of: fresh, rotten."} for i, t in enumerate(texts)]
+    r = evaluate_task(lively_model, smol_tokenizer, "rotten_tomatoes", examples=exs, scoring="likelihood",
+                      batch_size=4, n_boot=50, progress=False, prompt=LabelWords(words))
+    plain = evaluate_task(lively_model, smol_tokenizer, "rotten_tomatoes", examples=exs, scoring="likelihood",
+                          batch_size=4, n_boot=50, progress=False)
+    reworded = "Movie review. Answer with exactly one of: positive, negative."
+    assert r["info"]["label_words"] == words and r["info"]["instruction"] == reworded
+    changed = False
+    for ex, row, row0 in zip(exs, r["rows"], plain["rows"]):
+        prompt = render_prompt({**ex, "instruction": reworded}, smol_tokenizer)
+        ref = {lab: loglik_reference(lively_model, smol_tokenizer, prompt,
+                                     render_target({**ex, "target": words[lab]}, smol_tokenizer)) for lab in labels}
+        assert row["logliks"] == pytest.approx(ref, rel=1e-5, abs=1e-3)
+        assert row["prediction"] == max(labels, key=ref.get) and row["gold"] == ex["label"]
+        changed |= row["logliks"] != pytest.approx(row0["logliks"], abs=1e-3)
+    assert changed  # the words really change what is scored
+    acc = np.mean([row["prediction"] == ex["label"] for ex, row in zip(exs, r["rows"])])
+    assert r["metrics"]["accuracy"]["value"] == pytest.approx(acc)
+
+
 def test_encode_pair_moves_trailing_whitespace(smol_tokenizer):
     from benchmarks.tasks.generate import encode_pair
 

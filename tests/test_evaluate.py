@@ -129,6 +129,42 @@ def test_recipe_run_with_lm_eval_and_cka(tmp_path):
     assert (tmp_path / "r" / cka["heatmap"]).exists()
 
 
+def test_label_words_from_config(tmp_path, tiny_saved, capsys):
+    """prompts.<task>.label_words: validated, recorded in eval_info, predictions stay in the task's labels."""
+    from benchmarks.evaluate import main
+
+    cfg = tmp_path / "lw.yaml"
+    cfg.write_text("recipe: evaluate\ntasks: [rotten_tomatoes]\nlimit: 6\nscoring: calibrated\nshots: 2\n"
+                   "n_boot: 50\nprogress: false\n"
+                   "prompts:\n  rotten_tomatoes:\n    label_words: {fresh: positive, rotten: negative}\n")
+    out = tmp_path / "out"
+    assert main([str(tiny_saved), "--config", str(cfg), "--out", str(out)]) == 0
+    rec = validate_run_record(read_json(out / "run.json"))
+    info = rec["eval_info"]["rotten_tomatoes"]
+    assert info["label_words"] == {"fresh": "positive", "rotten": "negative"}
+    assert info["instruction"].endswith("Answer with exactly one of: positive, negative.")
+    assert rec["config"]["prompts"] == {"rotten_tomatoes": {"label_words": {"fresh": "positive", "rotten": "negative"},
+                                                            "instruction": None}}
+    rows = _lines(out / "predictions" / "rotten_tomatoes.jsonl")
+    assert {r["prediction"] for r in rows} <= {"fresh", "rotten"} and {r["gold"] for r in rows} <= {"fresh", "rotten"}
+    assert all(set(r["logliks"]) == {"fresh", "rotten"} == set(r["calibration"]) for r in rows)
+    assert rec["eval"]["rotten_tomatoes"]["accuracy"]["value"] == pytest.approx(
+        sum(r["prediction"] == r["gold"] for r in rows) / 6)
+
+    # errors name the key: a task that is not evaluated, a label the task lacks, a non-classification task
+    assert main([str(tiny_saved), "--config", str(cfg), "--tasks", "wnut16", "--out", str(tmp_path / "e1")]) == 2
+    assert "prompts.rotten_tomatoes" in capsys.readouterr().err
+    assert main([str(tiny_saved), "prompts.rotten_tomatoes.label_words={fresh: positive}", "--config", str(cfg),
+                 "--out", str(tmp_path / "e2")]) == 2
+    assert "missing ['rotten']" in capsys.readouterr().err
+    assert main([str(tiny_saved), "prompts={wnut16: {label_words: {a: b}}}", "--tasks", "wnut16", "--limit", "2",
+                 "--out", str(tmp_path / "e3")]) == 2
+    assert "classification" in capsys.readouterr().err
+    assert main([str(tiny_saved), "prompts.rotten_tomatoes.label_word={fresh: positive}", "--config", str(cfg),
+                 "--out", str(tmp_path / "e4")]) == 2
+    assert "did you mean 'label_words'" in capsys.readouterr().err
+
+
 def test_select_shots_deterministic_and_balanced():
     from benchmarks.evaluate import select_shots
 

@@ -307,3 +307,25 @@ def test_execution_keys_do_not_split_configurations():
     (g,) = LB.make_groups(recs)
     assert not {"out", "num_threads", "progress", "device"} & set(LB.config_of(recs[0]))
     assert len(g.records) == 2 and g.label == "smollm2"
+
+
+def test_empty_mapping_is_the_same_configuration_as_an_absent_key():
+    """`prompts: {}` (the default) and a run without the key are one configuration; a run that sets
+    label words is labelled by them, not by a `prompts={}` column."""
+    assert LB.flatten({"a": {}, "b": {"c": {}, "d": 1}}) == {"b.d": 1}
+    plain, empty, words = (rec("smollm2", s, cls=0.6) for s in range(3))
+    empty["config"]["prompts"] = {}
+    words["config"]["prompts"] = {"rt": {"label_words": {"fresh": "positive", "rotten": "negative"}}}
+    groups = LB.make_groups([plain, empty, words])
+    assert sorted(len(g.records) for g in groups) == [1, 2]
+    assert {tuple(g.shown) for g in groups} == {("prompts.rt.label_words.fresh",)}
+
+
+def test_heatmaps_of_configurations_no_longer_in_the_table_are_removed(grid):
+    LB.build_leaderboard(grid)
+    stale = grid / "figures" / "cka_00000000.png"
+    stale.write_bytes(b"old")
+    keep = sorted((grid / "figures").glob("cka_*.png"))
+    LB.build_leaderboard(grid)
+    assert not stale.exists()
+    assert sorted((grid / "figures").glob("cka_*.png")) == [p for p in keep if p != stale]
