@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from benchmarks.tasks.classification import LabelWords
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -79,10 +81,16 @@ class EvalSpec:
     scoring: str = "generate"  # generate | likelihood | calibrated (classification)
     max_new_tokens: int | None = None
     lm_eval_tasks: tuple[str, ...] = ()
+    # label words per classification task, as in benchmarks.evaluate (EvalConfig.prompts)
+    prompts: dict[str, LabelWords] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scoring not in ("generate", "likelihood", "calibrated"):
             raise ValueError(f"eval.scoring must be generate, likelihood or calibrated, got {self.scoring!r}")
+        if self.prompts:
+            from benchmarks.evaluate import check_prompts, expand_tasks
+
+            check_prompts(self.prompts, expand_tasks(self.tasks))
 
     def run(self, model, tokenizer, run_dir: Path) -> dict:
         """Returns {"eval": ..., "metric_meta": ...} for run.json (empty when no tasks)."""
@@ -94,4 +102,12 @@ class EvalSpec:
         return evaluate_model(model, tokenizer, tasks=list(self.tasks), split=self.split, limit=self.limit,
                               shots=self.shots, batch_size=self.batch_size, scoring=self.scoring,
                               max_new_tokens=self.max_new_tokens, lm_eval_tasks=list(self.lm_eval_tasks),
-                              out_dir=Path(run_dir))
+                              out_dir=Path(run_dir), prompts=self.prompts)
+
+    def with_tasks(self, tasks: tuple[str, ...], **changes) -> "EvalSpec":
+        """A copy evaluating ``tasks`` (label words kept for the tasks it still has)."""
+        from benchmarks.evaluate import expand_tasks
+
+        names = expand_tasks(tasks)
+        return dataclasses.replace(self, tasks=tuple(tasks), **changes,
+                                   prompts={t: p for t, p in self.prompts.items() if t in names})

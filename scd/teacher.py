@@ -229,8 +229,8 @@ def run(cfg: TeacherConfig, run_dir: Path) -> dict:
             dl = dev_loss(model, dev_encoded, tok.pad_token_id, cfg.dev.batch_size)
         score, score_name, hib = None, None, True
         if cfg.dev.score and (cfg.dev.tasks or cfg.eval.tasks or cfg.eval.lm_eval_tasks):
-            spec = dataclasses.replace(cfg.eval, split=cfg.dev.split, limit=cfg.dev.score_limit,
-                                       tasks=cfg.dev.tasks or cfg.eval.tasks)
+            spec = cfg.eval.with_tasks(cfg.dev.tasks or cfg.eval.tasks, split=cfg.dev.split,
+                                       limit=cfg.dev.score_limit)
             score, score_name, hib = primary_score(spec.run(model, tok, ck_dir / "dev_eval" / f"ckpt-{step}"))
             model.train()
         if score_name is not None:

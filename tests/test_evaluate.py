@@ -216,3 +216,23 @@ def test_rescore_adds_new_metrics_and_checks_old_ones(tmp_path, tiny_saved, caps
     with pytest.raises(ValueError, match="accuracy re-scores to"):
         rescore_run(out)
     assert main(["--rescore", str(out)]) == 1
+
+
+def test_training_recipes_eval_block_takes_label_words(tmp_path, tiny_saved):
+    """`eval.prompts` in a training config: validated against eval.tasks, used by the end-of-run
+    evaluation, and dropped for tasks a dev-score copy (teacher) does not evaluate."""
+    from scd.core.config import ConfigError, from_dict
+    from scd.data_config import EvalSpec
+    from scd.models import ModelConfig, build_model
+
+    words = {"rotten_tomatoes": {"label_words": {"fresh": "positive", "rotten": "negative"}}}
+    spec = from_dict(EvalSpec, {"tasks": ["classification"], "limit": 3, "scoring": "likelihood", "prompts": words})
+    with pytest.raises(ConfigError, match="prompts.rotten_tomatoes"):
+        from_dict(EvalSpec, {"tasks": ["wnut16"], "prompts": words})
+    dev = spec.with_tasks(("wnut16",), split="dev")
+    assert dev.prompts == {} and dev.split == "dev" and spec.with_tasks(("rotten_tomatoes",)).prompts == spec.prompts
+    model, tok = build_model(ModelConfig(name=str(tiny_saved)))
+    res = spec.with_tasks(("rotten_tomatoes",)).run(model, tok, tmp_path)
+    assert res["eval_info"]["rotten_tomatoes"]["label_words"] == {"fresh": "positive", "rotten": "negative"}
+    rows = _lines(tmp_path / "predictions" / "rotten_tomatoes.jsonl")
+    assert len(rows) == 3 and all(set(r["logliks"]) == {"fresh", "rotten"} for r in rows)
