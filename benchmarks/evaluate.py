@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from benchmarks.tasks.classification import LabelWords
-from scd.core.config import ConfigError, apply_overrides, from_dict, load_yaml, register_recipe, to_dict
+from scd.core.config import (ConfigError, added_field, apply_overrides, from_dict, load_yaml, register_recipe,
+                             to_dict)
 from scd.core.registry import did_you_mean
 
 FAMILIES = ("qa", "ner", "classification")
@@ -94,7 +95,7 @@ class EvalConfig:
     cka: CKAOptions = CKAOptions()
     # per-task prompt variants of classification tasks: label words (verbalizer) and instruction,
     # e.g. {rotten_tomatoes: {label_words: {fresh: positive, rotten: negative}}}; suite scorer only
-    prompts: dict[str, LabelWords] = dataclasses.field(default_factory=dict)
+    prompts: dict[str, LabelWords] = added_field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.recipe != "evaluate":

@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from benchmarks.tasks.classification import LabelWords
+from scd.core.config import added_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ class EvalSpec:
     max_new_tokens: int | None = None
     lm_eval_tasks: tuple[str, ...] = ()
     # label words per classification task, as in benchmarks.evaluate (EvalConfig.prompts)
-    prompts: dict[str, LabelWords] = dataclasses.field(default_factory=dict)
+    prompts: dict[str, LabelWords] = added_field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scoring not in ("generate", "likelihood", "calibrated"):

@@ -107,3 +107,19 @@ def test_every_config_validates(path):
     assert cfg.recipe
     first = path.read_text().lstrip().splitlines()[0]
     assert first.startswith("#"), f"{path} must start with a comment (purpose, command, runtime)"
+
+
+def test_added_field_is_left_out_of_the_resolved_config_at_its_default():
+    import dataclasses
+
+    from scd.core.config import added_field, from_dict, to_dict
+
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        a: int = 1
+        new: dict = added_field(default_factory=dict)
+        flag: bool = added_field(default=False)
+
+    assert to_dict(C()) == {"a": 1}  # same dict (and run_id) as before the fields existed
+    assert to_dict(C(new={"x": 1}, flag=True)) == {"a": 1, "new": {"x": 1}, "flag": True}
+    assert from_dict(C, to_dict(C(new={"x": 1}))) == C(new={"x": 1})

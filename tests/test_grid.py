@@ -360,3 +360,20 @@ def test_sigterm_stops_children_and_releases_claims(tmp_path):
     assert len(pids) == 2 and not any(G.pid_alive(p) for p in pids)
     assert not list(res.glob("g/*/.lock"))  # claims released: a restart needs no stale-lock wait
     assert {G.run_status(p.parent) for p in res.glob("g/*/run.json")} == {"running"}  # resumable, not failed
+
+
+def test_committed_grid_results_keep_their_run_ids():
+    """Every committed results/<grid>/plan.json re-plans to the same run ids from its grid config: a
+    config field added later (scd.core.config.added_field) must not turn finished runs into new ones."""
+    import json
+
+    from benchmarks.grid import expand_grid, load_grid
+
+    root = Path(__file__).resolve().parents[1]
+    plans = sorted((root / "results").glob("*/plan.json"))
+    assert plans
+    for p in plans:
+        plan = json.loads(p.read_text())
+        src = root / plan["source"]
+        got = [r.run_id for r in expand_grid(load_grid(src), src).runs]
+        assert got == [r["run_id"] for r in plan["runs"]], f"{p}: run ids changed (a new config field?)"

@@ -239,10 +239,28 @@ def from_dict(cls: type, data: dict, source: Source | None = None) -> Any:
     return _from_dict(cls, data, "", err)
 
 
+def added_field(*, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field added after runs were recorded: :func:`to_dict` leaves it out while it holds its
+    default, so the resolved config -- and the run_id hashed from it -- of every config that does not
+    set it stays what it was (finished runs stay finished).  Use it for every field added to a recipe
+    config that grids have already run."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"omit_if_default": True})
+
+
+def _at_default(f: dataclasses.Field, value: Any) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return value == f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return value == f.default_factory()  # type: ignore[misc]
+    return False
+
+
 def to_dict(obj: Any) -> Any:
-    """Dataclass -> plain JSON/YAML-able dict (tuples become lists)."""
+    """Dataclass -> plain JSON/YAML-able dict (tuples become lists; :func:`added_field` fields at their
+    default are left out)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_if_default") and _at_default(f, getattr(obj, f.name)))}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
