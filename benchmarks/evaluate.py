@@ -39,7 +39,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from benchmarks.tasks.classification import LabelWords
+from benchmarks.tasks.classification import LabelWords, unverbalize, verbalize
 from scd.core.config import (ConfigError, added_field, apply_overrides, from_dict, load_yaml, register_recipe,
                              to_dict)
 from scd.core.registry import did_you_mean
@@ -110,6 +110,7 @@ class EvalConfig:
             raise ValueError("max_new_tokens must be >= 1")
         if self.n_boot < 1:
             raise ValueError("n_boot must be >= 1")
+        check_prompts(self.prompts, self.tasks)
 
 
 # ----------------------------------------------------------------------------- data
@@ -144,11 +145,15 @@ def load_examples(task: str, split: str, limit: int | None = None) -> list[dict]
 
 
 def check_prompts(prompts: dict | None, tasks: Sequence[str]) -> None:
-    """Every ``prompts`` key must be one of the (expanded) tasks evaluated, and a classification
-    task where the registry knows its family (dataset specs are checked when their data loads)."""
+    """Every ``prompts`` key must be one of the evaluated ``tasks`` (expanded: family names count), and
+    a classification task where the registry knows its family (dataset specs are checked when their
+    data loads, in :func:`evaluate_task`)."""
     from scd.data.tasks import TASKS
 
-    for name in prompts or {}:
+    if not prompts:
+        return
+    tasks = expand_tasks(tasks)
+    for name in prompts:
         if name not in tasks:
             raise ConfigError(f"key 'prompts.{name}': not among the evaluated tasks {list(tasks)}"
                               f"{did_you_mean(name, tasks)}")
@@ -278,16 +283,12 @@ def evaluate_task(model, tokenizer, task: str, *, split: str = "test", limit: in
     budget = max_new_tokens or task_max_new_tokens(task)
     seen, seen_demos = examples, demos
     if prompt is not None:
-        from benchmarks.tasks.classification import verbalize
-
         if family != "classification":
             raise ValueError(f"prompts.{task}: label words apply to classification tasks, '{task}' is {family}")
         seen, seen_demos = [verbalize(e, prompt) for e in examples], [verbalize(d, prompt) for d in demos]
     preds = scorer.predict(model, tokenizer, seen, shots=seen_demos, batch_size=batch_size,
                            max_new_tokens=budget, scoring=task_scoring, progress=progress)
     if prompt is not None:
-        from benchmarks.tasks.classification import unverbalize
-
         preds = [unverbalize(p, prompt) for p in preds]
     scores = scorer.score(examples, preds)
     per_ex = scorer.per_example(examples, preds)
@@ -455,7 +456,6 @@ def evaluate(cfg: EvalConfig, target: str | None = None, run_dir: str | Path | N
         raise ConfigError("nothing to evaluate: pass RUN_DIR_OR_MODEL (or set `model:` in the config)")
     if not cfg.tasks and not cfg.lm_eval_tasks and cfg.cka.reference is None:
         raise ConfigError("no tasks: pass --tasks (or set `tasks:` / `lm_eval_tasks:` in the config)")
-    check_prompts(cfg.prompts, expand_tasks(cfg.tasks) if cfg.tasks else [])
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)

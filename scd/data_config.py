@@ -89,9 +89,9 @@ class EvalSpec:
         if self.scoring not in ("generate", "likelihood", "calibrated"):
             raise ValueError(f"eval.scoring must be generate, likelihood or calibrated, got {self.scoring!r}")
         if self.prompts:
-            from benchmarks.evaluate import check_prompts, expand_tasks
+            from benchmarks.evaluate import check_prompts
 
-            check_prompts(self.prompts, expand_tasks(self.tasks))
+            check_prompts(self.prompts, self.tasks)
 
     def run(self, model, tokenizer, run_dir: Path) -> dict:
         """Returns {"eval": ..., "metric_meta": ...} for run.json (empty when no tasks)."""
