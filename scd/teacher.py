@@ -19,7 +19,7 @@ registered save schedule (``scd.schedule``) -> the SFT loop of ``scd.sft`` with 
 3. appends it to ``run_dir/checkpoints/manifest.json`` (step, epoch, dev loss, dev
    score, path, sha256 of the weight files; the best checkpoint is marked).
 
-Resume: optimiser state comes from ``run_dir/ckpt`` (``scd.core.train.Checkpointer``,
+Resume: optimiser state comes from ``run_dir/ckpt`` (``scd.core.engine.Checkpointer``,
 every ``train.save_every`` steps).  Scheduled checkpoints already in the manifest are
 kept as they are; a step is re-saved only if the kill came before its manifest entry.
 Schedules that need a dev-loss history (``dev_loss_milestones``) evaluate the dev
@@ -34,13 +34,18 @@ import math
 import time
 from pathlib import Path
 
-from scd.core.config import register_recipe
+import torch
+
+from scd.core.config import added_field, register_recipe
+from scd.core.engine import Checkpointer, Engine, barrier, init_distributed
 from scd.core.faults import fault_point
-from scd.core.results import atomic_write_json, read_json
-from scd.core.train import (Checkpointer, TrainConfig, collate, finish_run, resolve_device, seed_everything,
-                            start_run, tokenize_sft)
+from scd.core.results import RunDir, atomic_write_json, read_json
+from scd.core.train import TrainConfig, collate, finish_run, seed_everything, start_run, tokenize_sft
 from scd.data_config import DataConfig, EvalSpec, load_training_pairs
+from scd.losses import ce_per_token, seq_mean
 from scd.models import ModelConfig, build_model, save_model
+from scd.schedule import SAVE_SCHEDULES, Manifest, ManifestError, save_steps
+from scd.sft import train_sft
 
 CHECKPOINTS = "checkpoints"
 
@@ -85,6 +90,7 @@ class TeacherConfig:
     eval: EvalSpec = EvalSpec()  # test-split evaluation of the final teacher (also sets the dev-score tasks)
     schedule: SaveScheduleConfig = SaveScheduleConfig()
     dev: DevConfig = DevConfig()
+    deepspeed: str | None = added_field(default=None)  # a DeepSpeed JSON (ZeRO-2; configs/deepspeed/zero2.json)
 
 
 # ------------------------------------------------------------------ dev-set losses
@@ -95,10 +101,6 @@ def per_sample_ce(model, encoded: list[dict], pad_id: int, batch_size: int = 8, 
     (per_sample [N] float32 on CPU, total CE summed over all target tokens, n_tokens).
     The model runs in eval mode under ``torch.no_grad`` (its mode is restored).
     """
-    import torch
-
-    from scd.losses import ce_per_token, seq_mean
-
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -148,111 +150,146 @@ def savable(model):
 
 
 # ------------------------------------------------------------------------ the recipe
-def run(cfg: TeacherConfig, run_dir: Path) -> dict:
-    import torch
+class CheckpointWriter:
+    """The teacher's scheduled checkpoints: called by the SFT recipe after each hook step.
 
-    from scd.schedule import SAVE_SCHEDULES, Manifest, ManifestError, save_steps
-    from scd.sft import train_sft
+    Saves the weights (LoRA merged), scores the dev split, appends to the manifest.
+    Under DeepSpeed, rank 0 writes (ZeRO-2 keeps full weights on every rank); the
+    others wait at a barrier.
+    """
 
-    run_dir = Path(run_dir)
-    rd = start_run(cfg, run_dir, recipe="teacher",
-                   hparams={"lr": cfg.train.lr, "max_steps": cfg.train.max_steps,
-                            "schedule": cfg.schedule.name, "n_checkpoints": cfg.schedule.n_checkpoints})
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    model, tok = build_model(cfg.model, seed=cfg.seed)
-    pairs = load_training_pairs(cfg.data, tok)
-    dev_data = dataclasses.replace(cfg.data, split=cfg.dev.split, limit_per_task=cfg.dev.limit_per_task)
-    dev_encoded = [tokenize_sft(tok, p, t, cfg.train.max_len) for p, t in load_training_pairs(dev_data, tok)]
-    steps_per_epoch = len(pairs) / (cfg.train.batch_size * cfg.train.grad_accum)
-    total = cfg.train.max_steps
+    def __init__(self, cfg: TeacherConfig, run_dir: Path, model, tok, dev_encoded, metrics, manifest, *,
+                 dynamic: bool, history: list, hist_path: Path, steps_per_epoch: float, rank: int = 0):
+        self.cfg, self.model, self.tok, self.dev_encoded, self.metrics = cfg, model, tok, dev_encoded, metrics
+        self.manifest, self.dynamic, self.history, self.hist_path = manifest, dynamic, history, hist_path
+        self.ck_dir, self.steps_per_epoch, self.rank = run_dir / CHECKPOINTS, steps_per_epoch, rank
 
-    # --- the save schedule: fixed steps, or decided online from the dev-loss history
-    rule = SAVE_SCHEDULES.get(cfg.schedule.name)
-    dynamic = bool(getattr(rule, "needs_dev_history", False))
-    ck_dir = run_dir / CHECKPOINTS
-    hist_path = ck_dir / "dev_history.json"
-    resume_step = _resume_step(run_dir)
-    history: list[tuple[int, float]] = []
-    if dynamic:
-        if hist_path.exists():
-            history = [(int(s), float(v)) for s, v in read_json(hist_path) if int(s) <= resume_step]
-        eval_every = cfg.schedule.eval_every or max(1, total // 20)
-        hooks = set(range(eval_every, total + 1, eval_every)) | {total}
-        if not history:  # the initial dev loss L0 (before any update)
-            model.to(device)
-            history = [(0, dev_loss(model, dev_encoded, tok.pad_token_id, cfg.dev.batch_size))]
-            atomic_write_json(hist_path, history)
-    else:
-        try:
-            hooks = set(save_steps(cfg.schedule.name, total, n_checkpoints=cfg.schedule.n_checkpoints,
-                                   **cfg.schedule.params))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"schedule: {e}") from None
+    def __call__(self, step: int) -> None:
+        if self.rank == 0:
+            self.write(step)
+        barrier()
 
-    manifest_path = ck_dir / "manifest.json"
-    try:
-        manifest = Manifest.read(manifest_path) if manifest_path.exists() else None
-    except ManifestError:
-        manifest = None  # unreadable (should not happen: writes are atomic): rebuild it
-    if manifest is None:
-        manifest = Manifest(meta={"teacher_run": str(run_dir), "total_steps": total, "schedule": cfg.schedule.name,
-                                  "n_train": len(pairs), "dev_split": cfg.dev.split})
-        manifest.root = ck_dir
-    metrics = rd.metrics()
+    def _dev_loss(self) -> float:
+        return dev_loss(self.model, self.dev_encoded, self.tok.pad_token_id, self.cfg.dev.batch_size)
 
-    def on_save(step: int) -> None:
-        """Called by the SFT loop after optimiser step ``step`` (a hook step)."""
+    def write(self, step: int) -> None:
+        cfg, manifest = self.cfg, self.manifest
         dl = None
-        if dynamic:
-            dl = dev_loss(model, dev_encoded, tok.pad_token_id, cfg.dev.batch_size)
-            history[:] = [h for h in history if h[0] < step] + [(step, dl)]
-            atomic_write_json(hist_path, history)
-            wanted = save_steps(cfg.schedule.name, total, dev_history=history, **cfg.schedule.params)
+        if self.dynamic:
+            dl = self._dev_loss()
+            self.history[:] = [h for h in self.history if h[0] < step] + [(step, dl)]
+            atomic_write_json(self.hist_path, self.history)
+            wanted = save_steps(cfg.schedule.name, cfg.train.max_steps, dev_history=self.history,
+                                **cfg.schedule.params)
             if step not in wanted:
-                metrics.log({"step": step, "event": "dev", "dev_loss": dl})
+                self.metrics.log({"step": step, "event": "dev", "dev_loss": dl})
                 return
         if manifest.checkpoints and step <= manifest.checkpoints[-1].step:
             # saved before an interruption: kept as it is; its metrics row is logged again
             # (rows after the resume step were dropped), so metrics equal an uninterrupted run's
             entry = next((c for c in manifest.checkpoints if c.step == step), None)
             if entry is not None:
-                metrics.log(_checkpoint_row(entry))
+                self.metrics.log(_checkpoint_row(entry))
             return
         t0 = time.time()
-        path = save_model(savable(model), tok, ck_dir / f"ckpt-{step}")
+        path = save_model(savable(self.model), self.tok, self.ck_dir / f"ckpt-{step}")
         save_s = time.time() - t0
         fault_point("teacher_ckpt")  # reliability tests: killed between the save and the manifest
         if dl is None:
-            dl = dev_loss(model, dev_encoded, tok.pad_token_id, cfg.dev.batch_size)
+            dl = self._dev_loss()
         score, score_name, hib = None, None, True
         if cfg.dev.score and (cfg.dev.tasks or cfg.eval.tasks or cfg.eval.lm_eval_tasks):
             spec = cfg.eval.with_tasks(cfg.dev.tasks or cfg.eval.tasks, split=cfg.dev.split,
                                        limit=cfg.dev.score_limit)
-            score, score_name, hib = primary_score(spec.run(model, tok, ck_dir / "dev_eval" / f"ckpt-{step}"))
-            model.train()
+            score, score_name, hib = primary_score(spec.run(self.model, self.tok,
+                                                            self.ck_dir / "dev_eval" / f"ckpt-{step}"))
+            self.model.train()
         if score_name is not None:
             manifest.score_name, manifest.higher_is_better = score_name, hib
-        entry = manifest.add(step=step, epoch=round(step / steps_per_epoch, 4), path=Path(path).resolve(),
+        entry = manifest.add(step=step, epoch=round(step / self.steps_per_epoch, 4), path=Path(path).resolve(),
                              dev_loss=dl, dev_score=score, save_s=round(save_s, 3))
-        manifest.write(manifest_path)
-        metrics.log(_checkpoint_row(entry))
+        manifest.write(self.ck_dir / "manifest.json")
+        self.metrics.log(_checkpoint_row(entry))
         print(f"[teacher] checkpoint {entry.index} at step {step}: dev_loss={dl:.4f}"
               + (f" dev_score={score:.4f}" if score is not None else ""), flush=True)
 
-    stats = train_sft(model, tok, pairs, cfg.train, seed=cfg.seed, run_dir=run_dir, metrics=metrics, device=device,
-                      on_save=on_save, save_steps=hooks)
+
+def save_hooks(cfg: TeacherConfig, run_dir: Path, model, tok, dev_encoded, device) -> tuple[set, bool, list]:
+    """(hook steps, dynamic?, dev history) of the save schedule: fixed steps, or decided online
+    from the dev-loss history (kept in checkpoints/dev_history.json across resumes)."""
+    total = cfg.train.max_steps
+    rule = SAVE_SCHEDULES.get(cfg.schedule.name)
+    if not getattr(rule, "needs_dev_history", False):
+        try:
+            return set(save_steps(cfg.schedule.name, total, n_checkpoints=cfg.schedule.n_checkpoints,
+                                  **cfg.schedule.params)), False, []
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"schedule: {e}") from None
+    hist_path = run_dir / CHECKPOINTS / "dev_history.json"
+    resume_step = _resume_step(run_dir)
+    history = []
+    if hist_path.exists():
+        history = [(int(s), float(v)) for s, v in read_json(hist_path) if int(s) <= resume_step]
+    eval_every = cfg.schedule.eval_every or max(1, total // 20)
+    if not history:  # the initial dev loss L0 (before any update)
+        model.to(device)
+        history = [(0, dev_loss(model, dev_encoded, tok.pad_token_id, cfg.dev.batch_size))]
+        atomic_write_json(hist_path, history)
+    return set(range(eval_every, total + 1, eval_every)) | {total}, True, history
+
+
+def open_manifest(cfg: TeacherConfig, run_dir: Path, n_train: int) -> Manifest:
+    path = run_dir / CHECKPOINTS / "manifest.json"
+    try:
+        manifest = Manifest.read(path) if path.exists() else None
+    except ManifestError:
+        manifest = None  # unreadable (should not happen: writes are atomic): rebuild it
+    if manifest is None:
+        manifest = Manifest(meta={"teacher_run": str(run_dir), "total_steps": cfg.train.max_steps,
+                                  "schedule": cfg.schedule.name, "n_train": n_train, "dev_split": cfg.dev.split})
+        manifest.root = run_dir / CHECKPOINTS
+    return manifest
+
+
+def run(cfg: TeacherConfig, run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    dist = init_distributed(cfg.train, cfg.deepspeed)
+    rd = RunDir(run_dir)
+    if dist.rank == 0:
+        rd = start_run(cfg, run_dir, recipe="teacher",
+                       hparams={"lr": cfg.train.lr, "max_steps": cfg.train.max_steps,
+                                "schedule": cfg.schedule.name, "n_checkpoints": cfg.schedule.n_checkpoints})
+    seed_everything(cfg.seed)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    model, tok = build_model(cfg.model, seed=cfg.seed)
+    pairs = load_training_pairs(cfg.data, tok)
+    dev_data = dataclasses.replace(cfg.data, split=cfg.dev.split, limit_per_task=cfg.dev.limit_per_task)
+    dev_encoded = [tokenize_sft(tok, p, t, cfg.train.max_len) for p, t in load_training_pairs(dev_data, tok)]
+    hooks, dynamic, history = save_hooks(cfg, run_dir, model, tok, dev_encoded, dist.device)
+    manifest = open_manifest(cfg, run_dir, len(pairs))
+    metrics = rd.metrics(enabled=dist.rank == 0)
+    engine = Engine(model, cfg.train, run_dir=run_dir, metrics=metrics, dist=dist, deepspeed=cfg.deepspeed,
+                    name="teacher")
+    if getattr(engine.backend, "stage", 0) >= 3:
+        raise ValueError("teacher: scheduled checkpoints need full weights on rank 0; use ZeRO-2 "
+                         "(configs/deepspeed/zero2.json), not ZeRO-3")
+    writer = CheckpointWriter(cfg, run_dir, engine.module, tok, dev_encoded, metrics, manifest, dynamic=dynamic,
+                              history=history, hist_path=run_dir / CHECKPOINTS / "dev_history.json",
+                              steps_per_epoch=len(pairs) / (cfg.train.batch_size * cfg.train.grad_accum),
+                              rank=dist.rank)
+    stats = train_sft(engine, tok, pairs, seed=cfg.seed, on_save=writer, save_steps=hooks)
+    if dist.rank != 0:
+        return {}
     if not manifest.checkpoints:
         raise RuntimeError("the teacher saved no checkpoint; check schedule.* settings")
-    manifest.write(manifest_path)  # final write (best_index with every checkpoint in)
-    evaluation = cfg.eval.run(model, tok, run_dir)
-    Checkpointer(run_dir).clear()
+    manifest.write(manifest.root / "manifest.json")  # final write (best_index with every checkpoint in)
+    evaluation = cfg.eval.run(engine.module, tok, run_dir)
+    engine.clear_state()
     best = manifest.best_index
     return finish_run(rd, train={**stats, "n_checkpoints": len(manifest), "best_index": best,
                                  "checkpoint_steps": [c.step for c in manifest.checkpoints]},
-                      artifacts={"manifest": str(manifest_path),
+                      artifacts={"manifest": str(manifest.root / "manifest.json"),
                                  "model": str(manifest.resolve(manifest.final_index)),
                                  "best_model": str(manifest.resolve(best)) if best is not None else None},
                       **evaluation)

@@ -1,4 +1,4 @@
-"""Small, shared pieces of every training recipe (SFT, teacher, distillation, UniSD).
+"""Small, shared pieces of every training recipe (the loop itself is scd.core.engine).
 
 Recipes stay readable top to bottom and call these helpers:
 
@@ -7,8 +7,7 @@ Recipes stay readable top to bottom and call these helpers:
 * :func:`batch_indices`               the data order as a pure function of (seed, step),
                                       so a resumed run sees exactly the same batches
 * :func:`collate_sft`                 prompt + target -> input_ids / labels (prompt masked)
-* :func:`make_optimizer`              AdamW + cosine schedule with warmup (transformers)
-* :class:`Checkpointer`               atomic save / resume of model + optimiser + step
+* :func:`rank_batches`                this rank's micro-batches of a step
 * :func:`start_run` / :func:`finish_run`  the run.json life cycle
 """
 from __future__ import annotations
@@ -101,6 +100,18 @@ def batch_indices(n_examples: int, batch_size: int, step: int, micro: int, grad_
     return out
 
 
+def rank_batches(n_examples: int, train: TrainConfig, step: int, seed: int, world: int = 1,
+                 rank: int = 0) -> list[list[int]]:
+    """This rank's example indices of every micro-batch of optimiser step ``step``.
+
+    The global micro-batch (``batch_size * world`` examples) is :func:`batch_indices`;
+    rank r takes its r-th slice, so 1 rank x batch 8 and 2 ranks x batch 4 see the same data.
+    """
+    bs = train.batch_size
+    return [batch_indices(n_examples, bs * world, step, m, train.grad_accum, seed)[rank * bs:(rank + 1) * bs]
+            for m in range(train.grad_accum)]
+
+
 def tokenize_sft(tokenizer, prompt: str, target: str, max_len: int) -> dict:
     """Token ids of prompt + target and labels with the prompt masked (-100).
 
@@ -132,111 +143,10 @@ def collate(items: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def make_optimizer(model, cfg: TrainConfig, total_steps: int | None = None):
-    import torch
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    total = total_steps or cfg.max_steps
-    warm = int(math.ceil(cfg.warmup_ratio * total))
-    if cfg.schedule == "cosine":
-        sched = get_cosine_schedule_with_warmup(opt, warm, total)
-    else:
-        sched = get_constant_schedule_with_warmup(opt, warm)
-    return opt, sched
-
-
-def autocast(cfg: TrainConfig, device):
-    import torch
-
-    if cfg.bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def check_finite(value: float, step: int, term: str) -> float:
     if not math.isfinite(value):
         raise DivergedError(step=step, term=term, value=value)
     return value
-
-
-# ---------------------------------------------------------------- checkpoints
-class Checkpointer:
-    """Resumable training state under ``run_dir/ckpt/last``, written atomically.
-
-    model weights: safetensors (trainable params only, via ``save_trainable``);
-    optimiser + scheduler + RNG + step: ``state.pt`` loaded with ``weights_only=True``.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.dir = Path(run_dir) / "ckpt"
-        self.last = self.dir / "last"
-
-    def _recover(self) -> None:
-        """A kill between the two renames of ``save`` leaves the only complete
-        checkpoint in ``.last.old-<pid>``: put it back.  Half-written temps are removed."""
-        if not self.dir.exists():
-            return
-        if not (self.last / "state.pt").exists():
-            olds = sorted(self.dir.glob(".last.old-*"), key=lambda p: p.stat().st_mtime)
-            olds = [p for p in olds if (p / "state.pt").exists()]
-            if olds:
-                shutil.rmtree(self.last, ignore_errors=True)
-                os.replace(olds[-1], self.last)
-        for tmp in self.dir.glob(".last.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def exists(self) -> bool:
-        self._recover()
-        return (self.last / "state.pt").exists()
-
-    def save(self, model, optimizer, scheduler, step: int, extra: dict | None = None) -> None:
-        import torch
-        from safetensors.torch import save_file
-
-        self._recover()  # also sweeps temps left by a killed attempt (any pid)
-        tmp = self.dir / f".last.tmp-{os.getpid()}"
-        tmp.mkdir(parents=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in trainable_state(model).items()}
-        save_file(weights, str(tmp / "model.safetensors"))
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                 "step": step, "torch_rng": torch.get_rng_state(), "extra": extra or {}}
-        torch.save(state, tmp / "state.pt")
-        atomic_write_json(tmp / "meta.json", {"step": step, "time": time.time()})
-        fault_point("ckpt_write")
-        old = self.dir / f".last.old-{os.getpid()}"
-        if self.last.exists():
-            os.replace(self.last, old)
-        os.replace(tmp, self.last)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def load(self, model, optimizer, scheduler) -> tuple[int, dict]:
-        import torch
-        from safetensors.torch import load_file
-
-        weights = load_file(str(self.last / "model.safetensors"))
-        missing = set(weights) - set(model.state_dict())
-        if missing:
-            raise RuntimeError(f"checkpoint {self.last} does not match the model (e.g. {sorted(missing)[:3]})")
-        model.load_state_dict(weights, strict=False)
-        state = torch.load(self.last / "state.pt", weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state["scheduler"] is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        return int(state["step"]), state.get("extra") or {}
-
-    def clear(self) -> None:
-        """The run finished: drop all resume state (temps of killed attempts included)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def trainable_state(model) -> dict:
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in names}
 
 
 # ---------------------------------------------------------------- run life cycle
