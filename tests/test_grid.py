@@ -24,8 +24,10 @@ if str(REPO) not in sys.path:
 
 from benchmarks import grid as G  # noqa: E402
 from scd.core.config import ConfigError, from_dict, load_config, load_yaml  # noqa: E402
-from scd.core.results import config_hash, read_json, read_metrics  # noqa: E402
+from scd.core import results as R  # noqa: E402
+from scd.core.results import config_hash, read_json, read_metrics, run_id  # noqa: E402
 from tests import fake_recipe  # noqa: E402  (registers recipe "fake")
+from tests._gitrepo import make_dirty, make_repo  # noqa: E402
 
 CMD = "{python} -m tests.fake_recipe {config} --run-dir {run_dir}"
 
@@ -78,7 +80,7 @@ def test_expansion_is_deterministic_validated_and_written_before_start(tmp_path)
     assert scd.config["train"] == {"lr": 3e-3, "steps": 5, "sleep_s": scd.axes["train.sleep_s"]}  # dotted + nested
     assert scd.config["eval"]["tasks"] == ["qa"] and scd.config["grid"] == "g"  # grid eval block merged
     for r in plan1.runs:  # run_id = hash of the resolved config (without the grid name)
-        assert r.run_id == config_hash({k: v for k, v in r.config.items() if k != "grid"})
+        assert r.run_id == config_hash({k: v for k, v in r.config.items() if k != "grid"}) == run_id(r.config)
     # the id does not depend on the grid name or on other variants
     other = make_grid(tmp_path, name="h", fname="h", seeds=[0], runs=[{"method": "kd"}], product={"quality": [0.4]},
                       zip={"train.sleep_s": [0.0], "eval.limit": [10]}, eval={"tasks": ["qa"]})
@@ -264,6 +266,26 @@ def test_dry_run_starts_nothing(tmp_path, monkeypatch, capsys):
     assert all(r.run_id in out for r in plan.runs)
     assert "Slots: 2 GPU" in out and "nothing started" in out
     assert not (tmp_path / "res").exists() and not (tmp_path / "count").exists()
+
+
+def test_dirty_tree_warns_loudly_but_runs(tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "repo"
+    make_repo(repo)
+    monkeypatch.setattr(R, "CODE_ROOT", repo)
+    path = make_grid(tmp_path, seeds=[0], runs=[{"method": "kd"}])
+    assert grid_main(path, tmp_path / "clean", "--no-leaderboard") == 0
+    assert "DIRTY" not in capsys.readouterr().err  # a clean tree: no banner
+    make_dirty(repo)
+    assert grid_main(path, tmp_path / "res", "--dry-run") == 0
+    assert "DIRTY" not in capsys.readouterr().err  # nothing runs: no banner
+    assert grid_main(path, tmp_path / "res", "--no-leaderboard") == 0
+    err = capsys.readouterr().err
+    banner = err[:err.index("[grid g ")]  # printed before the runner starts
+    lines = banner.splitlines()
+    assert lines[0] == lines[-1] == "!" * 88 and len(lines) == 7
+    assert "the code tree is DIRTY: 2 file(s) differ from HEAD" in banner and "(scd/mod.py, scd/new.py)" in banner
+    assert "code.patch" in banner and "-dirty" in banner
+    assert [read_json(p)["status"] for p in (tmp_path / "res" / "g").glob("*/run.json")] == ["ok"]  # still ran
 
 
 def test_slurm_script_is_written_not_submitted(tmp_path, monkeypatch):
