@@ -163,6 +163,22 @@ def test_slots_and_launch_commands():
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["SCD_RUN_ID"] == "abc"
 
 
+def test_gpus_listed_by_the_driver_without_torch(tmp_path, monkeypatch):
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\n[ \"$1\" = --query-gpu=index ] && [ \"$2\" = --format=csv,noheader ] || exit 9\n"
+                   "printf '0\\n1\\n2\\n'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    assert G.detect_gpus(env={}) == ["0", "1", "2"]
+    assert G.detect_gpus(env={"CUDA_VISIBLE_DEVICES": "1"}) == ["1"]  # the environment wins
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")  # broken driver: CPU
+    assert G.detect_gpus(env={}) == []
+    assert "torch" not in subprocess.run([sys.executable, "-c", "import sys, benchmarks.grid as g; g.detect_gpus(); "
+                                          "print(sorted(sys.modules))"], cwd=REPO, env=sub_env(PATH=os.environ["PATH"]),
+                                         capture_output=True, text=True, check=True).stdout.split("'")
+
+
 def test_fake_gpu_slots_are_exclusive_and_kept_busy(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_COUNT_DIR", str(tmp_path / "count"))
     path = make_grid(tmp_path, sleep=0.1, seeds=[0, 1, 2], gpus_per_run=2)
