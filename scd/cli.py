@@ -14,18 +14,22 @@ file/line/key and exit 2; set SCD_DEBUG=1 for the full traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
+
+from scd.core.config import RECIPES, ConfigError, load_config
+from scd.core.results import DivergedError, ResultsError, RunDir, default_run_dir, safe_join
+
+__all__ = ["default_run_dir", "main"]  # default_run_dir lives in scd.core.results; still importable here
 
 USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from scd.core.assets import AssetError
-    from scd.core.config import ConfigError
     from scd.core.registry import RegistryError
-    from scd.core.results import ResultsError
 
     errs: list[type[BaseException]] = [ConfigError, AssetError, RegistryError, ResultsError]
     try:
@@ -37,21 +41,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def default_run_dir(cfg, results_root: str = "results") -> Path:
-    from scd.core.config import to_dict
-    from scd.core.results import config_hash
-
-    resolved = to_dict(cfg)
-    run_id = config_hash({k: v for k, v in resolved.items() if k != "grid"})
-    grid = getattr(cfg, "grid", None) or "runs"
-    return Path(results_root) / grid / f"{getattr(cfg, 'method', 'run')}-{run_id}"
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from scd.core.config import RECIPES, load_config
-    from scd.core.results import RunDir, safe_join
-    from scd.core.train import record_failure
-
     cfg = load_config(args.config, args.overrides)
     spec = RECIPES.get(cfg.recipe)
     if spec.run is None:
@@ -70,14 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         spec.run(cfg, run_dir)
     except KeyboardInterrupt:
-        record_failure(run_dir, RuntimeError("interrupted (KeyboardInterrupt)"))
+        rd.fail(RuntimeError("interrupted (KeyboardInterrupt)"))
         raise
     except Exception as e:  # noqa: BLE001  (recorded, then reported in one line)
-        recorded = record_failure(run_dir, e)
+        recorded = rd.fail(e)
         if os.environ.get("SCD_DEBUG"):
             raise
-        from scd.core.results import DivergedError
-
         status = "diverged" if isinstance(e, DivergedError) else "failed"
         where = f" (details in {run_dir}/run.json)" if recorded else " (could not record it in run.json)"
         print(f"error: run {status}: {type(e).__name__}: {e}{where}", file=sys.stderr)
@@ -87,8 +75,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from scd.core.config import load_config
-
     bad = 0
     for path in args.configs:
         try:
@@ -107,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         "grid": "benchmarks.grid", "leaderboard": "benchmarks.leaderboard",
     }
     if argv and argv[0] in passthrough:
-        import importlib
-
         mod = importlib.import_module(passthrough[argv[0]])
         return int(mod.main(argv[1:]) or 0)
 

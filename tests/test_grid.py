@@ -24,8 +24,10 @@ if str(REPO) not in sys.path:
 
 from benchmarks import grid as G  # noqa: E402
 from scd.core.config import ConfigError, from_dict, load_config, load_yaml  # noqa: E402
-from scd.core.results import config_hash, read_json, read_metrics  # noqa: E402
+from scd.core import results as R  # noqa: E402
+from scd.core.results import config_hash, read_json, read_metrics, run_id  # noqa: E402
 from tests import fake_recipe  # noqa: E402  (registers recipe "fake")
+from tests._gitrepo import make_dirty, make_repo  # noqa: E402
 
 CMD = "{python} -m tests.fake_recipe {config} --run-dir {run_dir}"
 
@@ -78,7 +80,7 @@ def test_expansion_is_deterministic_validated_and_written_before_start(tmp_path)
     assert scd.config["train"] == {"lr": 3e-3, "steps": 5, "sleep_s": scd.axes["train.sleep_s"]}  # dotted + nested
     assert scd.config["eval"]["tasks"] == ["qa"] and scd.config["grid"] == "g"  # grid eval block merged
     for r in plan1.runs:  # run_id = hash of the resolved config (without the grid name)
-        assert r.run_id == config_hash({k: v for k, v in r.config.items() if k != "grid"})
+        assert r.run_id == config_hash({k: v for k, v in r.config.items() if k != "grid"}) == run_id(r.config)
     # the id does not depend on the grid name or on other variants
     other = make_grid(tmp_path, name="h", fname="h", seeds=[0], runs=[{"method": "kd"}], product={"quality": [0.4]},
                       zip={"train.sleep_s": [0.0], "eval.limit": [10]}, eval={"tasks": ["qa"]})
@@ -159,6 +161,22 @@ def test_slots_and_launch_commands():
     assert local == [sys.executable, "-m", "scd", "run", str(cfg), "--run-dir", str(rd)]
     env = G.child_env(slot, 2, G.PlannedRun("abc", 0, 0, "kd", 0, {}, {}, "fake", {}, ""), "g", base={})
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["SCD_RUN_ID"] == "abc"
+
+
+def test_gpus_listed_by_the_driver_without_torch(tmp_path, monkeypatch):
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\n[ \"$1\" = --query-gpu=index ] && [ \"$2\" = --format=csv,noheader ] || exit 9\n"
+                   "printf '0\\n1\\n2\\n'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    assert G.detect_gpus(env={}) == ["0", "1", "2"]
+    assert G.detect_gpus(env={"CUDA_VISIBLE_DEVICES": "1"}) == ["1"]  # the environment wins
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")  # broken driver: CPU
+    assert G.detect_gpus(env={}) == []
+    assert "torch" not in subprocess.run([sys.executable, "-c", "import sys, benchmarks.grid as g; g.detect_gpus(); "
+                                          "print(sorted(sys.modules))"], cwd=REPO, env=sub_env(PATH=os.environ["PATH"]),
+                                         capture_output=True, text=True, check=True).stdout.split("'")
 
 
 def test_fake_gpu_slots_are_exclusive_and_kept_busy(tmp_path, monkeypatch):
@@ -264,6 +282,26 @@ def test_dry_run_starts_nothing(tmp_path, monkeypatch, capsys):
     assert all(r.run_id in out for r in plan.runs)
     assert "Slots: 2 GPU" in out and "nothing started" in out
     assert not (tmp_path / "res").exists() and not (tmp_path / "count").exists()
+
+
+def test_dirty_tree_warns_loudly_but_runs(tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "repo"
+    make_repo(repo)
+    monkeypatch.setattr(R, "CODE_ROOT", repo)
+    path = make_grid(tmp_path, seeds=[0], runs=[{"method": "kd"}])
+    assert grid_main(path, tmp_path / "clean", "--no-leaderboard") == 0
+    assert "DIRTY" not in capsys.readouterr().err  # a clean tree: no banner
+    make_dirty(repo)
+    assert grid_main(path, tmp_path / "res", "--dry-run") == 0
+    assert "DIRTY" not in capsys.readouterr().err  # nothing runs: no banner
+    assert grid_main(path, tmp_path / "res", "--no-leaderboard") == 0
+    err = capsys.readouterr().err
+    banner = err[:err.index("[grid g ")]  # printed before the runner starts
+    lines = banner.splitlines()
+    assert lines[0] == lines[-1] == "!" * 88 and len(lines) == 7
+    assert "the code tree is DIRTY: 2 file(s) differ from HEAD" in banner and "(scd/mod.py, scd/new.py)" in banner
+    assert "code.patch" in banner and "-dirty" in banner
+    assert [read_json(p)["status"] for p in (tmp_path / "res" / "g").glob("*/run.json")] == ["ok"]  # still ran
 
 
 def test_slurm_script_is_written_not_submitted(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ on resume.  Leaderboards are built from these files only, never from logs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,9 +19,11 @@ import socket
 import subprocess
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Iterable
 
+from scd.core.config import dump_yaml, to_dict
 from scd.core.faults import fault_point
 
 SCHEMA_VERSION = 1
@@ -106,9 +109,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def config_hash(resolved: Any, n: int = 12) -> str:
-    """run_id: hash of the canonical JSON of the fully resolved config."""
+    """Hash of the canonical JSON of ``resolved`` (key order does not matter)."""
     canon = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=_json_default)
     return hashlib.sha256(canon.encode()).hexdigest()[:n]
+
+
+def run_id(resolved_config: dict) -> str:
+    """The run id: hash of the fully resolved config without its ``grid`` key, so the same
+    config has the same id in any grid (and outside one)."""
+    return config_hash({k: v for k, v in resolved_config.items() if k != "grid"})
+
+
+def default_run_dir(cfg: Any, results_root: str | os.PathLike = "results") -> Path:
+    """``<results_root>/<grid or runs>/<method>-<run_id>``: where ``scd run`` puts a run by default."""
+    grid = getattr(cfg, "grid", None) or "runs"
+    return Path(results_root) / grid / f"{getattr(cfg, 'method', 'run')}-{run_id(to_dict(cfg))}"
 
 
 # ----------------------------------------------------------------------- metrics
@@ -172,19 +187,60 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 # ----------------------------------------------------------------------- env info
-def git_sha(root: str | os.PathLike | None = None) -> str | None:
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the suite's git checkout
+CODE_DIRS = ("scd", "unisd", "benchmarks", "configs")  # untracked files here are part of the code
+NOT_CODE = ("results",)  # generated outputs: never part of the code state
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeState:
+    """The code a run starts from: HEAD plus, when the tree is dirty, the patch on top of it."""
+
+    sha: str  # HEAD commit
+    files: tuple[str, ...] = ()  # changed tracked files + untracked files under CODE_DIRS
+    patch: bytes = b""  # `git diff HEAD` + untracked code files as added-file diffs
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.files)
+
+    @property
+    def label(self) -> str:
+        """The run record's ``git_sha``: ``<sha>`` or ``<sha>-dirty``."""
+        return self.sha + ("-dirty" if self.dirty else "")
+
+
+def _git(root: Path, *args: str, ok: tuple[int, ...] = (0,)) -> bytes:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, timeout=30)
+    if out.returncode not in ok:
+        raise subprocess.SubprocessError(out.stderr.decode(errors="replace").strip())
+    return out.stdout
+
+
+def code_state(root: str | os.PathLike | None = None) -> CodeState | None:
+    """HEAD and the diff of the working tree (outside results/) against it; None if not a git checkout."""
+    root = Path(root or CODE_ROOT)
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or Path(__file__).resolve().parents[2],
-                             capture_output=True, text=True, timeout=5)
-        sha = out.stdout.strip()
-        if out.returncode != 0 or not sha:
+        sha = _git(root, "rev-parse", "HEAD").decode().strip()
+        if not sha:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root or Path(__file__).resolve().parents[2],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
+        spec = ["--", ".", *(f":(exclude){d}" for d in NOT_CODE)]
+        changed = [f for f in _git(root, "diff", "HEAD", "--name-only", "-z", *spec).decode().split("\0") if f]
+        untracked = [f for f in _git(root, "ls-files", "--others", "--exclude-standard", "-z", "--",
+                                     *CODE_DIRS).decode().split("\0") if f]
+        if not changed and not untracked:
+            return CodeState(sha)
+        patch = _git(root, "diff", "HEAD", "--binary", *spec)
+        for f in sorted(untracked):  # exit code 1: "there were differences"
+            patch += _git(root, "diff", "--no-index", "--binary", "--", os.devnull, f, ok=(0, 1))
+        return CodeState(sha, tuple(sorted(changed + untracked)), patch)
+    except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
         return None
+
+
+def git_sha(root: str | os.PathLike | None = None) -> str | None:
+    state = code_state(root)
+    return state.label if state else None
 
 
 def env_info() -> dict:
@@ -224,9 +280,10 @@ def new_run_record(*, run_id: str, grid: str | None, method: str, seed: int, rec
         "method": method,
         "seed": seed,
         "git_sha": git_sha(),
+        "code_patch_sha256": None,
         "status": "running",
         "error": None,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": _now(),
         "finished": None,
         "env": env_info(),
         "components": components or {},
@@ -239,6 +296,23 @@ def new_run_record(*, run_id: str, grid: str | None, method: str, seed: int, rec
         "metric_meta": {},
         "artifacts": {},
     }
+
+
+def failure_stub(run_id: str, *, grid: str | None = None, recipe: str | None = None, method: str = "?",
+                 seed: int = 0, config: dict | None = None) -> dict:
+    """A run.json for a run that failed before its recipe wrote one (same keys as
+    :func:`new_run_record`, ``started`` None; env kept cheap: no torch import)."""
+    return {"schema_version": SCHEMA_VERSION, "run_id": run_id, "grid": grid, "recipe": recipe,
+            "method": method, "seed": seed, "git_sha": git_sha(), "code_patch_sha256": None, "status": "failed",
+            "error": None, "started": None, "finished": None,
+            "env": {"python": platform.python_version(), "platform": platform.platform(),
+                    "host": socket.gethostname()},
+            "components": {}, "hparams": {}, "config": config or {}, "train": {}, "eval": {}, "eval_info": {},
+            "cka": {}, "metric_meta": {}, "artifacts": {}}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def validate_run_record(rec: dict, where: str = "run.json") -> dict:
@@ -265,7 +339,12 @@ def validate_run_record(rec: dict, where: str = "run.json") -> dict:
 
 
 class RunDir:
-    """A run directory with helpers for its files."""
+    """A run directory and the only writer of its ``run.json``.
+
+    Life cycle: :meth:`start` (status running, config.yaml, code.patch) -> :meth:`finish`
+    (status ok) or :meth:`fail` (failed/diverged + error).  The grid runner, which sees
+    runs from outside, uses :meth:`reset_failed`, :meth:`add_log_tail` and :meth:`mark_failed`.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -308,6 +387,115 @@ class RunDir:
 
     def metrics(self, enabled: bool = True) -> MetricsWriter:
         return MetricsWriter(self.metrics_path, enabled=enabled)
+
+    # ------------------------------------------------------------- life cycle
+    def start(self, cfg: Any, *, recipe: str, components: dict | None = None,
+              hparams: dict | None = None) -> "RunDir":
+        """Create/refresh run.json (status running) and config.yaml for a run of ``cfg``.
+
+        A resumed attempt (same run id, a record its recipe started) keeps its record;
+        a new run, or a stub written by :meth:`fail`/:meth:`mark_failed` before the recipe
+        started, gets a fresh one."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        resolved = to_dict(cfg)
+        rid = run_id(resolved)
+        rec = self._read_or_none()
+        if rec is not None and rec.get("run_id") == rid and rec.get("config") and rec.get("started"):
+            rec.update(status="running", error=None)
+            for stale in ("diverged_at", "traceback_tail", "log_tail", "exit_code"):
+                rec.pop(stale, None)
+        else:
+            rec = new_run_record(run_id=rid, grid=getattr(cfg, "grid", None), method=getattr(cfg, "method", recipe),
+                                 seed=getattr(cfg, "seed", 0), recipe=recipe, config=resolved,
+                                 components=components, hparams=hparams)
+        if not (self.path / "config.yaml").exists():
+            atomic_write_text(self.path / "config.yaml", dump_yaml(cfg))
+        return self.begin(rec)
+
+    def begin(self, rec: dict) -> "RunDir":
+        """Write ``rec`` with status running and the code it runs: ``git_sha`` and, from a dirty
+        tree, ``code.patch`` (written first) with its ``code_patch_sha256``."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        state = code_state()
+        patch = self.path / "code.patch"
+        rec = {**rec, "status": "running", "git_sha": state.label if state else None, "code_patch_sha256": None}
+        if state is not None and state.dirty:
+            atomic_write_bytes(patch, state.patch)
+            rec["code_patch_sha256"] = hashlib.sha256(state.patch).hexdigest()
+        elif patch.exists():  # an earlier attempt ran from a dirty tree
+            with contextlib.suppress(OSError):
+                patch.unlink()
+        self.write(rec)
+        return self
+
+    def finish(self, **fields: Any) -> dict:
+        """Status ok: ``fields`` (train, eval, artifacts, ...) merged into the record."""
+        rec = self.read()
+        rec.update(fields)
+        rec.update(status="ok", finished=_now())
+        self.write(rec)
+        return rec
+
+    def merge(self, sections: dict) -> dict:
+        """Merge mapping sections (e.g. eval, metric_meta, eval_info, cka) into the record key by key."""
+        rec = self.read()
+        for key, value in sections.items():
+            rec[key] = {**(rec.get(key) or {}), **value}
+        validate_run_record(rec, str(self.run_json))
+        self.write(rec)
+        return rec
+
+    def fail(self, exc: BaseException, log_tail: str | None = None) -> bool:
+        """Status failed/diverged + error (and traceback); never raises; False if it could not write."""
+        try:
+            rec = self._read_or_none() or failure_stub(self.path.name)
+            diverged = isinstance(exc, DivergedError)
+            rec.update(status="diverged" if diverged else "failed", error=f"{type(exc).__name__}: {exc}",
+                       traceback_tail="".join(traceback.format_exception(exc))[-4000:], finished=_now())
+            if diverged:
+                rec["diverged_at"] = {"step": exc.step, "term": exc.term, "value": str(exc.value)}
+            if log_tail:
+                rec["log_tail"] = log_tail
+            self.write(rec)
+            return True
+        except Exception:  # noqa: BLE001  (best effort while already failing)
+            return False
+
+    def reset_failed(self) -> None:
+        """Before re-running a failed/diverged run: status running, the old failure's fields removed
+        (so a recipe updating run.json in place carries no stale error, and a kill means 'resume')."""
+        rec = self._read_or_none()
+        if rec is not None and rec.get("status") in ("failed", "diverged"):
+            for k in ("log_tail", "exit_code", "traceback_tail", "diverged_at"):
+                rec.pop(k, None)
+            rec.update(status="running", error=None)
+            self.write(rec)
+
+    def add_log_tail(self, tail: str) -> None:
+        """Attach the launcher's log tail to a record that has none."""
+        rec = self._read_or_none()
+        if rec is not None and not rec.get("log_tail"):
+            rec["log_tail"] = tail
+            self.write(rec)
+
+    def mark_failed(self, error: str, *, log_tail: str | None = None, exit_code: int | None = None,
+                    stub: dict | None = None) -> dict:
+        """Status failed with ``error``, for a run whose process could not record it; a missing or
+        invalid record is replaced by ``stub`` (default: :func:`failure_stub`)."""
+        try:
+            rec = validate_run_record(self.read(), str(self.run_json))
+        except (OSError, ValueError, TypeError, AttributeError):
+            rec = stub or failure_stub(self.path.name)
+        rec.update(status="failed", error=error, log_tail=log_tail, exit_code=exit_code, finished=_now())
+        self.write(rec)
+        return rec
+
+    def _read_or_none(self) -> dict | None:
+        try:
+            rec = self.read()
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
 
 
 def finite_or_raise(value: float, *, step: int, term: str) -> float:

@@ -8,25 +8,17 @@ Recipes stay readable top to bottom and call these helpers:
                                       so a resumed run sees exactly the same batches
 * :func:`collate_sft`                 prompt + target -> input_ids / labels (prompt masked)
 * :func:`rank_batches`                this rank's micro-batches of a step
-* :func:`start_run` / :func:`finish_run`  the run.json life cycle
+* :func:`start_run` / :func:`finish_run`  transitional aliases of ``RunDir.start`` / ``RunDir.finish``
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import random
-import shutil
-import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-from scd.core.config import dump_yaml, to_dict
-from scd.core.faults import fault_point
-from scd.core.results import (DivergedError, RunDir, atomic_write_json, atomic_write_text, config_hash,
-                              new_run_record)
+from scd.core.results import DivergedError, RunDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,55 +143,16 @@ def check_finite(value: float, step: int, term: str) -> float:
 
 # ---------------------------------------------------------------- run life cycle
 def start_run(cfg, run_dir: Path, *, recipe: str, components: dict | None = None,
-              hparams: dict | None = None) -> RunDir:
-    """Create/refresh run.json (status running) and config.yaml for a run."""
-    rd = RunDir(run_dir)
-    rd.path.mkdir(parents=True, exist_ok=True)
-    resolved = to_dict(cfg)
-    run_id = config_hash({k: v for k, v in resolved.items() if k != "grid"})
-    rec = rd.read() if rd.exists() else None
-    if rec is not None and rec.get("run_id") == run_id and "config" in rec:
-        rec.update(status="running", error=None)  # a resumed attempt keeps its record
-        for stale in ("diverged_at", "traceback_tail", "log_tail"):
-            rec.pop(stale, None)
-    else:  # new run, or a stub written by record_failure before the recipe started
-        rec = new_run_record(run_id=run_id, grid=getattr(cfg, "grid", None), method=getattr(cfg, "method", recipe),
-                             seed=getattr(cfg, "seed", 0), recipe=recipe, config=resolved,
-                             components=components, hparams=hparams)
-    if not (rd.path / "config.yaml").exists():
-        atomic_write_text(rd.path / "config.yaml", dump_yaml(cfg))
-    rd.write(rec)
-    return rd
+              hparams: dict | None = None) -> RunDir:  # transitional alias
+    return RunDir(run_dir).start(cfg, recipe=recipe, components=components, hparams=hparams)
 
 
-def finish_run(rd: RunDir, **fields: Any) -> dict:
-    rec = rd.read()
-    rec.update(fields)
-    rec["status"] = "ok"
-    rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    rd.write(rec)
-    return rec
+def finish_run(rd: RunDir, **fields: Any) -> dict:  # transitional alias
+    return rd.finish(**fields)
 
 
-def record_failure(run_dir: Path, exc: BaseException, log_tail: str | None = None) -> bool:
-    """Write status failed/diverged + error into run.json (never raises; False if it could not)."""
-    try:
-        rd = RunDir(run_dir)
-        rec = rd.read() if rd.exists() else {"schema_version": 1, "run_id": Path(run_dir).name,
-                                               "method": "?", "seed": 0, "eval": {}, "train": {},
-                                               "metric_meta": {}, "components": {}, "hparams": {}}
-        rec["status"] = "diverged" if isinstance(exc, DivergedError) else "failed"
-        rec["error"] = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, DivergedError):
-            rec["diverged_at"] = {"step": exc.step, "term": exc.term, "value": str(exc.value)}
-        rec["traceback_tail"] = "".join(traceback.format_exception(exc))[-4000:]
-        if log_tail:
-            rec["log_tail"] = log_tail
-        rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        rd.write(rec)
-        return True
-    except Exception:  # noqa: BLE001  (best effort while already failing)
-        return False
+def record_failure(run_dir: Path, exc: BaseException, log_tail: str | None = None) -> bool:  # transitional alias
+    return RunDir(run_dir).fail(exc, log_tail)
 
 
 def peak_memory(device) -> int | None:
