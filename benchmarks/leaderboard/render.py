@@ -48,7 +48,7 @@ def constant_note(g: Group) -> str:
     for task, c in g.constant.items():
         labels = "/".join(f"'{lab}'" for lab in c.labels)
         seeds = "" if c.n_runs == 1 else f" in {c.n_constant}/{c.n_runs} seeds"
-        pct = f"{'≥' if c.n_constant > 1 else ''}{math.floor(c.share * 100 + 1e-9)}%"
+        pct = f"{'≥' if c.n_constant > 1 and c.share < 1 else ''}{math.floor(c.share * 100 + 1e-9)}%"
         parts.append(f"{task + ': ' if len(g.tasks) > 1 else ''}constant{seeds} ({pct} {labels})")
     return "⚠ " + "; ".join(parts) if parts else ""
 
