@@ -401,7 +401,7 @@ def _index_line(tmp_path: Path, name: str, recs: list[dict]) -> str:
 
 def test_index_names_no_best_for_constant_tied_or_floor_rows(tmp_path):
     everyone_constant = [profile(rec(m, s, cls=0.55), 0.55, 1.0) for m in ("kd", "scd") for s in range(2)]
-    assert "no best: all 2 configurations are constant predictors." in _index_line(tmp_path, "allc", everyone_constant)
+    assert "no best: all 2 scored configurations are constant predictors." in _index_line(tmp_path, "allc", everyone_constant)
     assert read_csv(tmp_path / "allc" / "leaderboard.csv")["kd"]["constant_note"] == "⚠ constant in 2/2 seeds (100% 'pos')"
     tied = [profile(rec(m, 0, cls=0.7), 0.55, 0.6) for m in ("kd", "scd", "aw")]
     tied.append(profile(rec("low", 0, cls=0.6), 0.55, 0.6))

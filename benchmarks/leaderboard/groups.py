@@ -260,7 +260,7 @@ def choose_best(groups: list[Group], tms: list[TaskMetric]) -> tuple[Group | Non
         return None, None
     live = [g for g in rows if not g.constant]
     if not live:
-        return None, f"all {len(rows)} configurations are constant predictors"
+        return None, f"all {len(rows)} scored configurations are constant predictors"
     above = [g for g in live if above_floor(g, tms)]
     if not above:
         return None, (f"no configuration scores above the floor ({len(rows) - len(live)} constant, "
