@@ -341,7 +341,8 @@ def profile(r: dict, majority: float, share: float, label: str = "pos") -> dict:
 
 
 def plan_for(gdir: Path, recs: list[dict], baseline: str = "kd") -> None:
-    write_runs(gdir, recs, plan={"grid": gdir.name, "baseline": baseline, "runs": [{"run_id": r["run_id"]} for r in recs]})
+    write_runs(gdir, recs, plan={"grid": gdir.name, "baseline": baseline,
+                                 "runs": [{"run_id": r["run_id"]} for r in recs]})
 
 
 def md_row(md: str, start: str) -> str:
@@ -401,8 +402,10 @@ def _index_line(tmp_path: Path, name: str, recs: list[dict]) -> str:
 
 def test_index_names_no_best_for_constant_tied_or_floor_rows(tmp_path):
     everyone_constant = [profile(rec(m, s, cls=0.55), 0.55, 1.0) for m in ("kd", "scd") for s in range(2)]
-    assert "no best: all 2 scored configurations are constant predictors." in _index_line(tmp_path, "allc", everyone_constant)
-    assert read_csv(tmp_path / "allc" / "leaderboard.csv")["kd"]["constant_note"] == "⚠ constant in 2/2 seeds (100% 'pos')"
+    line = _index_line(tmp_path, "allc", everyone_constant)
+    assert "no best: all 2 scored configurations are constant predictors." in line
+    note = read_csv(tmp_path / "allc" / "leaderboard.csv")["kd"]["constant_note"]
+    assert note == "⚠ constant in 2/2 seeds (100% 'pos')"
     tied = [profile(rec(m, 0, cls=0.7), 0.55, 0.6) for m in ("kd", "scd", "aw")]
     tied.append(profile(rec("low", 0, cls=0.6), 0.55, 0.6))
     assert "no best: 3 configurations tie at the top (aw, kd, scd)." in _index_line(tmp_path, "tied", tied)
@@ -435,3 +438,55 @@ def test_unchanged_leaderboard_is_not_rewritten(grid):
     assert json.loads((grid / "leaderboard.json").read_text())["generated"] != "2000-01-01T00:00:00+0000"
     assert (grid / "leaderboard.md").stat().st_mtime_ns != stamps[grid / "leaderboard.md"]
     assert "Updated 2000-01-01" not in (grid.parent / "README.md").read_text()
+
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = sorted(p.parent for p in (REPO / "results").glob("*/leaderboard.csv"))
+
+
+def _share_from_predictions(run_dir: Path, rel: str) -> float | None:
+    """Share of a run's saved predictions on its most predicted label, counted from the jsonl itself."""
+    path = run_dir / rel
+    if not path.exists():
+        return None
+    preds = [json.loads(line)["prediction"] for line in path.read_text().splitlines() if line.strip()]
+    labels = [p for p in preds if isinstance(p, str)]
+    return max(labels.count(lab) for lab in set(labels)) / len(preds) if labels else 0.0
+
+
+@pytest.mark.parametrize("gdir", COMMITTED, ids=[p.name for p in COMMITTED])
+def test_committed_leaderboards_mark_every_constant_run(gdir):
+    """Every committed run that put >= 95% of its predictions on one label (counted from its predictions
+    file) carries the scorer's flag, and its configuration is marked, unranked and not named best in the
+    committed leaderboard.md / .csv / .json and the results index."""
+    records = LB.load_records(gdir)[0]
+    groups = {id(r): g for g in LB.make_groups(records) for r in g.records}
+    rows = {r["config_id"]: r for r in csv.DictReader(io.StringIO((gdir / "leaderboard.csv").read_text()))}
+    md = (gdir / "leaderboard.md").read_text().split("## Other metrics")[0]
+    constant_configs = set()
+    for rec in (r for r in records if r["status"] == "ok"):
+        for task, info in (rec.get("eval_info") or {}).items():
+            if info.get("family") != "classification":
+                continue
+            share = _share_from_predictions(Path(rec["_path"]).parent, info["predictions"])
+            profile = (info.get("extra") or {}).get("accuracy") or {}
+            assert share is not None and profile.get("max_label_share") == pytest.approx(share, abs=1e-6), \
+                f"{rec['_path']}: {task} not rescored (python -m benchmarks.evaluate --rescore)"
+            assert profile["constant"] == (share >= 0.95)
+            if share >= 0.95:
+                constant_configs.add(groups[id(rec)].config_id)
+    for cid in constant_configs:
+        row = rows[cid]
+        assert row["constant"] == "true" and row["rank"] == "", (gdir.name, row["label"])
+        assert f"| — | {row['method']} {row['constant_note']} |" in md
+    assert {cid for cid, r in rows.items() if r["constant"] == "true"} == constant_configs
+    summary = json.loads((gdir / "leaderboard.json").read_text())
+    assert summary["n_constant"] == len(constant_configs)
+    index = (REPO / "results" / "README.md").read_text()
+    line = next(x for x in index.splitlines() if x.startswith(f"- [{gdir.name}]("))
+    if summary["best"]:
+        best = next(r for r in rows.values() if r["label"] == summary["best"]["label"])
+        assert best["config_id"] not in constant_configs and best["rank"] == "1" and float(best["avg_norm"]) > 0
+        assert f"best: {best['label']} (avg" in line
+    else:
+        assert "best:" not in line.replace("no best:", "")

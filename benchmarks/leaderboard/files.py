@@ -9,6 +9,11 @@ from typing import Any, Iterable
 
 from scd.core.results import atomic_write_bytes, atomic_write_json, read_json
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (non-POSIX: no advisory locks)
+    fcntl = None
+
 
 @contextlib.contextmanager
 def file_lock(path: Path):
@@ -16,9 +21,7 @@ def file_lock(path: Path):
 
     The same lock as ``benchmarks.grid.file_lock`` (same flock on the same path), kept here because
     the leaderboard may not import the grid runner, its orchestration peer."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover  (non-POSIX)
+    if fcntl is None:  # pragma: no cover
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -327,12 +327,13 @@ class ClassificationScorer(Scorer):
             bal = float(balanced_accuracy_score(gold, pred_s)) if n else float("nan")
             kappa = float(cohen_kappa_score(gold, pred_s)) if n else float("nan")
         n_gold_labels = len(set(gold)) or 1
-        boot = {"n_boot": self.n_boot, "seed": self.seed}
+        bal_ci = bootstrap_ci(counts, sum_fn=balanced_accuracy_sums(c), n_boot=self.n_boot, seed=self.seed)
+        kappa_ci = bootstrap_ci(counts, sum_fn=kappa_sums(c), n_boot=self.n_boot, seed=self.seed)
         return {
-            "balanced_accuracy": {**metric_entry(bal, n, bootstrap_ci(counts, sum_fn=balanced_accuracy_sums(c), **boot)),
-                                  "higher_is_better": True, "chance": round(1.0 / n_gold_labels, 6), "primary": False},
-            "cohen_kappa": {**metric_entry(kappa, n, bootstrap_ci(counts, sum_fn=kappa_sums(c), **boot)),
-                            "higher_is_better": True, "chance": 0.0, "primary": False},
+            "balanced_accuracy": {**metric_entry(bal, n, bal_ci), "higher_is_better": True,
+                                  "chance": round(1.0 / n_gold_labels, 6), "primary": False},
+            "cohen_kappa": {**metric_entry(kappa, n, kappa_ci), "higher_is_better": True, "chance": 0.0,
+                            "primary": False},
         }
 
 
