@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from benchmarks.tasks.classification import LabelWords, unverbalize, verbalize
+from scd.core.assets import AssetError
 from scd.core.config import (ConfigError, added_field, apply_overrides, from_dict, load_yaml, register_recipe,
                              to_dict)
 from scd.core.registry import did_you_mean
@@ -584,8 +585,10 @@ def rescore_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> list[
     examples are reloaded (same split and limit; ids must match) and scored again.  Metrics the
     run already has must come out identical (else ``ValueError``: the data or the scorer changed);
     metrics it lacks (added to a scorer later, e.g. ``label_nll``) are added to ``eval`` and
-    ``metric_meta``, and ``eval_info[task]["rescored"]`` records when and what.  Returns the
-    added ``task/metric`` keys; run.json is rewritten atomically only when something was added.
+    ``metric_meta``, details it lacks to ``eval_info[task]["extra"]`` (e.g. accuracy's
+    ``max_label_share``; details it has must reproduce too), and ``eval_info[task]["rescored"]``
+    records when and what.  Returns the added ``task/metric`` keys; run.json is rewritten
+    atomically only when something was added.
     """
     from benchmarks.tasks.base import scorer_for
     from scd.core.results import atomic_write_json, read_json
@@ -600,7 +603,7 @@ def rescore_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> list[
         if not pred_path.exists():
             continue
         rows = [json.loads(line) for line in pred_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        examples = load_examples(task, info.get("split", "test"), info.get("limit"))
+        examples, source = _rescore_examples(task, info, rows)
         if [e.get("id") for e in examples] != [r.get("id") for r in rows]:
             raise ValueError(f"{pred_path}: example ids differ from {task} {info.get('split')} "
                              f"(limit {info.get('limit')}): the data changed since the run")
@@ -609,7 +612,8 @@ def rescore_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> list[
         have = rec["eval"].setdefault(task, {})
         new = []
         for name, entry in scores.items():
-            value, meta, _ = _split_entry(entry)
+            value, meta, extra = _split_entry(entry)
+            new += _merge_extra(info, name, extra, f"{run_dir / 'run.json'}: {task}/{name}")
             if name in have:
                 if have[name] != value:
                     raise ValueError(f"{run_dir / 'run.json'}: {task}/{name} re-scores to {value}, "
@@ -619,10 +623,44 @@ def rescore_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> list[
             rec.setdefault("metric_meta", {})[f"{task}/{name}"] = meta
             new.append(name)
         if new:
-            info["rescored"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "added": new}
+            before = (info.get("rescored") or {}).get("added") or []
+            info["rescored"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "added": [*before, *new]}
+            if source:
+                info["rescored"]["examples"] = source
             added += [f"{task}/{m}" for m in new]
     if added:
         atomic_write_json(run_dir / "run.json", rec)
+    return added
+
+
+def _rescore_examples(task: str, info: dict, rows: list[dict]) -> tuple[list[dict], str | None]:
+    """The examples a run scored: its split reloaded; when the task's data is not available here, a
+    likelihood-scored classification run's examples are rebuilt from its saved rows (gold label, label
+    set = the scored labels), and the metrics it has must still re-score identically."""
+    try:
+        return load_examples(task, info.get("split", "test"), info.get("limit")), None
+    except AssetError:
+        if info.get("family") != "classification" or not rows or \
+                not all(isinstance(r.get("logliks"), dict) and "gold" in r for r in rows):
+            raise
+    return [{"id": r.get("id"), "task": task, "family": "classification", "label": r["gold"],
+             "label_set": list(r["logliks"])} for r in rows], "saved predictions (task data not available)"
+
+
+def _merge_extra(info: dict, name: str, extra: Any, where: str) -> list[str]:
+    """Add the keys of a re-scored metric's ``extra`` that ``info["extra"][name]`` lacks (e.g. accuracy's
+    ``max_label_share``); keys it has must re-score to the same value.  Returns the added ``name.key``s."""
+    if not isinstance(extra, dict) or not extra:
+        return []
+    have = info.setdefault("extra", {}).setdefault(name, {})
+    added = []
+    for key, v in json.loads(json.dumps(extra)).items():
+        if key not in have:
+            have[key] = v
+            added.append(f"{name}.{key}")
+        elif have[key] != v:
+            raise ValueError(f"{where}: extra '{key}' re-scores to {v!r}, run.json has {have[key]!r} "
+                             "(scorer or data changed)")
     return added
 
 
@@ -637,7 +675,7 @@ def rescore_main(paths: Sequence[str]) -> int:
     for rd in runs:
         try:
             added = rescore_run(rd)
-        except (ValueError, OSError, KeyError) as e:
+        except (ValueError, OSError, KeyError, AssetError) as e:
             print(f"error: {rd}: {e}", file=sys.stderr)
             bad += 1
             continue
@@ -647,8 +685,6 @@ def rescore_main(paths: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import os
-
-    from scd.core.assets import AssetError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--rescore":

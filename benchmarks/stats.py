@@ -132,3 +132,39 @@ def metric_entry(value: float, n: int, ci: Sequence[float]) -> dict:
         return None if not np.isfinite(v) else round(v, 6)
 
     return {"value": r(value), "n": int(n), "ci": [r(ci[0]), r(ci[1])]}
+
+
+def balanced_accuracy_sums(n_classes: int) -> Callable[[np.ndarray], np.ndarray]:
+    """sum_fn for columns ``[tp_1..tp_C, pred_1..pred_C, gold_1..gold_C]``: (B, 3C) -> (B,).
+
+    Mean recall tp_c / gold_c over the classes with gold examples in the replicate (sklearn's
+    ``balanced_accuracy_score``; predictions outside the label set count as wrong).
+    """
+
+    def fn(sums: np.ndarray) -> np.ndarray:
+        c = n_classes
+        tp, gold = sums[:, :c], sums[:, 2 * c:3 * c]  # each (B, C)
+        present = (gold > 0).astype(np.float64)  # (B, C)
+        return safe_div((safe_div(tp, gold) * present).sum(axis=1), present.sum(axis=1))
+
+    return fn
+
+
+def kappa_sums(n_classes: int) -> Callable[[np.ndarray], np.ndarray]:
+    """sum_fn for columns ``[tp_1..tp_C, pred_1..pred_C, gold_1..gold_C]``: (B, 3C) -> (B,).
+
+    Cohen's kappa (p_o - p_e) / (1 - p_e) with p_o = sum_c tp_c / n and p_e = sum_c pred_c gold_c / n^2
+    (n = gold count; predictions outside the label set agree with nothing); NaN where p_e = 1.
+    """
+
+    def fn(sums: np.ndarray) -> np.ndarray:
+        c = n_classes
+        tp, pred, gold = sums[:, :c], sums[:, c:2 * c], sums[:, 2 * c:3 * c]  # each (B, C)
+        n = gold.sum(axis=1)  # (B,)
+        n2 = np.where(n > 0, n, 1.0)
+        po = tp.sum(axis=1) / n2  # (B,)
+        pe = (pred * gold).sum(axis=1) / n2 ** 2  # (B,)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(pe < 1.0, (po - pe) / (1.0 - pe), np.nan)
+
+    return fn

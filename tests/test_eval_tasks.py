@@ -6,9 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.stats import (bootstrap_ci, f1_from_counts, macro_f1_sums, micro_f1_sums, resample_indices)
+from benchmarks.stats import (balanced_accuracy_sums, bootstrap_ci, f1_from_counts, kappa_sums, macro_f1_sums,
+                              micro_f1_sums, resample_indices)
 from benchmarks.tasks import SCORERS
-from benchmarks.tasks.classification import class_counts, map_label, uniform_guess_macro_f1
+from benchmarks.tasks.classification import class_counts, map_label, prediction_profile, uniform_guess_macro_f1
 from benchmarks.tasks.ner import ner_counts, parse_ner_output
 from benchmarks.tasks.qa import normalize_answer, qa_scores, token_f1
 
@@ -200,6 +201,62 @@ def test_uniform_guess_macro_f1():
     assert uniform_guess_macro_f1(["a", "b", "c", "d"], "abcd") == pytest.approx(0.25)
     # p = (3/4, 1/4), q = 1/2: (2*.75*.5/1.25 + 2*.25*.5/.75) / 2
     assert uniform_guess_macro_f1(["a", "a", "a", "b"], "ab") == pytest.approx((0.6 + 1 / 3) / 2)
+
+
+def test_kappa_and_balanced_accuracy_by_hand():
+    """gold a a a b b c, predictions a a b b (invalid) a over labels a, b, c."""
+    sc = SCORERS.build("classification", n_boot=200, seed=0)
+    exs = [_cls(i, g, "abc") for i, g in enumerate("aaabbc")]
+    preds = sc.predictions_from_outputs(exs, ["a", "a", "b", "b", "no idea", "a"])
+    res = sc.score(exs, preds)
+    # p_o = 3/6; marginals gold (3, 2, 1), predicted (3, 2, 0) + 1 invalid: p_e = (9 + 4 + 0) / 36
+    po, pe = 3 / 6, 13 / 36
+    assert res["cohen_kappa"]["value"] == pytest.approx((po - pe) / (1 - pe), abs=1e-6)  # 5/23
+    assert res["balanced_accuracy"]["value"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3, abs=1e-6)  # recalls a, b, c
+    assert res["cohen_kappa"]["chance"] == 0.0 and res["balanced_accuracy"]["chance"] == pytest.approx(1 / 3, abs=1e-6)
+    for m in ("cohen_kappa", "balanced_accuracy"):
+        lo, hi = res[m]["ci"]
+        assert lo <= res[m]["value"] <= hi and hi - lo > 0.1 and not res[m]["primary"] and res[m]["higher_is_better"]
+    # the bootstrap statistics equal the full-sample values on the full sample
+    counts = class_counts(list("aaabbc"), ["a", "a", "b", "b", None, "a"], list("abc")).sum(0, keepdims=True)
+    assert kappa_sums(3)(counts)[0] == pytest.approx(5 / 23)
+    assert balanced_accuracy_sums(3)(counts)[0] == pytest.approx(7 / 18)
+
+
+def test_kappa_and_balanced_accuracy_sums_equal_sklearn_on_random_labels():
+    from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score
+
+    rng = np.random.default_rng(1)
+    labels = ["x", "y", "z", "w"]
+    for _ in range(5):
+        gold = list(rng.choice(labels[:3], 40))
+        pred = [None if r < 0.1 else labels[k] for r, k in zip(rng.random(40), rng.integers(0, 4, 40))]
+        pred_s = ["\0" if p is None else p for p in pred]
+        counts = class_counts(gold, pred, labels).sum(0, keepdims=True)
+        assert kappa_sums(4)(counts)[0] == pytest.approx(cohen_kappa_score(gold, pred_s))
+        with pytest.warns(UserWarning):  # sklearn: predicted classes absent from gold
+            ref = balanced_accuracy_score(gold, pred_s)
+        assert balanced_accuracy_sums(4)(counts)[0] == pytest.approx(ref)
+
+
+def test_constant_predictor_profile():
+    """12 'a' and 8 'b' gold; 19 of 20 answers 'b': a constant predictor (share 0.95), whatever its accuracy."""
+    gold = ["a"] * 12 + ["b"] * 8
+    prof = prediction_profile(gold, ["b"] * 19 + ["a"], ["a", "b"])
+    assert prof == {"majority_baseline": 0.6, "max_label_share": 0.95, "most_predicted": "b", "constant": True}
+    prof = prediction_profile(gold, ["b"] * 18 + ["a", "a"], ["a", "b"])
+    assert prof["max_label_share"] == 0.9 and not prof["constant"]
+    # invalid answers are nobody's label; ties go to the first label
+    assert prediction_profile(gold, [None] * 20, ["a", "b"])["most_predicted"] is None
+    assert prediction_profile(["a", "b"], ["b", "a"], ["a", "b"])["most_predicted"] == "a"
+    # through the scorer: the profile is accuracy's extra; a constant answer has kappa 0 and balanced accuracy 1/2
+    sc = SCORERS.build("classification", n_boot=50, seed=0)
+    exs = [_cls(i, g) for i, g in enumerate(gold)]
+    res = sc.score(exs, sc.predictions_from_outputs(exs, ["a"] * 20))
+    assert res["accuracy"]["extra"] == {"majority_baseline": 0.6, "max_label_share": 1.0, "most_predicted": "a",
+                                        "constant": True}
+    assert res["accuracy"]["value"] == pytest.approx(0.6) and res["cohen_kappa"]["value"] == 0.0
+    assert res["balanced_accuracy"]["value"] == pytest.approx(0.5)
 
 
 def test_label_nll_by_hand_and_only_with_likelihoods():
@@ -440,3 +497,48 @@ def test_encode_pair_moves_trailing_whitespace(smol_tokenizer):
 
     ctx, cont = encode_pair(smol_tokenizer, "Answer: ", "yes")
     assert smol_tokenizer.decode(ctx) == "Answer:" and smol_tokenizer.decode(cont) == " yes"
+
+
+def test_rescore_adds_the_prediction_profile_and_rebuilds_examples_from_saved_rows(tmp_path, monkeypatch):
+    """A likelihood-scored run made before balanced accuracy, kappa and the prediction profile existed,
+    rescored where its task data is not available: examples come from the saved rows (gold, scored labels),
+    the metrics it has re-score identically, the new ones are added."""
+    import json
+
+    import benchmarks.evaluate as E
+    from scd.core.assets import AssetError
+    from scd.core.results import atomic_write_json, read_json
+
+    sc = SCORERS.build("classification", n_boot=100, seed=0)
+    exs = [_cls(i, g, "abc") for i, g in enumerate("aabbcab")]
+    preds = sc.predictions_from_logliks(exs, [[-1.0, -2.0, -3.0]] * 6 + [[-3.0, -1.0, -2.0]])
+    scores = sc.score(exs, preds)
+    old = {"accuracy", "f1_macro", "invalid_rate", "label_nll"}
+    rec = {"eval": {"c": {m: {k: scores[m][k] for k in ("value", "n", "ci")} for m in old}},
+           "metric_meta": {f"c/{m}": {k: scores[m][k] for k in ("higher_is_better", "chance", "primary")} for m in old},
+           "eval_info": {"c": {"family": "classification", "split": "test", "limit": None, "n_boot": 100,
+                               "boot_seed": 0, "predictions": "predictions/c.jsonl",
+                               "extra": {"accuracy": {"majority_baseline": 0.428571}}}}}
+    atomic_write_json(tmp_path / "run.json", rec)
+    rows = [{**p, "gold": ex["label"]} for ex, p in zip(exs, preds)]
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def unavailable(*a, **k):
+        raise AssetError("raw data for task 'c' not found")
+    monkeypatch.setattr(E, "load_examples", unavailable)
+    added = E.rescore_run(tmp_path)
+    assert added == ["c/accuracy.max_label_share", "c/accuracy.most_predicted", "c/accuracy.constant",
+                     "c/balanced_accuracy", "c/cohen_kappa"]
+    new = read_json(tmp_path / "run.json")
+    info = new["eval_info"]["c"]
+    assert info["extra"]["accuracy"] == {"majority_baseline": round(3 / 7, 6), "max_label_share": round(6 / 7, 6),
+                                         "most_predicted": "a", "constant": False}
+    assert info["rescored"]["examples"].startswith("saved predictions")
+    assert new["eval"]["c"]["cohen_kappa"]["value"] == scores["cohen_kappa"]["value"]
+    assert E.rescore_run(tmp_path) == []  # now up to date
+    # a stored detail that no longer reproduces is an error, like a metric
+    new["eval_info"]["c"]["extra"]["accuracy"]["max_label_share"] = 0.5
+    atomic_write_json(tmp_path / "run.json", new)
+    with pytest.raises(ValueError, match="max_label_share"):
+        E.rescore_run(tmp_path)

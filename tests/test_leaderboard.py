@@ -329,3 +329,164 @@ def test_heatmaps_of_configurations_no_longer_in_the_table_are_removed(grid):
     LB.build_leaderboard(grid)
     assert not stale.exists()
     assert sorted((grid / "figures").glob("cka_*.png")) == [p for p in keep if p != stale]
+
+
+# ------------------------------------------------------------------ honest floors and constant predictors
+def profile(r: dict, majority: float, share: float, label: str = "pos") -> dict:
+    """What the classification scorer stores next to accuracy (eval_info[task].extra.<metric>)."""
+    r["eval_info"] = {"cls": {"family": "classification", "extra": {"acc": {
+        "majority_baseline": majority, "max_label_share": share, "most_predicted": label,
+        "constant": share >= 0.95}}}}
+    return r
+
+
+def plan_for(gdir: Path, recs: list[dict], baseline: str = "kd") -> None:
+    write_runs(gdir, recs, plan={"grid": gdir.name, "baseline": baseline,
+                                 "runs": [{"run_id": r["run_id"]} for r in recs]})
+
+
+def md_row(md: str, start: str) -> str:
+    return next(line for line in md.splitlines() if line.startswith(start))
+
+
+def test_accuracy_is_normalised_against_the_majority_floor(tmp_path):
+    """avg uses the split's majority rate (0.6 here), avg (uniform) the metric's chance 1/|labels| (0.5)."""
+    gdir = tmp_path / "floor"
+    plan_for(gdir, [profile(rec("kd", s, KD["qa"][s], KD["cls"][s]), 0.6, 0.7) for s in range(3)])
+    LB.build_leaderboard(gdir, figures=False)
+    kd = read_csv(gdir / "leaderboard.csv")["kd"]
+    majority = [(q + (c - 0.6) / 0.4) / 2 for q, c in zip(KD["qa"], KD["cls"])]
+    uniform = [ref_avg(q, c) for q, c in zip(KD["qa"], KD["cls"])]
+    assert float(kd["avg_norm"]) == pytest.approx(statistics.mean(majority), abs=1e-6)
+    assert (float(kd["avg_norm_ci_lo"]), float(kd["avg_norm_ci_hi"])) == pytest.approx(ref_boot_ci(majority), abs=1e-6)
+    assert float(kd["avg_norm_uniform"]) == pytest.approx(statistics.mean(uniform), abs=1e-6)
+    assert (float(kd["cls/acc_floor"]), float(kd["cls/acc_chance_uniform"])) == (0.6, 0.5)
+    md = (gdir / "leaderboard.md").read_text()
+    assert "- cls acc: majority floor 0.600; uniform chance 0.500" in md and "avg (uniform)" in md
+    # a model that always answers the majority label scores exactly 0
+    assert LB.run_avg(profile(rec("kd", 0, 0.0, 0.6), 0.6, 1.0), LB.primary_metrics([rec("kd", 0, 0.0, 0.6)])[0]
+                      )[0] == pytest.approx(0.0)
+
+
+def test_constant_predictor_is_marked_and_never_ranked_first_or_best(tmp_path):
+    """The constant configuration has the highest score, yet it is unranked, marked in every table and
+    not named best; one constant seed out of three marks the configuration too."""
+    gdir = tmp_path / "const"
+    recs = [profile(rec("kd", s, KD["qa"][s], KD["cls"][s]), 0.55, 0.6) for s in range(3)]
+    recs += [profile(rec("scd", s, SCD["qa"][s], SCD["cls"][s]), 0.55, 0.97 if s == 1 else 0.7, "neg")
+             for s in range(3)]
+    recs.append(profile(rec("const", 0, 0.9, 0.9), 0.55, 0.991))
+    plan_for(gdir, recs)
+    LB.build_leaderboard(gdir)
+    rows = read_csv(gdir / "leaderboard.csv")
+    assert [(k, r["rank"]) for k, r in rows.items()] == [("kd", "1"), ("const", ""), ("scd", "")]
+    assert rows["const"]["constant"] == "true" and rows["kd"]["constant"] == "false"
+    assert rows["const"]["constant_note"] == "⚠ cls: constant (99% 'pos')"
+    assert rows["scd"]["constant_note"] == "⚠ cls: constant in 1/3 seeds (97% 'neg')"
+    md = (gdir / "leaderboard.md").read_text()
+    main_table = md.split("## Other metrics")[0]
+    assert md_row(main_table, "| — | const ⚠ cls: constant (99% 'pos') |")
+    assert md_row(main_table, "| — | scd ⚠ cls: constant in 1/3 seeds (97% 'neg') |")
+    assert md_row(md.split("## Other metrics")[1], "| const ⚠ cls: constant (99% 'pos') |")
+    summary = json.loads((gdir / "leaderboard.json").read_text())
+    assert summary["best"]["label"] == "kd" and summary["n_constant"] == 2
+    LB.update_index(gdir.parent)
+    assert "2 constant-predictor configs (⚠); best: kd (avg" in (gdir.parent / "README.md").read_text()
+
+
+def _index_line(tmp_path: Path, name: str, recs: list[dict]) -> str:
+    plan_for(tmp_path / name, recs)
+    LB.build_leaderboard(tmp_path / name, figures=False, index=True)
+    return md_row((tmp_path / "README.md").read_text(), f"- [{name}]")
+
+
+def test_index_names_no_best_for_constant_tied_or_floor_rows(tmp_path):
+    everyone_constant = [profile(rec(m, s, cls=0.55), 0.55, 1.0) for m in ("kd", "scd") for s in range(2)]
+    line = _index_line(tmp_path, "allc", everyone_constant)
+    assert "no best: all 2 scored configurations are constant predictors." in line
+    note = read_csv(tmp_path / "allc" / "leaderboard.csv")["kd"]["constant_note"]
+    assert note == "⚠ constant in 2/2 seeds (100% 'pos')"
+    tied = [profile(rec(m, 0, cls=0.7), 0.55, 0.6) for m in ("kd", "scd", "aw")]
+    tied.append(profile(rec("low", 0, cls=0.6), 0.55, 0.6))
+    assert "no best: 3 configurations tie at the top (aw, kd, scd)." in _index_line(tmp_path, "tied", tied)
+    floor = [profile(rec(m, 0, cls=c), 0.55, 0.6) for m, c in (("kd", 0.55), ("scd", 0.5))]
+    floor.append(profile(rec("const", 0, cls=0.9), 0.55, 0.96))
+    line = _index_line(tmp_path, "floor", floor)
+    assert "no best: no configuration scores above the floor (1 constant, 2 at or below it)." in line
+    # the rank-1 row of a tie is still ranked (ties share the rank), just not named best
+    assert [r["rank"] for r in read_csv(tmp_path / "tied" / "leaderboard.csv").values()] == ["1", "1", "1", "4"]
+    assert json.loads((tmp_path / "tied" / "leaderboard.json").read_text())["best"] is None
+
+
+def test_unchanged_leaderboard_is_not_rewritten(grid):
+    LB.main(["--results-dir", str(grid.parent)])
+    files = [grid / f for f in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "runs.parquet")]
+    files += sorted((grid / "figures").glob("*.png")) + [grid.parent / "README.md"]
+    summary = json.loads((grid / "leaderboard.json").read_text())
+    summary["generated"] = "2000-01-01T00:00:00+0000"  # an old build; only the timestamp differs
+    atomic_write_json(grid / "leaderboard.json", summary)
+    LB.update_index(grid.parent)
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    LB.main(["--results-dir", str(grid.parent)])
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    assert "Updated 2000-01-01T00:00:00+0000." in (grid.parent / "README.md").read_text()
+    # a changed run rewrites what depends on it, with a new timestamp
+    r = json.loads((grid / "kd-0-0.001" / "run.json").read_text())
+    r["eval"]["qa"]["f1"]["value"] = 0.55
+    atomic_write_json(grid / "kd-0-0.001" / "run.json", r)
+    LB.main(["--results-dir", str(grid.parent), "--no-figures"])
+    assert json.loads((grid / "leaderboard.json").read_text())["generated"] != "2000-01-01T00:00:00+0000"
+    assert (grid / "leaderboard.md").stat().st_mtime_ns != stamps[grid / "leaderboard.md"]
+    assert "Updated 2000-01-01" not in (grid.parent / "README.md").read_text()
+
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = sorted(p.parent for p in (REPO / "results").glob("*/leaderboard.csv"))
+
+
+def _share_from_predictions(run_dir: Path, rel: str) -> float | None:
+    """Share of a run's saved predictions on its most predicted label, counted from the jsonl itself."""
+    path = run_dir / rel
+    if not path.exists():
+        return None
+    preds = [json.loads(line)["prediction"] for line in path.read_text().splitlines() if line.strip()]
+    labels = [p for p in preds if isinstance(p, str)]
+    return max(labels.count(lab) for lab in set(labels)) / len(preds) if labels else 0.0
+
+
+@pytest.mark.parametrize("gdir", COMMITTED, ids=[p.name for p in COMMITTED])
+def test_committed_leaderboards_mark_every_constant_run(gdir):
+    """Every committed run that put >= 95% of its predictions on one label (counted from its predictions
+    file) carries the scorer's flag, and its configuration is marked, unranked and not named best in the
+    committed leaderboard.md / .csv / .json and the results index."""
+    records = LB.load_records(gdir)[0]
+    groups = {id(r): g for g in LB.make_groups(records) for r in g.records}
+    rows = {r["config_id"]: r for r in csv.DictReader(io.StringIO((gdir / "leaderboard.csv").read_text()))}
+    md = (gdir / "leaderboard.md").read_text().split("## Other metrics")[0]
+    constant_configs = set()
+    for rec in (r for r in records if r["status"] == "ok"):
+        for task, info in (rec.get("eval_info") or {}).items():
+            if info.get("family") != "classification":
+                continue
+            share = _share_from_predictions(Path(rec["_path"]).parent, info["predictions"])
+            profile = (info.get("extra") or {}).get("accuracy") or {}
+            assert share is not None and profile.get("max_label_share") == pytest.approx(share, abs=1e-6), \
+                f"{rec['_path']}: {task} not rescored (python -m benchmarks.evaluate --rescore)"
+            assert profile["constant"] == (share >= 0.95)
+            if share >= 0.95:
+                constant_configs.add(groups[id(rec)].config_id)
+    for cid in constant_configs:
+        row = rows[cid]
+        assert row["constant"] == "true" and row["rank"] == "", (gdir.name, row["label"])
+        assert f"| — | {row['method']} {row['constant_note']} |" in md
+    assert {cid for cid, r in rows.items() if r["constant"] == "true"} == constant_configs
+    summary = json.loads((gdir / "leaderboard.json").read_text())
+    assert summary["n_constant"] == len(constant_configs)
+    index = (REPO / "results" / "README.md").read_text()
+    line = next(x for x in index.splitlines() if x.startswith(f"- [{gdir.name}]("))
+    if summary["best"]:
+        best = next(r for r in rows.values() if r["label"] == summary["best"]["label"])
+        assert best["config_id"] not in constant_configs and best["rank"] == "1" and float(best["avg_norm"]) > 0
+        assert f"best: {best['label']} (avg" in line
+    else:
+        assert "best:" not in line.replace("no best:", "")

@@ -30,6 +30,14 @@ distribution, sum_c 2 p_c q / (p_c + q) / C with q = 1/C, which is 1/C for balan
 classes), ``invalid_rate`` (lower is better; chance 0), and with likelihood or calibrated
 scoring ``label_nll``: the mean of -log softmax_labels(scores)[gold] (lower is better; chance
 log |labels|, the uniform guess), a proper scoring rule that moves before accuracy does.
+Chance-corrected companions of accuracy: ``balanced_accuracy`` (mean recall over the gold
+labels; chance 1/#gold labels, what any constant answer scores) and ``cohen_kappa``
+(agreement beyond the chance agreement of the gold and predicted label marginals; chance 0).
+Accuracy's ``extra`` (run.json ``eval_info[task].extra.accuracy``) profiles the predictions:
+``majority_baseline`` (the accuracy of always answering the most frequent gold label: the
+floor leaderboards normalise accuracy against), ``max_label_share`` and ``most_predicted``
+(the share of all predictions on the most predicted label, and that label) and
+``constant`` (max_label_share >= 0.95: a constant predictor, whatever its accuracy).
 
 Label words (a verbalizer, as in PET, Schick & Schuetze 2021): :class:`LabelWords` shows
 and scores the model on other words for the task's labels (rotten_tomatoes' ``fresh`` /
@@ -44,15 +52,20 @@ from __future__ import annotations
 import dataclasses
 import re
 import unicodedata
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score
 
-from benchmarks.stats import bootstrap_ci, macro_f1_sums, metric_entry
+from benchmarks.stats import balanced_accuracy_sums, bootstrap_ci, kappa_sums, macro_f1_sums, metric_entry
 from benchmarks.tasks.base import SCORERS, Scorer
+from benchmarks.tasks.generate import loglik_choices
+from scd.data.prompts import render_target
 
 INVALID = None
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021, section 5
+CONSTANT_SHARE = 0.95  # a run with at least this share of its predictions on one label is a constant predictor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,8 +225,6 @@ class ClassificationScorer(Scorer):
 
     def candidates(self, example: dict, tokenizer) -> list[str]:
         """The continuation scored for each label (label + end-of-turn text)."""
-        from scd.data.prompts import render_target
-
         return [render_target({**example, "target": lab, "label": lab}, tokenizer) for lab in example["label_set"]]
 
     def predict(self, model, tokenizer, examples, *, shots=(), batch_size=8, max_new_tokens=None,
@@ -222,8 +233,6 @@ class ClassificationScorer(Scorer):
         if scoring == "generate":
             return super().predict(model, tokenizer, examples, shots=shots, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, progress=progress)
-        from benchmarks.tasks.generate import loglik_choices
-
         if not examples:
             return []
         prompts = self.prompts(examples, tokenizer, shots)
@@ -273,8 +282,6 @@ class ClassificationScorer(Scorer):
                 for ex, p in zip(examples, predictions)]
 
     def score(self, examples, predictions) -> dict[str, dict]:
-        from sklearn.metrics import accuracy_score, f1_score
-
         self._check(examples, predictions)
         n = len(examples)
         label_set = list(examples[0]["label_set"]) if examples else []
@@ -290,11 +297,10 @@ class ClassificationScorer(Scorer):
         acc_ci = bootstrap_ci([float(g == p) for g, p in zip(gold, pred_s)], n_boot=self.n_boot, seed=self.seed)
         present = [lab for lab in label_set if lab in gold or lab in pred]
         f1 = float(f1_score(gold, pred_s, labels=present, average="macro", zero_division=0)) if n else float("nan")
-        f1_ci = bootstrap_ci(class_counts(gold, pred, label_set), sum_fn=macro_f1_sums(len(label_set)),
-                             n_boot=self.n_boot, seed=self.seed)
+        counts = class_counts(gold, pred, label_set)  # (n, 3C)
+        f1_ci = bootstrap_ci(counts, sum_fn=macro_f1_sums(len(label_set)), n_boot=self.n_boot, seed=self.seed)
         invalid = [float(p is None) for p in pred]
         inv = self.mean_metric(invalid, higher_is_better=False, chance=0.0, primary=False)
-        majority = max((gold.count(lab) for lab in label_set), default=0) / n if n else float("nan")
         extra = {}
         if n and all(isinstance(p.get("calibrated", p.get("logliks")), dict) for p in predictions):
             # likelihood scoring: the gold label's negative log-probability under the label-set softmax
@@ -303,9 +309,44 @@ class ClassificationScorer(Scorer):
                                                   primary=False)
         return {
             "accuracy": {**metric_entry(acc, n, acc_ci), "higher_is_better": True, "chance": chance_acc,
-                         "primary": True, "extra": {"majority_baseline": round(majority, 6)}},
+                         "primary": True, "extra": prediction_profile(gold, pred, label_set)},
+            **self.chance_corrected(gold, pred_s, counts, label_set),
             "f1_macro": {**metric_entry(f1, n, f1_ci), "higher_is_better": True,
                          "chance": round(uniform_guess_macro_f1(gold, label_set), 6), "primary": False},
             "invalid_rate": inv,
             **extra,
         }
+
+    def chance_corrected(self, gold: list, pred_s: list, counts: np.ndarray, label_set: list) -> dict[str, dict]:
+        """``balanced_accuracy`` (mean recall over the gold labels; a constant answer scores 1/#gold labels)
+        and ``cohen_kappa`` (agreement beyond the chance agreement of the two label marginals; a constant
+        answer scores 0), both by sklearn, with bootstrap CIs from the per-example class counts."""
+        n, c = len(gold), len(label_set)
+        with warnings.catch_warnings():  # invalid answers are a class absent from gold; kappa is 0/0 then
+            warnings.simplefilter("ignore")
+            bal = float(balanced_accuracy_score(gold, pred_s)) if n else float("nan")
+            kappa = float(cohen_kappa_score(gold, pred_s)) if n else float("nan")
+        n_gold_labels = len(set(gold)) or 1
+        bal_ci = bootstrap_ci(counts, sum_fn=balanced_accuracy_sums(c), n_boot=self.n_boot, seed=self.seed)
+        kappa_ci = bootstrap_ci(counts, sum_fn=kappa_sums(c), n_boot=self.n_boot, seed=self.seed)
+        return {
+            "balanced_accuracy": {**metric_entry(bal, n, bal_ci), "higher_is_better": True,
+                                  "chance": round(1.0 / n_gold_labels, 6), "primary": False},
+            "cohen_kappa": {**metric_entry(kappa, n, kappa_ci), "higher_is_better": True, "chance": 0.0,
+                            "primary": False},
+        }
+
+
+def prediction_profile(gold: Sequence[str], pred: Sequence[str | None], label_set: Sequence[str]) -> dict:
+    """What a constant answer scores and how close the predictions are to one:
+    ``majority_baseline`` (accuracy of always answering the most frequent gold label, the floor of
+    accuracy), ``max_label_share`` (share of all predictions on the most predicted label; ties -> the
+    first label of ``label_set``), ``most_predicted`` and ``constant`` (max_label_share >= CONSTANT_SHARE)."""
+    n = len(gold)
+    majority = max((list(gold).count(lab) for lab in label_set), default=0) / n if n else float("nan")
+    per_label = [sum(p == lab for p in pred) for lab in label_set]
+    top = int(np.argmax(per_label)) if per_label else 0
+    share = round(per_label[top] / n, 6) if n and per_label else 0.0
+    return {"majority_baseline": round(majority, 6), "max_label_share": share,
+            "most_predicted": label_set[top] if per_label and per_label[top] else None,
+            "constant": bool(share >= CONSTANT_SHARE)}
