@@ -2,37 +2,12 @@
 unchanged leaderboard leaves a clean checkout: no new timestamps, no rewritten bytes)."""
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from scd.core.locks import file_lock  # noqa: F401  (re-exported for the leaderboard modules)
 from scd.core.results import atomic_write_bytes, atomic_write_json, read_json
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover  (non-POSIX: no advisory locks)
-    fcntl = None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """Exclusive advisory lock (serialises leaderboard writers on a host).
-
-    The same lock as ``benchmarks.grid.file_lock`` (same flock on the same path), kept here because
-    the leaderboard may not import the grid runner, its orchestration peer."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def write_bytes_if_changed(path: Path, data: bytes) -> bool:
