@@ -12,12 +12,13 @@ import dataclasses
 import time
 from pathlib import Path
 
+from benchmarks.evaluate import EvalSpec
 from scd.core.config import register_recipe
 from scd.core.faults import fault_point
 from scd.core.train import (Checkpointer, TrainConfig, autocast, batch_indices, check_finite, collate,
                             finish_run, make_optimizer, peak_memory, resolve_device, seed_everything,
                             start_run, tokenize_sft)
-from scd.data_config import DataConfig, EvalSpec, load_training_pairs
+from scd.data_config import DataConfig, load_training_pairs
 from scd.models import ModelConfig, build_model, save_model
 
 

@@ -34,12 +34,13 @@ import math
 import time
 from pathlib import Path
 
+from benchmarks.evaluate import EvalSpec
 from scd.core.config import register_recipe
 from scd.core.faults import fault_point
 from scd.core.results import atomic_write_json, read_json
 from scd.core.train import (Checkpointer, TrainConfig, collate, finish_run, resolve_device, seed_everything,
                             start_run, tokenize_sft)
-from scd.data_config import DataConfig, EvalSpec, load_training_pairs
+from scd.data_config import DataConfig, load_training_pairs
 from scd.models import ModelConfig, build_model, save_model
 
 CHECKPOINTS = "checkpoints"

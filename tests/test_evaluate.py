@@ -222,7 +222,7 @@ def test_training_recipes_eval_block_takes_label_words(tmp_path, tiny_saved):
     """`eval.prompts` in a training config: validated against eval.tasks, used by the end-of-run
     evaluation, and dropped for tasks a dev-score copy (teacher) does not evaluate."""
     from scd.core.config import ConfigError, from_dict
-    from scd.data_config import EvalSpec
+    from benchmarks.evaluate import EvalSpec
     from scd.models import ModelConfig, build_model
 
     words = {"rotten_tomatoes": {"label_words": {"fresh": "positive", "rotten": "negative"}}}
