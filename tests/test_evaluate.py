@@ -236,3 +236,49 @@ def test_training_recipes_eval_block_takes_label_words(tmp_path, tiny_saved):
     assert res["eval_info"]["rotten_tomatoes"]["label_words"] == {"fresh": "positive", "rotten": "negative"}
     rows = _lines(tmp_path / "predictions" / "rotten_tomatoes.jsonl")
     assert len(rows) == 3 and all(set(r["logliks"]) == {"fresh", "rotten"} for r in rows)
+
+
+def test_one_evaluation_config_for_recipes_and_the_standalone_evaluator():
+    """EvalSpec is the `eval:` block of every training recipe and the base of the standalone EvalConfig:
+    one set of fields, defaults and checks.  Its resolved form at the defaults is pinned: the recipes'
+    run ids hash it."""
+    import dataclasses
+    import typing
+
+    from benchmarks.evaluate import EvalConfig, EvalSpec
+    from scd import recipes
+    from scd.core.config import RECIPES, ConfigError, from_dict, to_dict
+
+    assert to_dict(EvalSpec()) == {"tasks": [], "split": "test", "limit": 200, "shots": 0, "batch_size": 16,
+                                   "scoring": "generate", "max_new_tokens": None, "lm_eval_tasks": []}
+    recipes.ensure_all()
+    for name in ("sft", "teacher", "distill", "unisd", "recovery"):  # the training recipes
+        assert typing.get_type_hints(RECIPES.get(name).config_cls)["eval"] is EvalSpec, name
+    shared = {f.name: f for f in dataclasses.fields(EvalSpec)}
+    standalone = {f.name: f for f in dataclasses.fields(EvalConfig)}
+    assert issubclass(EvalConfig, EvalSpec) and list(standalone)[:len(shared)] == list(shared)
+    assert all(standalone[k].default == f.default for k, f in shared.items())
+    cfg = from_dict(EvalConfig, {"recipe": "evaluate", "tasks": ["rotten_tomatoes"]})
+    assert (cfg.limit, cfg.batch_size) == (200, 16)
+    assert from_dict(EvalConfig, {"tasks": ["rotten_tomatoes"], "limit": None}).limit is None
+    for cls in (EvalSpec, EvalConfig):  # the shared checks apply to both
+        with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+            from_dict(cls, {"batch_size": 0})
+        with pytest.raises(ConfigError, match="scoring"):
+            from_dict(cls, {"scoring": "likelyhood"})
+    with pytest.raises(ConfigError, match="n_boot"):
+        from_dict(EvalConfig, {"n_boot": 0})
+
+
+@pytest.mark.parametrize("module", ["benchmarks.evaluate", "benchmarks.cka"])
+def test_documented_module_commands_start(module):
+    """`python -m benchmarks.evaluate` / `python -m benchmarks.cka` (README) run their package's __main__."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f"usage: python -m {module}")
