@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.tasks.suite import expand_tasks, load_examples, select_shots
+from benchmarks.tasks.suite import expand_tasks, few_shot_examples, task_examples
 
 PREFIX = "scd_"
 EVAL_PREFIX = "lm_eval:"
@@ -71,10 +71,11 @@ def export_task(task: str, out_dir: str | Path, tokenizer, *, split: str = "test
     from benchmarks.tasks.generate import stop_token_ids
     from scd.core.results import atomic_write_text, dumps
 
-    examples = list(examples) if examples is not None else load_examples(task, split, limit)
+    examples = list(examples) if examples is not None else task_examples(task, split, limit)
     family = examples[0]["family"]
     if shot_examples is None:
-        shot_examples = select_shots(task, shots, shot_seed, exclude_ids=[e["id"] for e in examples]) if shots else []
+        shot_examples = (few_shot_examples(task, shots, shot_seed, exclude_ids=[e["id"] for e in examples])
+                         if shots else [])
     scorer = scorer_for(family)
     prompts = scorer.prompts(examples, tokenizer, shot_examples)
     name = lm_eval_name(task)

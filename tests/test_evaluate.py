@@ -166,18 +166,18 @@ def test_label_words_from_config(tmp_path, tiny_saved, capsys):
 
 
 def test_select_shots_deterministic_and_balanced():
-    from benchmarks.evaluate import select_shots
+    from benchmarks.evaluate import few_shot_examples
 
-    a = select_shots("multiemo_en", 4, seed=0)
-    assert [s["id"] for s in a] == [s["id"] for s in select_shots("multiemo_en", 4, seed=0)]
+    a = few_shot_examples("multiemo_en", 4, seed=0)
+    assert [s["id"] for s in a] == [s["id"] for s in few_shot_examples("multiemo_en", 4, seed=0)]
     assert sorted(s["label"] for s in a) == sorted(a[0]["label_set"])  # one per label
     assert all(s["id"].startswith("multiemo_en-train-") for s in a)
-    b = select_shots("multiemo_en", 4, seed=1)
+    b = few_shot_examples("multiemo_en", 4, seed=1)
     assert [s["id"] for s in a] != [s["id"] for s in b]
-    excl = select_shots("multiemo_en", 4, seed=0, exclude_ids=[a[0]["id"]])
+    excl = few_shot_examples("multiemo_en", 4, seed=0, exclude_ids=[a[0]["id"]])
     assert a[0]["id"] not in [s["id"] for s in excl]
-    assert select_shots("wnut16", 0) == []
-    assert len(select_shots("wnut16", 3, seed=0)) == 3
+    assert few_shot_examples("wnut16", 0) == []
+    assert len(few_shot_examples("wnut16", 3, seed=0)) == 3
 
 
 def test_expand_tasks():

@@ -18,9 +18,9 @@ from benchmarks.evaluate.model_io import load_model, resolve_device, run_model_p
 from benchmarks.evaluate.probe import CKAOptions, cka_batches, run_cka
 from benchmarks.evaluate.rescore import rescore_main, rescore_run
 from benchmarks.evaluate.runner import DEFAULT_ROOT, evaluate, merge_into_run, run
-from benchmarks.tasks.suite import FAMILIES, check_prompts, expand_tasks, load_examples, select_shots
+from benchmarks.tasks.suite import FAMILIES, check_prompts, expand_tasks, few_shot_examples, task_examples
 
-__all__ = ["DEFAULT_ROOT", "FAMILIES", "CKAOptions", "EvalConfig", "EvalSpec", "build_config", "check_prompts",
-           "cka_batches", "evaluate", "evaluate_model", "evaluate_task", "expand_tasks", "load_examples",
+__all__ = ["CKAOptions", "DEFAULT_ROOT", "EvalConfig", "EvalSpec", "FAMILIES", "build_config", "check_prompts",
+           "cka_batches", "evaluate", "evaluate_model", "evaluate_task", "expand_tasks", "few_shot_examples",
            "load_model", "main", "make_parser", "merge_into_run", "rescore_main", "rescore_run", "resolve_device",
-           "run", "run_cka", "run_model_path", "select_shots", "slug", "task_file", "write_predictions"]
+           "run", "run_cka", "run_model_path", "slug", "task_examples", "task_file", "write_predictions"]

@@ -24,7 +24,8 @@ Written (atomically; existing entries for other tasks are kept)::
 Tasks may be task names, family names (``qa``, ``ner``, ``classification``) or
 ``all``.  Defaults are those of the one evaluation config (``EvalSpec``): the first 200
 examples (``limit=null``: all), batch size 16.  Few-shot demonstrations are drawn
-deterministically from the task's train split (see ``benchmarks.tasks.suite.select_shots``).  ``--lm-eval`` names go through
+deterministically from the task's train split (see
+``benchmarks.tasks.suite.few_shot_examples``).  ``--lm-eval`` names go through
 :mod:`benchmarks.lmeval_bridge` (suite task names are exported as local lm-eval
 tasks; any other name is an lm-eval task, which needs its dataset hub).
 """

@@ -12,7 +12,7 @@ from benchmarks.evaluate.probe import CKAOptions, run_cka
 from benchmarks.lmeval_bridge import evaluate_lm_eval
 from benchmarks.tasks.base import scorer_for, task_max_new_tokens
 from benchmarks.tasks.classification import LabelWords, unverbalize, verbalize
-from benchmarks.tasks.suite import check_prompts, expand_tasks, load_examples, select_shots
+from benchmarks.tasks.suite import check_prompts, expand_tasks, few_shot_examples, task_examples
 from scd.core.results import atomic_write_text, dumps
 
 
@@ -31,11 +31,11 @@ def evaluate_task(model, tokenizer, task: str, *, split: str = "test", limit: in
     ``prompt``: a classification prompt variant; the model sees and is scored on its label words,
     predictions are mapped back to the task's labels before scoring (see benchmarks.tasks.classification)."""
     t0 = time.time()
-    examples = list(examples) if examples is not None else load_examples(task, split, limit)
+    examples = list(examples) if examples is not None else task_examples(task, split, limit)
     family = examples[0]["family"]
     scorer = scorer_for(family, n_boot=n_boot, seed=seed)
     task_scoring = scoring if scoring in scorer.scorings else "generate"
-    demos = select_shots(task, shots, shot_seed, exclude_ids=[e["id"] for e in examples]) if shots else []
+    demos = few_shot_examples(task, shots, shot_seed, exclude_ids=[e["id"] for e in examples]) if shots else []
     budget = max_new_tokens or task_max_new_tokens(task)
     seen, seen_demos = examples, demos
     if prompt is not None:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from benchmarks.cka import model_cka, plot_cka_heatmap
 from benchmarks.evaluate.model_io import load_model, run_model_path, slug
-from benchmarks.tasks.suite import expand_tasks, load_examples
+from benchmarks.tasks.suite import expand_tasks, task_examples
 from scd.models import check_same_tokenizer
 
 
@@ -53,7 +53,7 @@ def run_cka(model, tokenizer, opts: CKAOptions, *, default_tasks: Sequence[str] 
     per_task = max(1, -(-opts.n_examples // len(tasks)))
     texts = []
     for task in expand_tasks(tasks):
-        texts += [ex["input"] for ex in load_examples(task, opts.split, per_task)]
+        texts += [ex["input"] for ex in task_examples(task, opts.split, per_task)]
     texts = texts[:opts.n_examples]
     device = str(next(model.parameters()).device)
     ref_name = opts.reference

@@ -10,7 +10,7 @@ from typing import Sequence
 from benchmarks.evaluate.model_eval import _split_entry
 from benchmarks.evaluate.model_io import task_file
 from benchmarks.tasks.base import scorer_for
-from benchmarks.tasks.suite import load_examples
+from benchmarks.tasks.suite import task_examples
 from scd.core.results import atomic_write_json, read_json
 
 
@@ -35,7 +35,7 @@ def rescore_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> list[
         if not pred_path.exists():
             continue
         rows = [json.loads(line) for line in pred_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        examples = load_examples(task, info.get("split", "test"), info.get("limit"))
+        examples = task_examples(task, info.get("split", "test"), info.get("limit"))
         if [e.get("id") for e in examples] != [r.get("id") for r in rows]:
             raise ValueError(f"{pred_path}: example ids differ from {task} {info.get('split')} "
                              f"(limit {info.get('limit')}): the data changed since the run")

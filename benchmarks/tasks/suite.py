@@ -35,7 +35,7 @@ def expand_tasks(names: Sequence[str]) -> list[str]:
     return out
 
 
-def load_examples(task: str, split: str, limit: int | None = None) -> list[dict]:
+def task_examples(task: str, split: str, limit: int | None = None) -> list[dict]:
     rows = load_split(task, split, limit=limit)
     if not rows:
         raise ValueError(f"task '{task}' split '{split}' has no examples")
@@ -62,7 +62,7 @@ def _task_seed(task: str, seed: int) -> list[int]:
     return [seed, zlib.crc32(task.encode())]
 
 
-def select_shots(task: str, k: int, seed: int = 0, exclude_ids: Sequence[str] = (),
+def few_shot_examples(task: str, k: int, seed: int = 0, exclude_ids: Sequence[str] = (),
                  pool: Sequence[dict] | None = None) -> list[dict]:
     """``k`` demonstrations from the task's train split, deterministic in (task, seed).
 
@@ -74,7 +74,7 @@ def select_shots(task: str, k: int, seed: int = 0, exclude_ids: Sequence[str] = 
     """
     if k <= 0:
         return []
-    rows = list(pool) if pool is not None else load_examples(task, "train")
+    rows = list(pool) if pool is not None else task_examples(task, "train")
     excl = set(exclude_ids)
     rows = [r for r in rows if r.get("id") not in excl]
     if len(rows) < k:
