@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.tasks.suite import expand_tasks, few_shot_examples, task_examples
+
 PREFIX = "scd_"
 EVAL_PREFIX = "lm_eval:"
 
@@ -65,15 +67,15 @@ def export_task(task: str, out_dir: str | Path, tokenizer, *, split: str = "test
                 shots: int = 0, shot_seed: int = 0, max_new_tokens: int | None = None,
                 examples: Sequence[dict] | None = None, shot_examples: Sequence[dict] | None = None) -> str:
     """Write ``out_dir/<name>/{docs.jsonl, <name>.yaml}`` for one suite task; returns the lm-eval name."""
-    from benchmarks.evaluate import load_examples, select_shots
     from benchmarks.tasks.base import scorer_for, task_max_new_tokens
     from benchmarks.tasks.generate import stop_token_ids
     from scd.core.results import atomic_write_text, dumps
 
-    examples = list(examples) if examples is not None else load_examples(task, split, limit)
+    examples = list(examples) if examples is not None else task_examples(task, split, limit)
     family = examples[0]["family"]
     if shot_examples is None:
-        shot_examples = select_shots(task, shots, shot_seed, exclude_ids=[e["id"] for e in examples]) if shots else []
+        shot_examples = (few_shot_examples(task, shots, shot_seed, exclude_ids=[e["id"] for e in examples])
+                         if shots else [])
     scorer = scorer_for(family)
     prompts = scorer.prompts(examples, tokenizer, shot_examples)
     name = lm_eval_name(task)
@@ -201,7 +203,6 @@ def evaluate_lm_eval(model, tokenizer, names: Sequence[str], *, work_dir: str | 
     """
     import tempfile
 
-    from benchmarks.evaluate import expand_tasks
     from scd.data.tasks import TASKS
 
     t0 = time.time()

@@ -46,13 +46,14 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from benchmarks.evaluate import EvalSpec
 from scd.core.config import register_recipe
 from scd.core.faults import fault_point
 from scd.core.registry import RegistryError
 from scd.core.results import RunDir, atomic_write_text, read_json, read_metrics
 from scd.core.train import (Checkpointer, TrainConfig, autocast, batch_indices, check_finite, collate,
                             finish_run, peak_memory, resolve_device, seed_everything, start_run, tokenize_sft)
-from scd.data_config import DataConfig, EvalSpec, load_training_pairs
+from scd.data_config import DataConfig, load_training_pairs
 from scd.models import ModelConfig, build_model, check_same_tokenizer, load_tokenizer, save_model, torch_dtype
 
 

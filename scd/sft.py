@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.evaluate import EvalSpec
 from scd.core.config import added_field, register_recipe
 from scd.core.engine import Engine, Terms, init_distributed
 from scd.core.results import RunDir
 from scd.core.train import (TrainConfig, collate, finish_run, rank_batches, seed_everything, start_run,
                             tokenize_sft)
-from scd.data_config import DataConfig, EvalSpec, load_training_pairs
+from scd.data_config import DataConfig, load_training_pairs
 from scd.models import ModelConfig, build_model, save_model
 
 

@@ -36,12 +36,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.evaluate import EvalSpec
 from scd.core.config import added_field, register_recipe
 from scd.core.engine import Checkpointer, Engine, barrier, init_distributed
 from scd.core.faults import fault_point
 from scd.core.results import RunDir, atomic_write_json, read_json
 from scd.core.train import TrainConfig, collate, finish_run, seed_everything, start_run, tokenize_sft
-from scd.data_config import DataConfig, EvalSpec, load_training_pairs
+from scd.data_config import DataConfig, load_training_pairs
 from scd.losses import ce_per_token, seq_mean
 from scd.models import ModelConfig, build_model, save_model
 from scd.schedule import SAVE_SCHEDULES, Manifest, ManifestError, save_steps

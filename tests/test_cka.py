@@ -457,3 +457,24 @@ def test_bench_cka_smoke(tmp_path, capsys):
     bench_cka.main(["--n", "100", "--layers", "2", "--dim", "8", "--max-gram-gb", "1e-6", "--out", str(out)])
     row = json.loads(out.read_text())["rows"][0]
     assert row["gram_s"] is None and "GiB" in row["gram_skipped"]
+
+
+def test_cli_writes_matrix_and_heatmap(tmp_path, smol_tokenizer):
+    """`python -m benchmarks.cka` (benchmarks.cka.cli.main) on the tiny model against itself: every
+    matched layer pair has CKA 1, the json names the layers and counts the real tokens."""
+    import json
+
+    from benchmarks.cka.cli import main
+
+    texts = ["the film is a delight", "a dull, lifeless mess", "not bad at all", "I would watch it again"]
+    src = tmp_path / "texts.jsonl"
+    src.write_text("".join(json.dumps({"input": t}) + "\n" for t in texts))
+    out = tmp_path / "out"
+    assert main(["--model-a", "tiny", "--model-b", "tiny", "--texts", str(src), "--out", str(out),
+                 "--batch-size", "2", "--device", "cpu"]) == 0
+    res = json.loads((out / "cka.json").read_text())
+    n_layers = len(res["layers_a"])
+    assert res["layers_a"] == res["layers_b"] == list(range(1, n_layers + 1))
+    assert res["matched"] == pytest.approx([1.0] * n_layers, abs=1e-9)
+    assert res["n"] == sum(len(smol_tokenizer(t)["input_ids"]) for t in texts) and res["n_texts"] == 4
+    assert (out / "cka.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -169,20 +169,20 @@ def test_label_words_from_config(tmp_path, tiny_saved, capsys):
 
 
 def test_select_shots_deterministic_and_balanced():
-    from benchmarks.evaluate import select_shots
+    from benchmarks.evaluate import few_shot_examples
 
     if unavailable_reason("multiemo_en"):
         pytest.skip(unavailable_reason("multiemo_en"))
-    a = select_shots("multiemo_en", 4, seed=0)
-    assert [s["id"] for s in a] == [s["id"] for s in select_shots("multiemo_en", 4, seed=0)]
+    a = few_shot_examples("multiemo_en", 4, seed=0)
+    assert [s["id"] for s in a] == [s["id"] for s in few_shot_examples("multiemo_en", 4, seed=0)]
     assert sorted(s["label"] for s in a) == sorted(a[0]["label_set"])  # one per label
     assert all(s["id"].startswith("multiemo_en-train-") for s in a)
-    b = select_shots("multiemo_en", 4, seed=1)
+    b = few_shot_examples("multiemo_en", 4, seed=1)
     assert [s["id"] for s in a] != [s["id"] for s in b]
-    excl = select_shots("multiemo_en", 4, seed=0, exclude_ids=[a[0]["id"]])
+    excl = few_shot_examples("multiemo_en", 4, seed=0, exclude_ids=[a[0]["id"]])
     assert a[0]["id"] not in [s["id"] for s in excl]
-    assert select_shots("wnut16", 0) == []
-    assert len(select_shots("wnut16", 3, seed=0)) == 3
+    assert few_shot_examples("wnut16", 0) == []
+    assert len(few_shot_examples("wnut16", 3, seed=0)) == 3
 
 
 def test_expand_tasks():
@@ -227,7 +227,7 @@ def test_training_recipes_eval_block_takes_label_words(tmp_path, tiny_saved):
     """`eval.prompts` in a training config: validated against eval.tasks, used by the end-of-run
     evaluation, and dropped for tasks a dev-score copy (teacher) does not evaluate."""
     from scd.core.config import ConfigError, from_dict
-    from scd.data_config import EvalSpec
+    from benchmarks.evaluate import EvalSpec
     from scd.models import ModelConfig, build_model
 
     words = {"rotten_tomatoes": {"label_words": {"fresh": "positive", "rotten": "negative"}}}
@@ -241,3 +241,49 @@ def test_training_recipes_eval_block_takes_label_words(tmp_path, tiny_saved):
     assert res["eval_info"]["rotten_tomatoes"]["label_words"] == {"fresh": "positive", "rotten": "negative"}
     rows = _lines(tmp_path / "predictions" / "rotten_tomatoes.jsonl")
     assert len(rows) == 3 and all(set(r["logliks"]) == {"fresh", "rotten"} for r in rows)
+
+
+def test_one_evaluation_config_for_recipes_and_the_standalone_evaluator():
+    """EvalSpec is the `eval:` block of every training recipe and the base of the standalone EvalConfig:
+    one set of fields, defaults and checks.  Its resolved form at the defaults is pinned: the recipes'
+    run ids hash it."""
+    import dataclasses
+    import typing
+
+    from benchmarks.evaluate import EvalConfig, EvalSpec
+    from scd import recipes
+    from scd.core.config import RECIPES, ConfigError, from_dict, to_dict
+
+    assert to_dict(EvalSpec()) == {"tasks": [], "split": "test", "limit": 200, "shots": 0, "batch_size": 16,
+                                   "scoring": "generate", "max_new_tokens": None, "lm_eval_tasks": []}
+    recipes.ensure_all()
+    for name in ("sft", "teacher", "distill", "unisd", "recovery"):  # the training recipes
+        assert typing.get_type_hints(RECIPES.get(name).config_cls)["eval"] is EvalSpec, name
+    shared = {f.name: f for f in dataclasses.fields(EvalSpec)}
+    standalone = {f.name: f for f in dataclasses.fields(EvalConfig)}
+    assert issubclass(EvalConfig, EvalSpec) and list(standalone)[:len(shared)] == list(shared)
+    assert all(standalone[k].default == f.default for k, f in shared.items())
+    cfg = from_dict(EvalConfig, {"recipe": "evaluate", "tasks": ["rotten_tomatoes"]})
+    assert (cfg.limit, cfg.batch_size) == (200, 16)
+    assert from_dict(EvalConfig, {"tasks": ["rotten_tomatoes"], "limit": None}).limit is None
+    for cls in (EvalSpec, EvalConfig):  # the shared checks apply to both
+        with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+            from_dict(cls, {"batch_size": 0})
+        with pytest.raises(ConfigError, match="scoring"):
+            from_dict(cls, {"scoring": "likelyhood"})
+    with pytest.raises(ConfigError, match="n_boot"):
+        from_dict(EvalConfig, {"n_boot": 0})
+
+
+@pytest.mark.parametrize("module", ["benchmarks.evaluate", "benchmarks.cka"])
+def test_documented_module_commands_start(module):
+    """`python -m benchmarks.evaluate` / `python -m benchmarks.cka` (README) run their package's __main__."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f"usage: python -m {module}")

@@ -29,10 +29,10 @@ def lively(smol_tokenizer):
 
 
 def test_export_yaml(tmp_path, smol_tokenizer):
-    from benchmarks.evaluate import load_examples
+    from benchmarks.evaluate import task_examples
     from benchmarks.lmeval_bridge import export_task
 
-    ex = load_examples("rotten_tomatoes", "test", 4)
+    ex = task_examples("rotten_tomatoes", "test", 4)
     name = export_task("rotten_tomatoes", tmp_path, smol_tokenizer, examples=ex, shots=1)
     cfg = yaml.safe_load((tmp_path / name / f"{name}.yaml").read_text())
     assert cfg["output_type"] == "multiple_choice" and cfg["dataset_path"] == "json"
@@ -43,7 +43,7 @@ def test_export_yaml(tmp_path, smol_tokenizer):
 
 
 def test_suite_and_lm_eval_agree(tmp_path, lively):
-    from benchmarks.evaluate import load_examples
+    from benchmarks.evaluate import task_examples
     from benchmarks.lmeval_bridge import export_task, results_to_eval, run_lm_eval
     from benchmarks.tasks import SCORERS
     from scd.core.results import new_run_record, validate_run_record
@@ -51,8 +51,8 @@ def test_suite_and_lm_eval_agree(tmp_path, lively):
     if unavailable_reason("disfl_qa"):
         pytest.skip(unavailable_reason("disfl_qa"))
     model, tok = lively
-    cls = load_examples("rotten_tomatoes", "test", 8)
-    qa = load_examples("disfl_qa", "test", 4)
+    cls = task_examples("rotten_tomatoes", "test", 8)
+    qa = task_examples("disfl_qa", "test", 4)
     names = {"rotten_tomatoes": export_task("rotten_tomatoes", tmp_path, tok, examples=cls),
              "disfl_qa": export_task("disfl_qa", tmp_path, tok, examples=qa, max_new_tokens=8)}
     res = run_lm_eval(model, tok, list(names.values()), include_path=tmp_path, batch_size=4)

@@ -50,12 +50,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.evaluate import EvalSpec
 from scd.core.config import register_recipe
 from scd.core.results import atomic_write_json, read_json
 from scd.core.train import (Checkpointer, TrainConfig, autocast, batch_indices, check_finite, collate,
                             finish_run, make_optimizer, peak_memory, resolve_device, seed_everything,
                             start_run, tokenize_sft)
-from scd.data_config import DataConfig, EvalSpec
+from scd.data_config import DataConfig
 from scd.models import ModelConfig, build_model, save_model
 
 RECOVERY_METHODS = ("none", "sd", "sft")

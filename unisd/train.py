@@ -31,10 +31,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.evaluate import EvalSpec
 from scd.core.config import register_recipe
 from scd.core.train import (Checkpointer, TrainConfig, autocast, batch_indices, check_finite, finish_run,
                             make_optimizer, peak_memory, resolve_device, seed_everything, start_run)
-from scd.data_config import DataConfig, EvalSpec, load_examples
+from scd.data_config import DataConfig, load_examples
 from scd.models import ModelConfig, build_model, save_model
 from unisd.components.base import build_components, components_table, load_plugins, needs_of
 

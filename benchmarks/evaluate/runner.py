@@ -1,0 +1,106 @@
+"""Evaluate a run directory or a model into run.json; the ``evaluate`` recipe entry (``scd run``)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.evaluate.config import EvalConfig
+from benchmarks.evaluate.model_eval import evaluate_model
+from benchmarks.evaluate.model_io import load_model, resolve_device, run_model_path, slug
+from scd.core.config import ConfigError, register_recipe, to_dict
+from scd.core.results import atomic_write_json, config_hash, new_run_record, read_json, validate_run_record
+from scd.models import resolve
+
+DEFAULT_ROOT = Path("results") / "eval"
+
+
+def merge_into_run(run_json: Path, result: dict) -> dict:
+    """Merge eval/metric_meta/eval_info/cka into an existing run.json, atomically."""
+    rec = read_json(run_json)
+    for key in ("eval", "metric_meta", "eval_info", "cka"):
+        if key in result:
+            cur = rec.get(key) or {}
+            cur.update(result[key])
+            rec[key] = cur
+    validate_run_record(rec, str(run_json))
+    atomic_write_json(run_json, rec)
+    return rec
+
+
+def _fresh_record(cfg: EvalConfig, target: str, model_path: str) -> dict:
+    rec = new_run_record(run_id=config_hash({"model": target}), grid=None, method=slug(target), seed=cfg.seed,
+                         recipe="evaluate", config={**to_dict(cfg), "model": target})
+    rec["artifacts"] = {"model": model_path}
+    return rec
+
+
+def evaluate(cfg: EvalConfig, target: str | None = None, run_dir: str | Path | None = None) -> Path:
+    """Evaluate ``target`` (run dir or model; default ``cfg.model``).  Returns the run dir written."""
+    target = target or cfg.model
+    if not target:
+        raise ConfigError("nothing to evaluate: pass RUN_DIR_OR_MODEL (or set `model:` in the config)")
+    if not cfg.tasks and not cfg.lm_eval_tasks and cfg.cka.reference is None:
+        raise ConfigError("no tasks: pass --tasks (or set `tasks:` / `lm_eval_tasks:` in the config)")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    tpath = Path(target).expanduser()
+    if (tpath / "run.json").exists():
+        if cfg.out or run_dir:
+            out = Path(run_dir or cfg.out)
+            if out.resolve() != tpath.resolve():
+                raise ConfigError(f"{target} is a run directory: its results go into {tpath}/run.json; "
+                                  "drop --out")
+        out = tpath
+        model_path = str(run_model_path(tpath))
+        fresh = None
+    else:
+        model_path = resolve(target)
+        out = Path(run_dir or cfg.out or DEFAULT_ROOT / f"{slug(target)}-{config_hash({'model': target}, 8)}")
+        fresh = None if (out / "run.json").exists() else _fresh_record(cfg, target, model_path)
+    model, tok = load_model(model_path, cfg.dtype, device)
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh is not None:
+        fresh["status"] = "running"
+        atomic_write_json(out / "run.json", fresh)
+    t0 = time.time()
+    try:
+        result = evaluate_model(model, tok, tasks=cfg.tasks, split=cfg.split, limit=cfg.limit, shots=cfg.shots,
+                                shot_seed=cfg.shot_seed, batch_size=cfg.batch_size, scoring=cfg.scoring,
+                                max_new_tokens=cfg.max_new_tokens, lm_eval_tasks=cfg.lm_eval_tasks,
+                                lm_eval_limit=cfg.lm_eval_limit, out_dir=out, n_boot=cfg.n_boot, seed=cfg.seed,
+                                progress=cfg.progress, cka=cfg.cka, prompts=cfg.prompts)
+    except BaseException as e:
+        if fresh is not None:  # our own run.json: record the failure (a trained run's status is left alone)
+            rec = read_json(out / "run.json")
+            rec.update(status="failed", error=f"{type(e).__name__}: {e}",
+                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            atomic_write_json(out / "run.json", rec)
+        raise
+    for info in result["eval_info"].values():
+        info.setdefault("device", device)
+        info.setdefault("threads", torch.get_num_threads() if device == "cpu" else None)
+    rec = merge_into_run(out / "run.json", result)
+    if fresh is not None:
+        rec["status"] = "ok"
+        rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        rec.setdefault("train", {})
+        rec["eval_wall_s"] = round(time.time() - t0, 2)
+        atomic_write_json(out / "run.json", rec)
+    return out
+
+
+def run(cfg: EvalConfig, run_dir: Path) -> dict:
+    """Recipe entry (``python -m scd run configs/eval/x.yaml``): evaluate ``cfg.model``
+    into ``run_dir``, or the run at ``run_dir`` itself when ``cfg.model`` is unset."""
+    run_dir = Path(run_dir)
+    if cfg.model is None:
+        out = evaluate(cfg, str(run_dir))
+    else:
+        out = evaluate(cfg, cfg.model, run_dir=run_dir)
+    return read_json(out / "run.json")
+
+
+register_recipe("evaluate", EvalConfig, run)
