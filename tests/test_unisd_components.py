@@ -280,7 +280,7 @@ def test_feature_matching_value_against_loops():
     ctx.student = type("S", (), {"hidden_states": hs})()
     loss = comp.loss_terms(ctx, Targets(logits=None, hidden_states=ht))["feature_matching"]
     expect = _fm_reference(hs, ht, mask, [(0, 1), (2, 2)], 0.3, 4, projs)
-    assert float(loss) == pytest.approx(expect, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(expect, rel=1e-5)
     # the logged mse is the unweighted mean over this micro-batch's sequences
     assert logged["feature_matching/mse"] == pytest.approx(expect / 0.3 * 4 / 3, rel=1e-5)
     # equal widths, final layer, no projection: weight * masked MSE of the last states
