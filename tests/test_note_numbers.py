@@ -51,3 +51,14 @@ def test_auc_and_best_threshold_against_independent_references():
     # hand case: perfectly separable, and all-equal scores (only the constant rules remain)
     assert N.best_threshold_accuracy([0.1, 0.2, 0.9], [False, False, True]) == 1.0
     assert N.best_threshold_accuracy([0.5, 0.5, 0.5], [True, False, False]) == pytest.approx(2 / 3)
+
+
+def test_committed_prediction_paths_exist():
+    # the raw files the notes are recomputed from: every run.json points at predictions that exist
+    import json
+
+    runs = sorted((N.REPO / "results").rglob("run.json"))
+    paths = [(p, i["predictions"]) for p in runs
+             for i in (json.loads(p.read_text()).get("eval_info") or {}).values() if i.get("predictions")]
+    assert len(paths) >= 100
+    assert [(str(p), rel) for p, rel in paths if not (p.parent / rel).is_file()] == []
