@@ -11,8 +11,9 @@ the same string.  Conventions (student ``S``, teacher ``T``, per token, over the
                   the mixture computed in log space (logaddexp).  By this definition it is
                   0 at beta = 0 and at beta = 1 (M equals one of the two distributions and
                   the other term has weight 0).  TRL and UniSD (arXiv 2605.06597) *special-case*
-                  the endpoints as forward (0) / reverse (1) KL; callers that want that
-                  mapping pick ``forward_kl`` / ``reverse_kl`` by name instead.
+                  the endpoints as forward (0) / reverse (1) KL, so a config asking for
+                  ``jsd`` at beta 0 or 1 would train with a zero KD term here:
+                  ``resolve_divergence`` rejects it and names ``forward_kl`` / ``reverse_kl``.
 * ``skew_kl``     KL(p_T || lam p_T + (1 - lam) p_S)               (DistiLLM, Ko et al. 2024,
 * ``skew_rkl``    KL(p_S || (1 - lam) p_T + lam p_S)                arXiv 2402.03898), lam = 0.1
 * ``ce``          hard-label cross-entropy (``ce_per_token``; not a divergence).
@@ -195,7 +196,23 @@ def resolve_divergence(name: str, params: dict[str, Any] | None = None) -> tuple
         if key not in accepted:
             hint = f"; accepted: {', '.join(accepted)}" if accepted else "; it takes no parameters"
             raise ValueError(f"loss '{name}' got unknown parameter '{key}'{hint}")
+    _check_degenerate(name, params)
     return fn, params
+
+
+def _check_degenerate(name: str, params: dict[str, Any]) -> None:
+    """Reject parameters that make a divergence identically 0 (a run with no KD signal).
+
+    GKD's jsd is 0 at beta 0 and beta 1; TRL and UniSD read those endpoints as forward /
+    reverse KL, so a config written for them would silently train on the label loss only.
+    """
+    if name != "jsd" or "beta" not in params:
+        return
+    beta = _check_unit("jsd beta", params["beta"])
+    if beta in (0.0, 1.0):
+        kl = "forward_kl" if beta == 0.0 else "reverse_kl"
+        raise ValueError(f"loss 'jsd' with beta {beta:g} is identically 0 (no distillation signal; "
+                         f"TRL reads this endpoint as {kl}): use forward_kl / reverse_kl instead")
 
 
 def _check_temperature(temperature: float) -> float:

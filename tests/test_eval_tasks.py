@@ -108,6 +108,36 @@ def test_parse_ner_output():
     assert bad["failed"] and bad["tags"] == ["O", "O"]
     miss = parse_ner_output("person: Mary", ["John"])  # parsed but not in the sentence
     assert not miss["failed"] and miss["unplaced"] == 1 and miss["tags"] == ["O"]
+    assert miss["unplaced_types"] == ["person"]
+    # the second "John" has no unused span left: unplaced, in predicted order
+    two = parse_ner_output("person: John; geo-loc: Oslo; person: John; org: lives", ["John", "lives"])
+    assert two["tags"] == ["B-person", "B-org"] and two["unplaced_types"] == ["geo-loc", "person"]
+
+
+def test_ner_unplaced_entities_are_false_positives():
+    # hand counts: sentence 0 has 2 gold, 2 placed correct + 1 hallucinated person;
+    # sentence 1 has no gold and 1 hallucinated company
+    examples = [_ner(0, ["John", "lives", "in", "Paris"], ["B-person", "O", "O", "B-geo-loc"]),
+                _ner(1, ["hello", "world"], ["O", "O"])]
+    outputs = ["person: John; geo-loc: Paris; person: Mary", "company: Acme"]
+    sc = SCORERS.build("ner", n_boot=200, seed=0)
+    preds = sc.predictions_from_outputs(examples, outputs)
+    assert [p["unplaced_types"] for p in preds] == [["person"], ["company"]]
+    res = sc.score(examples, preds)
+    # tp 2, predicted 2 + 1 + 1 = 4, gold 2 -> F1 = 2 * 2 / (4 + 2) (was 1.0 when they were dropped)
+    assert res["f1_micro"]["value"] == pytest.approx(4 / 6, abs=1e-6)
+    # person: tp 1, pred 2, gold 1 -> 2/3; geo-loc 1; company: tp 0, pred 1 -> 0; macro = 5/9
+    assert res["f1_macro"]["value"] == pytest.approx(5 / 9, abs=1e-6)
+    extra = res["f1_micro"]["extra"]
+    assert extra["unplaced_rate"] == pytest.approx(2 / 4) and extra["n_unplaced_entities"] == 2
+    assert extra["n_pred_entities"] == 4 and extra["n_gold_entities"] == 2
+    assert extra["per_type"]["person"] == {"precision": 0.5, "recall": 1.0, "f1-score": round(2 / 3, 6), "support": 1}
+    assert extra["per_type"]["company"] == {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 0}
+    rows = sc.per_example(examples, preds)
+    assert [(r["tp"], r["n_pred"], r["n_gold"]) for r in rows] == [(2, 3, 2), (0, 1, 0)]
+    # predictions stored before unplaced types were recorded are re-parsed from their output
+    old = [{k: v for k, v in p.items() if k != "unplaced_types"} for p in preds]
+    assert sc.score(examples, old)["f1_micro"]["value"] == pytest.approx(4 / 6, abs=1e-6)
 
 
 def test_ner_scores_by_hand():
@@ -124,6 +154,12 @@ def test_ner_scores_by_hand():
     assert per_type["company"]["f1-score"] == pytest.approx(1.0) and per_type["product"]["support"] == 1
     for m in res.values():
         assert m["ci"][0] <= m["value"] <= m["ci"][1] and m["n"] == 4
+    # nothing unplaced here: the same as seqeval on the placed tags
+    from seqeval.metrics import f1_score
+
+    gold, tags = [ex["tags"] for ex in NER_EXAMPLES], [p["tags"] for p in preds]
+    assert res["f1_micro"]["value"] == pytest.approx(f1_score(gold, tags, average="micro"), abs=1e-6)
+    assert res["f1_macro"]["value"] == pytest.approx(f1_score(gold, tags, average="macro"), abs=1e-6)
 
 
 def test_ner_counts_match_seqeval():

@@ -11,9 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from scd.core.registry import RegistryError, registry
+from scd.distill import LossConfig as DistillLossConfig
 from scd.losses import (DIVERGENCES, LOGP_FLOOR, TopKTeacher, ce_per_token, chunked_divergence,
-                        divergence_names, kl_divergence, per_token_divergence, reduce_sequences,
-                        reduce_tokens, seq_mean, teacher_topk, token_mask, topk_divergence)
+                        divergence_names, jsd, kl_divergence, per_token_divergence, reduce_sequences,
+                        reduce_tokens, resolve_divergence, seq_mean, teacher_topk, token_mask,
+                        topk_divergence)
+from unisd.train import LossConfig as UnisdLossConfig
 
 D = torch.float64
 P_T = [0.7, 0.2, 0.1]  # teacher
@@ -92,9 +95,10 @@ def test_reverse_is_forward_with_arguments_swapped():
 
 def test_jsd_limits_symmetry_and_bound():
     s, t = _rand(seed=2, scale=4.0)
-    # GKD's definition (METHODS.md section 4): 0 at beta = 0 and beta = 1
+    # GKD's definition (METHODS.md section 4): the pure function is 0 at beta = 0 and beta = 1
+    # (a config asking for these endpoints is rejected, see test_jsd_endpoints_rejected)
     for beta in (0.0, 1.0):
-        assert torch.equal(per_token_divergence("jsd", s, t, beta=beta), torch.zeros(6, dtype=D))
+        assert torch.equal(jsd(s, t, beta=beta), torch.zeros(6, dtype=D))
     # continuous towards the limits: JSD_beta ~ beta * const near 0
     small = per_token_divergence("jsd", s, t, beta=1e-6)
     assert (small.abs() < 1e-4).all() and (small > 0).all()
@@ -110,6 +114,25 @@ def test_jsd_limits_symmetry_and_bound():
     m = 0.7 * ps + 0.3 * pt
     ref = 0.3 * (pt * (pt / m).log()).sum(-1) + 0.7 * (ps * (ps / m).log()).sum(-1)
     assert torch.allclose(per_token_divergence("jsd", s, t, beta=0.3), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta,hint", [(0.0, "forward_kl"), (1.0, "reverse_kl"), (0, "forward_kl"), (1, "reverse_kl")])
+def test_jsd_endpoints_rejected(beta, hint):
+    # TRL maps jsd beta 0 / 1 to forward / reverse KL; here they would train with a zero KD term
+    msg = rf"beta {beta:g} is identically 0.*{hint}.*use forward_kl / reverse_kl"
+    with pytest.raises(ValueError, match=msg):
+        resolve_divergence("jsd", {"beta": beta})
+    with pytest.raises(ValueError, match=msg):
+        per_token_divergence("jsd", *_rand(), beta=beta)
+    with pytest.raises(ValueError, match=msg):  # the staged-distillation config, at load time
+        DistillLossConfig(divergence="jsd", params={"beta": beta})
+    with pytest.raises(ValueError, match=msg):  # the self-distillation config with a named divergence
+        UnisdLossConfig(divergence="jsd", params={"beta": beta})
+    # interior values and the default stay accepted; UniSD's alpha endpoints map to KL by name
+    assert resolve_divergence("jsd", {"beta": 0.5})[1] == {"beta": 0.5}
+    assert resolve_divergence("jsd", {})[1] == {}
+    DistillLossConfig(divergence="jsd", params={"beta": 0.9})
+    UnisdLossConfig(divergence="alpha", alpha=float(beta))
 
 
 def test_skew_limits():

@@ -305,8 +305,10 @@ def test_recipe_none_and_forget(tmp_path):
                                    "options": {"tasks": ["wnut16"], "limit_per_task": 8, "lr": 1e-2,
                                                "batch_size": 2, "max_len": 64}})
     rec = R.run(cfg, tmp_path / "n")
-    assert rec["recovery"]["budget_steps"] == 0 and rec["train"]["tokens"] == 0
+    assert rec["recovery"]["budget_steps"] == 0 and rec["train"]["tokens"] == 0 and rec["train"]["steps"] == 0
     assert rec["eval"] == rec["eval_before"]
+    for info in rec["eval_info"].values():  # the degraded model's predictions, written under before/
+        assert info["predictions"].startswith("before/") and (tmp_path / "n" / info["predictions"]).is_file()
     assert rec["kl_to_original"]["before"] == rec["kl_to_original"]["after"] > 0  # forgetting moved the model
     assert rec["degradation"]["summary"]["constraint"] == "none"
 

@@ -242,6 +242,80 @@ def test_feature_matching_component(smol_tokenizer):
     _feature_component_case(smol_tokenizer)
 
 
+def _fm_reference(hs, ht, mask, pairs, weight, n_total, projs=None):
+    """Feature-matching loss by plain loops in float64: for each (student, teacher) layer pair
+    and each sequence, the mean over its masked tokens of mean_h (W s - t)^2; summed over
+    sequences / n_total; averaged over pairs; times weight."""
+    total = 0.0
+    for k, (i, j) in enumerate(pairs):
+        s, t = hs[i].detach().double(), ht[j].double()
+        if projs is not None:
+            s = s @ projs[k].detach().double().T
+        pair = 0.0
+        for b in range(s.shape[0]):
+            toks = [float(((s[b, l] - t[b, l]) ** 2).mean()) for l in range(s.shape[1]) if mask[b, l]]
+            pair += sum(toks) / max(len(toks), 1)
+        total += pair / n_total
+    return weight * total / len(pairs)
+
+
+def test_feature_matching_value_against_loops():
+    from unisd.components.feature_matching import FeatureMatching
+
+    torch.manual_seed(3)
+    comp = build_component("feature_matching", {"weight": 0.3, "layers": [0, 2], "teacher_layers": [1, -1]})
+    assert isinstance(comp, FeatureMatching)
+    ctx = type("Ctx", (), {})()
+    ctx.model = type("M", (), {"config": type("C", (), {"hidden_size": 8})()})()
+    ctx.teacher = type("T", (), {"config": type("C", (), {"hidden_size": 5})()})()
+    ctx.device, ctx.n_seq_total, logged = torch.device("cpu"), 4, {}  # a micro-batch of 3 of 4 sequences
+    ctx.log = lambda name, value: logged.__setitem__(name, float(torch.as_tensor(value).detach()))
+    comp.setup(ctx)
+    projs = [comp.projections["0_1"].weight, comp.projections["2_m1"].weight]  # [5, 8] each
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0]])  # the last sequence has no completion
+    ctx.batch = type("B", (), {"loss_mask": mask, "examples": [0, 1, 2]})()
+    hs = tuple(torch.randn(3, 4, 8) for _ in range(3))
+    ht = tuple(torch.randn(3, 4, 5) for _ in range(3))
+    hs[0][0, 3] = float("nan")  # padding may hold anything
+    ctx.student = type("S", (), {"hidden_states": hs})()
+    loss = comp.loss_terms(ctx, Targets(logits=None, hidden_states=ht))["feature_matching"]
+    expect = _fm_reference(hs, ht, mask, [(0, 1), (2, 2)], 0.3, 4, projs)
+    assert float(loss.detach()) == pytest.approx(expect, rel=1e-5)
+    # the logged mse is the unweighted mean over this micro-batch's sequences
+    assert logged["feature_matching/mse"] == pytest.approx(expect / 0.3 * 4 / 3, rel=1e-5)
+    # equal widths, final layer, no projection: weight * masked MSE of the last states
+    same = build_component("feature_matching", {"weight": 0.1})
+    ctx.teacher = None
+    same.setup(ctx)
+    assert len(same.projections) == 0
+    ht8 = tuple(torch.randn(3, 4, 8) for _ in range(3))
+    got = float(same.loss_terms(ctx, Targets(logits=None, hidden_states=ht8))["feature_matching"])
+    assert got == pytest.approx(_fm_reference(hs, ht8, mask, [(-1, -1)], 0.1, 4), rel=1e-5)
+
+
+def test_feature_matching_value_in_a_training_step(smol_tokenizer):
+    # the term of a real step equals the loop reference on the states that step used
+    run = setup_run(smol_tokenizer, {"in_context_teacher": {"max_new_tokens": 4},
+                                     "feature_matching": {"weight": 0.5}})
+    provider = next(c for c in run.components if c.provides_teacher)
+    seen = []
+    original = provider.teacher_targets
+
+    def record(ctx):
+        targets = original(ctx)
+        seen.append(targets)
+        return targets
+
+    provider.teacher_targets = record
+    terms, _ = step_once(run)
+    (targets,), ctx = seen, run.ctx
+    mask = ctx.batch.loss_mask
+    assert mask.sum() > 0 and targets.hidden_states[-1].shape == ctx.student.hidden_states[-1].shape
+    expect = _fm_reference(ctx.student.hidden_states, targets.hidden_states, mask, [(-1, -1)], 0.5,
+                           ctx.n_seq_total)
+    assert expect > 0 and terms["feature_matching"] == pytest.approx(expect, rel=1e-4)
+
+
 def test_feature_matching_requests_hidden_states_only_when_on(smol_tokenizer):
     base = setup_run(smol_tokenizer, {"in_context_teacher": {"max_new_tokens": 4}})
     step_once(base)

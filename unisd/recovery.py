@@ -449,6 +449,13 @@ def cache_keys(cfg: RecoveryConfig, run_dir: Path) -> tuple[Path, str, str]:
     return cache, config_hash(orig), config_hash(before)
 
 
+def _under(evaluation: dict, sub: str) -> dict:
+    """An eval result written to ``run_dir/sub`` with its prediction paths relative to ``run_dir``."""
+    info = {task: {**i, "predictions": f"{sub}/{i['predictions']}"} if i.get("predictions") else i
+            for task, i in (evaluation.get("eval_info") or {}).items()}
+    return {**evaluation, "eval_info": info} if info else evaluation
+
+
 def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
     import torch
 
@@ -528,8 +535,8 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
     violation = constraint.violation(student)
 
     # 5. after
-    if rcfg.method == "none":
-        after, evaluation = before, eval_before
+    if rcfg.method == "none":  # the degraded model is the result; its predictions are under before/
+        after, evaluation = before, _under(eval_before, "before")
     else:
         after = measure(student, teacher, probe, cfg)
         evaluation = cfg.eval.run(student, tok, run_dir)

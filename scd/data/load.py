@@ -178,35 +178,34 @@ def _class_names(features: Any, column: str) -> list[str] | None:
     return None
 
 
-def load_spec(spec: str, split: str, limit: int | None = None, *, family: str | None = None,
-              mapping: Mapping[str, str] | None = None, label_set: Sequence[str] | None = None,
-              lang: str = "und", instruction: str | None = None, skip_malformed: bool = False,
-              counts: dict | None = None) -> list[dict]:
-    """Records of a ``hub:``/``json:``/``csv:`` dataset spec (see the module docstring)."""
-    ds = _load_hf(spec, split)
-    rows = ds.to_list() if hasattr(ds, "to_list") else list(ds)
-    where = spec
-    skipped = 0
+class _Malformed:
+    """``bad(i, msg)``: raise a one-line DataError for spec row i, or count it when skipping."""
+
+    def __init__(self, where: str, skip: bool):
+        self.where, self.skip, self.skipped = where, skip, 0
+
+    def __call__(self, i: int, msg: str) -> None:
+        if not self.skip:
+            raise DataError(f"{self.where} row {i}: {msg}; fix the data, the mapping, or pass skip_malformed=True")
+        self.skipped += 1
+
+
+def _schema_rows(rows: list[dict], limit: int | None, bad: _Malformed) -> list[dict]:
+    """Rows already in the shared schema, checked, up to ``limit``."""
     out: list[dict] = []
+    for i, row in enumerate(rows):
+        problem = record_problem(row)
+        if problem:
+            bad(i, problem)
+            continue
+        out.append(row)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
 
-    def bad(i: int, msg: str) -> None:
-        nonlocal skipped
-        if not skip_malformed:
-            raise DataError(f"{where} row {i}: {msg}; fix the data, the mapping, or pass skip_malformed=True")
-        skipped += 1
 
-    if family is None and not mapping:  # rows already in the shared schema
-        for i, row in enumerate(rows):
-            problem = record_problem(row)
-            if problem:
-                bad(i, problem)
-                continue
-            out.append(row)
-            if limit is not None and len(out) >= limit:
-                break
-        _report_skipped(where, skipped, counts)
-        return out
-
+def _source_columns(spec: str, family: str | None, mapping: Mapping[str, str] | None) -> dict[str, str]:
+    """Schema field -> source column of a spec with a ``family`` (checks family and mapping keys)."""
     if family not in FAMILIES:
         raise DataError(f"dataset spec '{spec}': pass family= one of {', '.join(FAMILIES)} (got {family!r})")
     mapping = dict(mapping or {})
@@ -214,60 +213,61 @@ def load_spec(spec: str, split: str, limit: int | None = None, *, family: str | 
     if unknown:
         raise DataError(f"dataset spec '{spec}': mapping key(s) {sorted(unknown)} are not {family} fields "
                         f"({', '.join(_FAMILY_FIELDS[family])})")
-    src = {f: mapping.get(f, f) for f in _FAMILY_FIELDS[family]}
-    features = getattr(ds, "features", None)
-    names = {f: _class_names(features, col) for f, col in src.items() if f in ("tags", "label")}
+    return {f: mapping.get(f, f) for f in _FAMILY_FIELDS[family]}
 
-    fields_list: list[tuple[int, dict]] = []
-    for i, row in enumerate(rows):
-        try:
-            fields = {f: _get(row, col) for f, col in src.items()}
-        except KeyError as e:
-            bad(i, f"missing column '{e.args[0]}' (mapping: {src})")
-            continue
-        if family == "qa":
-            a = fields["answers"]
-            fields["answers"] = [a] if isinstance(a, str) else list(a or [])
-            if any(not isinstance(x, str) or not x.strip() for x in fields["answers"]):
-                bad(i, "empty answer")
-                continue
-        elif family == "ner":
-            if isinstance(fields["tokens"], str):
-                fields["tokens"] = fields["tokens"].split()
-            if isinstance(fields["tags"], str):
-                fields["tags"] = fields["tags"].split()
-            if names.get("tags"):
-                fields["tags"] = [names["tags"][t] if isinstance(t, int) else t for t in fields["tags"]]
-            if len(fields["tokens"]) != len(fields["tags"]):
-                bad(i, f"{len(fields['tokens'])} tokens but {len(fields['tags'])} tags")
-                continue
-        else:
-            if isinstance(fields["label"], int) and names.get("label"):
-                fields["label"] = names["label"][fields["label"]]
-            fields["label"] = str(fields["label"])
-        fields_list.append((i, fields))
 
-    if family == "classification":
-        labels = list(label_set) if label_set else (names.get("label") or
-                                                    sorted({f["label"] for _, f in fields_list}))
-    if instruction is None:
-        if family == "qa":
-            instruction = qa_instruction(unanswerable=True)
-        elif family == "ner":
-            types = sorted({t[2:] for _, f in fields_list for t in f["tags"] if isinstance(t, str) and t != "O"})
-            instruction = ner_instruction(tuple(types), lang)
-        else:
-            instruction = classification_instruction(tuple(labels))
-    name = spec
+def _row_fields(family: str, row: Mapping[str, Any], src: dict[str, str],
+                names: dict[str, list[str] | None]) -> tuple[dict | None, str | None]:
+    """(schema fields of one source row, None) or (None, what is wrong with it)."""
+    try:
+        fields = {f: _get(row, col) for f, col in src.items()}
+    except KeyError as e:
+        return None, f"missing column '{e.args[0]}' (mapping: {src})"
+    if family == "qa":
+        a = fields["answers"]
+        fields["answers"] = [a] if isinstance(a, str) else list(a or [])
+        if any(not isinstance(x, str) or not x.strip() for x in fields["answers"]):
+            return None, "empty answer"
+    elif family == "ner":
+        if isinstance(fields["tokens"], str):
+            fields["tokens"] = fields["tokens"].split()
+        if isinstance(fields["tags"], str):
+            fields["tags"] = fields["tags"].split()
+        if names.get("tags"):
+            fields["tags"] = [names["tags"][t] if isinstance(t, int) else t for t in fields["tags"]]
+        if len(fields["tokens"]) != len(fields["tags"]):
+            return None, f"{len(fields['tokens'])} tokens but {len(fields['tags'])} tags"
+    else:
+        if isinstance(fields["label"], int) and names.get("label"):
+            fields["label"] = names["label"][fields["label"]]
+        fields["label"] = str(fields["label"])
+    return fields, None
+
+
+def _default_instruction(family: str, fields_list: list[tuple[int, dict]], labels: list[str] | None,
+                         lang: str) -> str:
+    if family == "qa":
+        return qa_instruction(unanswerable=True)
+    if family == "ner":
+        types = sorted({t[2:] for _, f in fields_list for t in f["tags"] if isinstance(t, str) and t != "O"})
+        return ner_instruction(tuple(types), lang)
+    return classification_instruction(tuple(labels))
+
+
+def _spec_records(spec: str, split: str, family: str, fields_list: list[tuple[int, dict]],
+                  labels: list[str] | None, lang: str, instruction: str, limit: int | None,
+                  bad: _Malformed) -> list[dict]:
+    """Shared-schema records (ids ``<spec>-<split>-<n>``) from extracted fields, up to ``limit``."""
+    out: list[dict] = []
     for i, fields in fields_list:
         if family == "classification":
             fields["label_set"] = labels
         try:
-            rec = make_record(family, task=name, lang=lang, instruction=instruction, **fields)
+            rec = make_record(family, task=spec, lang=lang, instruction=instruction, **fields)
         except (TypeError, ValueError, AttributeError) as e:
             bad(i, f"cannot build a {family} record: {e}")
             continue
-        rec["id"] = f"{name}-{split}-{len(out)}"
+        rec["id"] = f"{spec}-{split}-{len(out)}"
         problem = record_problem(rec, family)
         if problem:
             bad(i, problem)
@@ -275,5 +275,37 @@ def load_spec(spec: str, split: str, limit: int | None = None, *, family: str | 
         out.append(rec)
         if limit is not None and len(out) >= limit:
             break
-    _report_skipped(where, skipped, counts)
+    return out
+
+
+def load_spec(spec: str, split: str, limit: int | None = None, *, family: str | None = None,
+              mapping: Mapping[str, str] | None = None, label_set: Sequence[str] | None = None,
+              lang: str = "und", instruction: str | None = None, skip_malformed: bool = False,
+              counts: dict | None = None) -> list[dict]:
+    """Records of a ``hub:``/``json:``/``csv:`` dataset spec (see the module docstring)."""
+    ds = _load_hf(spec, split)
+    rows = ds.to_list() if hasattr(ds, "to_list") else list(ds)
+    bad = _Malformed(spec, skip_malformed)
+    if family is None and not mapping:  # rows already in the shared schema
+        out = _schema_rows(rows, limit, bad)
+        _report_skipped(spec, bad.skipped, counts)
+        return out
+    src = _source_columns(spec, family, mapping)
+    features = getattr(ds, "features", None)
+    names = {f: _class_names(features, col) for f, col in src.items() if f in ("tags", "label")}
+    fields_list: list[tuple[int, dict]] = []
+    for i, row in enumerate(rows):
+        fields, problem = _row_fields(family, row, src, names)
+        if problem:
+            bad(i, problem)
+            continue
+        fields_list.append((i, fields))
+    labels = None
+    if family == "classification":
+        labels = list(label_set) if label_set else (names.get("label") or
+                                                    sorted({f["label"] for _, f in fields_list}))
+    if instruction is None:
+        instruction = _default_instruction(family, fields_list, labels, lang)
+    out = _spec_records(spec, split, family, fields_list, labels, lang, instruction, limit, bad)
+    _report_skipped(spec, bad.skipped, counts)
     return out

@@ -169,12 +169,16 @@ def test_on_demand_teacher_run_dir_cannot_escape(tmp_path, monkeypatch):
     from scd.distill import ensure_dependency
 
     monkeypatch.chdir(tmp_path)
+    results = tmp_path / "work" / "results"
     (tmp_path / "work").mkdir()
     cfg = tmp_path / "work" / "teacher.yaml"
     cfg.write_text("recipe: fake\nmethod: ../../escaped\ntrain: {steps: 1}\n")
-    try:
-        ensure_dependency(str(cfg), 0, str(tmp_path / "work" / "results"), "teacher")
-    except ResultsError:
-        pass
-    escaped = [p for p in tmp_path.rglob("run.json") if (tmp_path / "work" / "results") not in p.parents]
-    assert not escaped, f"written outside the results dir: {escaped}"
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(ResultsError, match="escapes the results directory"):
+        ensure_dependency(str(cfg), 0, str(results), "teacher")
+    assert set(tmp_path.rglob("*")) == before  # refused before anything was written
+    # control: the same config with a plain method name is trained, inside the results dir
+    cfg.write_text("recipe: fake\nmethod: teacher\ntrain: {steps: 1}\n")
+    run_dir = ensure_dependency(str(cfg), 0, str(results), "teacher")
+    assert results in run_dir.parents and (run_dir / "run.json").is_file()
+    assert [p for p in tmp_path.rglob("run.json") if results not in p.parents] == []

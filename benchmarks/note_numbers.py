@@ -1,0 +1,230 @@
+"""Recompute the numbers quoted in the results notes from the committed raw files.
+
+    python -m benchmarks.note_numbers            # table: note | name | value | phrase
+    python -m benchmarks.note_numbers --check    # exit 1 when a note lacks its phrase
+
+Rule: every number in a results note comes from committed raw files (``run.json``,
+``metrics.jsonl``, ``predictions/*.jsonl``) through a committed script.  Each entry
+below is one quoted number: the note it appears in, a name, its value, and the exact
+phrase the note must contain (``line`` narrows it to a line starting with that text,
+e.g. a table row; elsewhere line breaks and runs of spaces do not matter).
+``tests/test_note_numbers.py`` runs ``--check`` on the committed
+files, so a note cannot go stale silently: re-run a grid, and this fails until the
+note quotes the new numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import stats
+
+REPO = Path(__file__).resolve().parents[1]
+LN2 = math.log(2.0)
+SCD = "results/scd_baselines_cpu"
+RECOVERY = "results/recovery_study_cpu"
+EVAL = "results/eval/smollm2-135m"
+CALIBRATED = "results/eval/smollm2-135m-calibrated"
+STATUS = "README.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    note: str  # path of the note, relative to the repository root
+    name: str
+    value: float
+    phrase: str  # the text the note must contain
+    line: str | None = None  # ... on a line that starts with this (None: anywhere)
+
+
+# ----------------------------------------------------------------------------- reading
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def ok_runs(root: Path, grid: str) -> list[tuple[Path, dict]]:
+    """(run dir, run.json) of every finished run of a committed grid folder, sorted by run id."""
+    out = []
+    for path in sorted((root / grid).glob("*/run.json")):
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if rec.get("status") == "ok":
+            out.append((path.parent, rec))
+    return out
+
+
+def _value(rec: dict, task: str, metric: str) -> float:
+    return float(rec["eval"][task][metric]["value"])
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}"
+
+
+def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """ROC-AUC as P(score of a positive > score of a negative), ties counted 1/2."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    pos, neg = s[y][:, None], s[~y][None, :]  # [P, 1], [1, N]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+
+
+def best_threshold_accuracy(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Highest accuracy of 'positive iff score > t' over every threshold t (chosen on the data itself)."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    cuts = np.concatenate([[-np.inf], np.unique(s)])  # predict positive where s > cut
+    return float(max(((s > c) == y).mean() for c in cuts))
+
+
+# ------------------------------------------------------------------ scd_baselines_cpu
+def scd_baselines(root: Path) -> list[Entry]:
+    runs = ok_runs(root, SCD)
+    note = f"{SCD}/README.md"
+    by: dict[str, list[dict]] = {}
+    for _, rec in runs:
+        by.setdefault(rec["method"], []).append(rec)
+    out = []
+    for method, recs in sorted(by.items()):
+        f1 = float(np.mean([_value(r, "rotten_tomatoes", "f1_macro") for r in recs]))
+        nll = float(np.mean([_value(r, "rotten_tomatoes", "label_nll") for r in recs]))
+        out.append(Entry(note, f"{method} macro-F1 / label NLL, mean over {len(recs)} seeds", nll,
+                         f"| {f1:.3f} | {nll:.3f} |", line=f"| {method} |"))
+    cd = [_value(r, "rotten_tomatoes", "label_nll") for r in by["cd"]]
+    out.append(Entry(note, "cd label NLL mean (per seed range)", float(np.mean(cd)),
+                     f"label NLL {np.mean(cd):.2f} on average ({min(cd):.2f}-{max(cd):.2f} by seed)"))
+    students = [(r["method"], r["seed"], _value(r, "rotten_tomatoes", "label_nll"))
+                for _, r in runs if r["method"] != "teacher"]
+    below = sorted((m, s, v) for m, s, v in students if v <= LN2)
+    text = ", ".join(f"`{m}` seed {s} ({v:.3f})" for m, s, v in below) or "none"
+    out.append(Entry(note, "student runs with label NLL <= ln 2", float(len(below)),
+                     f"student runs whose label NLL is at or below chance ({LN2:.3f}): {text}"))
+    w = [[float(x["w_mean"]) for x in _jsonl(d / "metrics.jsonl") if "w_mean" in x]
+         for d, r in runs if r["method"] == "scd_aw"]
+    flat = [v for run in w for v in run]
+    out.append(Entry(note, "AW logged batch-mean weight w_mean: range (mean)", float(np.mean(flat)),
+                     f"`w_mean` logged in metrics.jsonl ranged over {min(flat):.2f}-{max(flat):.2f} "
+                     f"(mean {np.mean(flat):.2f}, {len(flat)} logged steps of {len(w)} runs)"))
+    return out
+
+
+def fine_tuned_teacher(root: Path) -> list[Entry]:
+    """The SFT teacher (configs/scd/teacher_demo.yaml) on Rotten Tomatoes: 3 seeds, all 500 reviews."""
+    acc = sorted((r["seed"], _value(r, "rotten_tomatoes", "accuracy")) for _, r in ok_runs(root, SCD)
+                 if r["method"] == "teacher")
+    vals = [a for _, a in acc]
+    phrase = (f"{np.mean(vals):.3f} on all 500 Rotten Tomatoes test reviews (mean over {len(vals)} seeds, "
+              f"{min(vals):.3f}")
+    orig = [_value({"eval": r["eval_original"]}, "rotten_tomatoes", "accuracy") for _, r in ok_runs(root, RECOVERY)]
+    out = [Entry(n, "fine-tuned teacher accuracy, 3-seed mean", float(np.mean(vals)), phrase)
+           for n in (STATUS, f"{EVAL}/README.md", f"{CALIBRATED}/README.md")]
+    out.append(Entry(f"{CALIBRATED}/README.md", "recovery study original (seed 0, 200 reviews)", orig[0],
+                     f"{orig[0]:.3f} on the first 200 (seed 0"))
+    return out
+
+
+# -------------------------------------------------------------------------- eval notes
+def eval_notes(root: Path) -> list[Entry]:
+    rows = _jsonl(root / EVAL / "predictions" / "rotten_tomatoes.jsonl")
+    n = len(rows)
+    share = sum(r["gold"] == "rotten" for r in rows) / n
+    acc = sum(r["prediction"] == r["gold"] for r in rows) / n
+    k = sum(r["prediction"] == "rotten" for r in rows)
+    note = f"{EVAL}/README.md"
+    out = [Entry(note, "rotten_tomatoes: rotten predictions / share of rotten reviews", share,
+                 f"answers \"rotten\" for {k} of {n} reviews (accuracy {acc:.2f}; rotten reviews are "
+                 f"{share:.2f} of them)")]
+    rows = _jsonl(root / CALIBRATED / "predictions" / "rotten_tomatoes.jsonl")
+    margin = [r["logliks"]["fresh"] - r["logliks"]["rotten"] for r in rows]
+    fresh = [r["gold"] == "fresh" for r in rows]
+    best = best_threshold_accuracy(margin, fresh)
+    out.append(Entry(f"{CALIBRATED}/README.md", "best-threshold accuracy of the label margin", best,
+                     f"ROC-AUC of log p(fresh) - log p(rotten) against the gold label is {auc(margin, fresh):.2f}, "
+                     f"and even the best threshold chosen on the test set itself reaches only {best:.3f}"))
+    return out
+
+
+# ------------------------------------------------------------------ recovery_study_cpu
+def _recovery_rows(root: Path) -> list[dict]:
+    rows = []
+    for _, rec in ok_runs(root, RECOVERY):
+        kl = rec.get("kl_to_original") or {}
+        rows.append({"method": rec["recovery"]["method"], "steps": int(rec["recovery"].get("budget_steps") or 0),
+                     "kl_before": float(kl["before"]), "kl_after": float(kl["after"]),
+                     "cka": float(rec["cka"]["mean_matched"]),
+                     "score": _value(rec, "rotten_tomatoes", "accuracy")})
+    return rows
+
+
+def recovery(root: Path) -> list[Entry]:
+    rows = _recovery_rows(root)
+    note = f"{RECOVERY}/README.md"
+    out = []
+    moved = [r for r in rows if r["method"] == "sd" and r["kl_before"] >= 0.1]  # 8-bit: 0.003 before
+    for steps in sorted({r["steps"] for r in moved}):
+        f = [r["kl_before"] / r["kl_after"] for r in moved if r["steps"] == steps]
+        phrase = f"{min(f):.1f}-{max(f):.1f}x with {steps} steps"
+        out += [Entry(n, f"sd KL reduction factor, {steps} steps ({len(f)} runs)", max(f), phrase)
+                for n in (note, STATUS)]
+    for label, sub in (("all runs", rows), ("recovered runs (method != none)",
+                                            [r for r in rows if r["method"] != "none"])):
+        x, y = [r["cka"] for r in sub], [r["score"] for r in sub]
+        pr, sr = stats.pearsonr(x, y), stats.spearmanr(x, y)
+        phrase = (f"{len(sub)} runs: Pearson r = {pr.statistic:.3f} (p = {_p(pr.pvalue)}), "
+                  f"Spearman rho = {sr.statistic:.3f} (p = {_p(sr.pvalue)})")
+        out += [Entry(n, f"score vs mean CKA, {label}", float(sr.statistic), phrase) for n in (note, STATUS)]
+    return out
+
+
+SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
+    "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
+    "recovery": recovery}
+
+
+def entries(root: Path = REPO) -> list[Entry]:
+    return [e for fn in SECTIONS.values() for e in fn(Path(root))]
+
+
+def missing(root: Path = REPO, found: Sequence[Entry] | None = None) -> list[Entry]:
+    """Entries whose note does not contain the phrase (on a line starting with ``line``)."""
+    out = []
+    for e in found if found is not None else entries(root):
+        text = (Path(root) / e.note).read_text(encoding="utf-8")
+        if e.line is None:  # prose: line wrapping does not matter
+            ok = " ".join(e.phrase.split()) in " ".join(text.split())
+        else:
+            ok = any(ln.startswith(e.line) and e.phrase in ln for ln in text.splitlines())
+        if not ok:
+            out.append(e)
+    return out
+
+
+def table(found: Sequence[Entry]) -> str:
+    lines = ["| note | name | value | phrase |", "|---|---|---|---|"]
+    for e in found:
+        phrase = e.phrase.replace("|", "\\|")
+        lines.append(f"| {e.note} | {e.name} | {e.value:.4g} | {phrase} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.note_numbers", description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=str(REPO), help="repository root (default: this checkout)")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a note does not quote its number")
+    args = ap.parse_args(argv)
+    found = entries(Path(args.root))
+    print(table(found))
+    if args.check:
+        bad = missing(Path(args.root), found)
+        for e in bad:
+            print(f"stale: {e.note}: {e.name}: expected {e.phrase!r}" + (f" on a line starting {e.line!r}"
+                                                                         if e.line else ""), file=sys.stderr)
+        return 1 if bad else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

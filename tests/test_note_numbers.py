@@ -1,0 +1,64 @@
+"""Results notes quote numbers recomputed from the committed raw files (benchmarks.note_numbers)."""
+import shutil
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from benchmarks import note_numbers as N
+
+
+def test_every_note_quotes_its_recomputed_numbers(capsys):
+    found = N.entries()
+    notes = {e.note for e in found}
+    assert {"README.md", "results/scd_baselines_cpu/README.md", "results/recovery_study_cpu/README.md",
+            "results/eval/smollm2-135m/README.md", "results/eval/smollm2-135m-calibrated/README.md"} <= notes
+    assert N.main(["--check"]) == 0, capsys.readouterr().err
+    assert N.missing() == []
+
+
+def test_recomputed_values_from_the_raw_files():
+    by = {(e.note, e.name): e.value for e in N.entries()}
+    scd = "results/scd_baselines_cpu/README.md"
+    # label NLL of the teacher rows: the mean over all three seeds, not over seeds 1-2
+    assert by[(scd, "teacher macro-F1 / label NLL, mean over 3 seeds")] == pytest.approx(
+        (0.614759 + 0.651033 + 0.870227) / 3, abs=1e-6)
+    rec = "results/recovery_study_cpu/README.md"
+    assert by[(rec, "score vs mean CKA, recovered runs (method != none)")] == pytest.approx(0.567, abs=5e-4)
+    cal = "results/eval/smollm2-135m-calibrated/README.md"
+    assert by[(cal, "best-threshold accuracy of the label margin")] == pytest.approx(0.605)
+
+
+def test_a_stale_note_is_reported(tmp_path):
+    for rel in {e.note for e in N.entries()}:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(N.REPO / rel, tmp_path / rel)
+    found = N.entries()
+    assert N.missing(tmp_path, found) == []
+    note = tmp_path / "results/scd_baselines_cpu/README.md"
+    note.write_text(note.read_text().replace("| 0.541 | 0.712 |", "| 0.541 | 0.761 |"))
+    stale = N.missing(tmp_path, found)
+    assert [e.name for e in stale] == ["teacher macro-F1 / label NLL, mean over 3 seeds"]
+
+
+def test_auc_and_best_threshold_against_independent_references():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=300), 1)  # ties included
+    y = rng.random(300) < 1 / (1 + np.exp(-2 * scores))
+    assert N.auc(scores, y) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    brute = max(np.mean((scores > t) == y) for t in np.concatenate([[-np.inf], scores]))
+    assert N.best_threshold_accuracy(scores, y) == pytest.approx(brute)
+    # hand case: perfectly separable, and all-equal scores (only the constant rules remain)
+    assert N.best_threshold_accuracy([0.1, 0.2, 0.9], [False, False, True]) == 1.0
+    assert N.best_threshold_accuracy([0.5, 0.5, 0.5], [True, False, False]) == pytest.approx(2 / 3)
+
+
+def test_committed_prediction_paths_exist():
+    # the raw files the notes are recomputed from: every run.json points at predictions that exist
+    import json
+
+    runs = sorted((N.REPO / "results").rglob("run.json"))
+    paths = [(p, i["predictions"]) for p in runs
+             for i in (json.loads(p.read_text()).get("eval_info") or {}).values() if i.get("predictions")]
+    assert len(paths) >= 100
+    assert [(str(p), rel) for p, rel in paths if not (p.parent / rel).is_file()] == []
