@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from scd.core.results import default_run_dir
+
 USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
@@ -35,16 +37,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errs)
-
-
-def default_run_dir(cfg, results_root: str = "results") -> Path:
-    from scd.core.config import to_dict
-    from scd.core.results import config_hash
-
-    resolved = to_dict(cfg)
-    run_id = config_hash({k: v for k, v in resolved.items() if k != "grid"})
-    grid = getattr(cfg, "grid", None) or "runs"
-    return Path(results_root) / grid / f"{getattr(cfg, 'method', 'run')}-{run_id}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:

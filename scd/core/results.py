@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from scd.core.config import to_dict
 from scd.core.faults import fault_point
 
 SCHEMA_VERSION = 1
@@ -109,6 +110,14 @@ def config_hash(resolved: Any, n: int = 12) -> str:
     """run_id: hash of the canonical JSON of the fully resolved config."""
     canon = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=_json_default)
     return hashlib.sha256(canon.encode()).hexdigest()[:n]
+
+
+def default_run_dir(cfg, results_root: str = "results") -> Path:
+    """``<results_root>/<grid or runs>/<method>-<run_id>``: where ``python -m scd run CONFIG`` puts a run."""
+    resolved = to_dict(cfg)
+    run_id = config_hash({k: v for k, v in resolved.items() if k != "grid"})
+    grid = getattr(cfg, "grid", None) or "runs"
+    return Path(results_root) / grid / f"{getattr(cfg, 'method', 'run')}-{run_id}"
 
 
 # ----------------------------------------------------------------------- metrics
