@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -123,6 +124,16 @@ def anchor_model_dir(path: str | os.PathLike) -> Path:
                             "model/ or an HF folder with config.json)")
 
 
+@contextlib.contextmanager
+def _single_process():
+    """A dependency run trains on rank 0 alone: the launcher's WORLD_SIZE / RANK are hidden from it."""
+    saved = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def ensure_dependency(config_path: str, seed: int, results_dir: str, what: str, rank: int = 0) -> Path:
     """Run directory of the ``config_path`` run with ``seed``; trained here if not finished.
 
@@ -151,7 +162,8 @@ def ensure_dependency(config_path: str, seed: int, results_dir: str, what: str, 
         if not rd.is_finished():
             print(f"[distill] {what} run missing: training it -> {run_dir}", flush=True)
             try:
-                RECIPES.get(cfg.recipe).run(cfg, run_dir)
+                with _single_process():
+                    RECIPES.get(cfg.recipe).run(cfg, run_dir)
             except Exception as e:
                 record_failure(run_dir, e)
                 raise RuntimeError(f"{what} run {run_dir} ({config_path}) failed: {type(e).__name__}: {e}") from e
