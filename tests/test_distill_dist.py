@@ -173,3 +173,21 @@ def test_zero2_resume_after_sigkill_of_both_ranks(setup, single):
         assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed at step" in procs[0].stdout + procs[0].stderr
     assert_same_run(tmp / "z2k", single["fixed_order"])
+
+
+def test_zero2_two_ranks_train_a_missing_teacher_on_rank_0(tmp_path):
+    """teacher.config under a 2-rank launch: rank 0 trains the missing teacher as one process (the
+    launcher's WORLD_SIZE hidden from it), rank 1 waits for it; then both ranks distil from it."""
+    (tmp_path / "teacher.yaml").write_text(TEACHER)
+    text = DISTILL.format(shape=SHAPE, teacher="x", bs=2, selection="fixed_order",
+                          deepspeed="configs/deepspeed/zero2.json")
+    text = text.replace("teacher: {run_dir: x}",
+                        f"teacher: {{config: {tmp_path / 'teacher.yaml'}, results_dir: {tmp_path / 'results'}}}")
+    (tmp_path / "d.yaml").write_text(text)
+    for p in launch(tmp_path / "d.yaml", tmp_path / "run", world=2):
+        assert p.returncode == 0, p.stderr[-3000:]
+    (teacher,) = (tmp_path / "results" / "runs").glob("teacher-dist-test-*")
+    assert json.loads((teacher / "run.json").read_text())["status"] == "ok"
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert rec["status"] == "ok" and rec["train"]["world_size"] == 2 and rec["train"]["selections"] == [0, 1]
+    assert [r["step"] for r in loss_rows(tmp_path / "run")] == [1, 2, 3, 4]

@@ -1,0 +1,279 @@
+"""The distillation recipe on the training engine: stages, teacher switches, the run.
+
+:class:`DistillRecipe` is driven by :class:`scd.core.engine.Engine`.  At the first step
+of each stage (``on_step_start``) it selects the stage's teacher checkpoint, switches
+the resident teacher in place, resets the optimiser and LR schedule for the stage
+(``stages.reset_optimizer``) and saves the resumable state (stage, selections, probe
+KLs) before the stage trains.  :func:`run` reads top to bottom: dependencies ->
+manifest + sha256 check -> student, tokenizer check -> data -> AW anchor losses ->
+engine (plain PyTorch or DeepSpeed) -> fit (resumes) -> save, evaluate, run.json.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from scd.core.config import register_recipe
+from scd.core.engine import Engine, Terms, init_distributed
+from scd.core.results import RunDir, read_metrics
+from scd.core.train import (check_finite, collate, finish_run, rank_batches, seed_everything, start_run,
+                            tokenize_sft)
+from scd.data_config import load_training_pairs
+from scd.distill.config import DistillConfig
+from scd.distill.loss import micro_batch_loss, sample_weights, token_terms
+from scd.distill.probe import probe_encoded, select_stage, student_logits
+from scd.distill.teacher_slot import (TeacherSlot, anchor_losses, anchor_model_dir, data_hash, ensure_dependency,
+                                      find_manifest, rank0_cached)
+from scd.models import build_model, check_same_tokenizer, load_tokenizer, save_model, torch_dtype
+from scd.schedule import SELECTIONS, Manifest, select_checkpoint
+from scd.sft import target_count
+from scd.teacher import per_sample_ce, savable
+
+
+def no_autocast(device):
+    """Full precision for the teacher and the loss math (only the student's forward autocasts)."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
+def stage_plan(cfg: DistillConfig, manifest, n_examples: int, world: int) -> tuple[int, int]:
+    """(number of stages, optimiser steps per stage)."""
+    n_stages = cfg.stages.n_stages or (len(manifest) if manifest is not None else 1)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    if cfg.stages.steps_per_stage:
+        return n_stages, cfg.stages.steps_per_stage
+    if cfg.stages.epochs_per_stage:
+        return n_stages, max(1, math.ceil(cfg.stages.epochs_per_stage * n_examples / per_step))
+    return n_stages, max(1, cfg.train.max_steps // n_stages)
+
+
+class DistillRecipe:
+    """Staged distillation of ``engine``'s student from the checkpoints in ``manifest``.
+
+    ``manifest`` None: gold labels only (weighting none, alpha 0; the teacher is never
+    loaded).  ``anchor_loss``: AW's per-example anchor losses [N_train] or None.
+    Resumable state (:meth:`state`): the stage, the selections so far and KL(best || c).
+    """
+
+    def __init__(self, engine: Engine, cfg: DistillConfig, encoded: list[dict], tok, *, vocab: int, manifest,
+                 anchor_loss=None, dhash: str = ""):
+        self.engine, self.cfg, self.encoded, self.tok, self.vocab = engine, cfg, encoded, tok, vocab
+        self.manifest, self.anchor_loss, self.dhash = manifest, anchor_loss, dhash
+        self.n_stages, self.sps = stage_plan(cfg, manifest, len(encoded), engine.dist.world)
+        self.total_steps = self.n_stages * self.sps
+        self.cache_dir = Path(engine.run_dir or ".") / "cache"
+        self.slot = TeacherSlot(manifest, cfg.teacher.dtype, engine.device) if manifest is not None else None
+        needs_probe = self.slot is not None and getattr(SELECTIONS.get(cfg.stages.selection), "needs_probe_kl", False)
+        self.probe = probe_encoded(cfg, tok) if needs_probe else None
+        self.selections: list[int] = []
+        self.kl_best: dict[int, float] = {}
+        self.teacher_losses: dict[int, torch.Tensor] = {}  # AW: per-example CE of each selected checkpoint
+        self.stage: int | None = None  # the stage being trained (its teacher is resident)
+        self.resumed = False
+
+    # -- data and loss (called by the engine for every micro-batch)
+    def micro_batches(self, step: int, world: int, rank: int) -> list[tuple[list[int], dict]]:
+        pad = self.tok.pad_token_id
+        return [(idx, collate([self.encoded[i] for i in idx], pad))
+                for idx in rank_batches(len(self.encoded), self.cfg.train, step, self.cfg.seed, world, rank)]
+
+    def count(self, micro) -> int:
+        return target_count(micro[1])
+
+    def loss_terms(self, micro, denom: float) -> Terms:
+        """w * KD + (1 - w) * CE summed over the target tokens / ``denom`` (the loss term); the KD, CE
+        and weight sums as stats (logged as means over the global batch's target tokens)."""
+        idx, b = micro
+        device, cfg = self.engine.device, self.cfg
+        b = {k: v.to(device) for k, v in b.items()}
+        with no_autocast(device):
+            t_logits = self.slot.logits(b) if self.slot is not None else None
+        s_logits = student_logits(self.engine, b)
+        with no_autocast(device):
+            kd, ce, rows = token_terms(s_logits, t_logits, b["labels"], cfg.loss, self.vocab)  # [N] each
+            teacher_loss = self.teacher_losses.get(self.selections[self.stage]) if self.slot is not None else None
+            w = sample_weights(cfg.weighting, len(idx), device=device,
+                               anchor_loss=None if self.anchor_loss is None else self.anchor_loss[idx],
+                               teacher_loss=None if teacher_loss is None else teacher_loss[idx])  # [B]
+            loss = micro_batch_loss(kd, ce, rows, w, denom)
+        kd_sum, ce_sum = float(kd.detach().sum()), float(ce.detach().sum())
+        if self.slot is not None:  # the divergence's name in the diverged record
+            check_finite(kd_sum, self.engine.step + 1, f"kd:{cfg.loss.divergence}")
+        check_finite(ce_sum, self.engine.step + 1, "ce")
+        return Terms({"loss": loss}, {"kd": kd_sum, "ce": ce_sum, "w_mean": float(w[rows].sum())})
+
+    # -- stages (engine hooks)
+    def is_boundary(self, step: int) -> bool:
+        return step % self.sps == 0
+
+    def on_step_start(self, engine: Engine, step: int) -> None:
+        """At a stage's first step (or the first step after a resume): its teacher, schedule and checkpoint."""
+        stage = step // self.sps
+        if stage == self.stage:
+            return
+        g0 = stage * self.sps  # global step at the stage start
+        # resumed inside this stage (or at its start, after its selection was saved)
+        mid_stage = self.resumed and (step > g0 or (step == g0 and len(self.selections) > stage))
+        self.stage, self.resumed = stage, False
+        if self.slot is not None:
+            self._switch_teacher(stage, g0, log=not mid_stage)
+        if not mid_stage:
+            if self.cfg.stages.reset_optimizer:
+                engine.new_schedule(self.sps, reset_state=True)
+            elif stage == 0:
+                engine.new_schedule(self.total_steps, reset_state=False)
+            engine.save(g0, self)
+
+    def _switch_teacher(self, stage: int, g0: int, log: bool) -> None:
+        """Select this stage's checkpoint (logged with its probe KLs) and make it resident."""
+        metrics, manifest, slot = self.engine.metrics, self.manifest, self.slot
+        if len(self.selections) <= stage:
+            self.selections.append(select_stage(stage, self.n_stages, g0, self.cfg, manifest, slot, self.engine,
+                                                self.probe, self.tok, self.vocab, self.kl_best, metrics))
+        choice = self.selections[stage]
+        resident = slot.index == choice  # e.g. the last checkpoint the probe loaded
+        secs, in_place = slot.ensure(choice)
+        if log:
+            metrics.log({"step": g0, "event": "teacher_switch", "stage": stage, "checkpoint": choice,
+                         "checkpoint_step": manifest[choice].step, "switch_s": round(secs, 4),
+                         "in_place": in_place, "already_resident": resident})
+        if self.anchor_loss is not None and choice not in self.teacher_losses:
+            bs, pad = 2 * self.cfg.train.batch_size, self.tok.pad_token_id
+            self.teacher_losses[choice] = rank0_cached(
+                self.cache_dir, manifest[choice].sha256, self.dhash,
+                lambda: per_sample_ce(slot.model, self.encoded, pad, bs, self.engine.device)[0], self.engine.dist.rank)
+
+    def before_resume(self, engine: Engine) -> None:
+        """The schedule the checkpoint's state belongs to (its values come from the checkpoint)."""
+        engine.new_schedule(self.sps if self.cfg.stages.reset_optimizer else self.total_steps, reset_state=True)
+
+    def state(self) -> dict:
+        return {"stage": self.stage, "selections": list(self.selections),
+                "kl_best": {str(k): v for k, v in self.kl_best.items()}}
+
+    def load_state(self, state: dict) -> None:
+        self.selections = [int(c) for c in state.get("selections", [])]
+        self.kl_best = {int(k): float(v) for k, v in state.get("kl_best", {}).items()}
+        self.resumed = True
+
+    def log_extra(self) -> dict:
+        return {"stage": self.stage, "teacher": self.selections[self.stage] if self.slot is not None else None}
+
+    def train_record(self, stats: dict, metrics_path: Path) -> dict:
+        """run.json's ``train`` block."""
+        switches = [r for r in read_metrics(metrics_path) if r.get("event") == "teacher_switch"]
+        return {**stats, "steps": self.total_steps, "steps_per_stage": self.sps, "stages": self.n_stages,
+                "world_size": self.engine.dist.world, "selections": self.selections,
+                "selection_steps": [self.manifest[c].step for c in self.selections] if self.manifest else [],
+                "switch_s_total": round(sum(r["switch_s"] for r in switches), 4), "deepspeed": self.cfg.deepspeed}
+
+
+# ------------------------------------------------------------------------------ the run
+def _start(cfg: DistillConfig, run_dir: Path, use_teacher: bool) -> RunDir:
+    """run.json (status running) with the method's hyper-parameters and components."""
+    distilling = cfg.mode == "distill"
+    components = {"kd": distilling and use_teacher, "staged": distilling and cfg.stages.n_stages != 1,
+                  "scd_select": distilling and use_teacher and cfg.stages.selection == "scd_select",
+                  "aw": distilling and cfg.weighting.needs_losses} if distilling else {}
+    hparams = {"lr": cfg.train.lr, "max_steps": cfg.train.max_steps, "n_stages": cfg.stages.n_stages,
+               "selection": cfg.stages.selection, "divergence": cfg.loss.divergence,
+               "temperature": cfg.loss.temperature, "weighting": cfg.weighting.name, "alpha": cfg.weighting.alpha}
+    return start_run(cfg, run_dir, recipe="distill", hparams=hparams, components=components)
+
+
+def _dependencies(cfg: DistillConfig, use_teacher: bool, rank: int) -> tuple[Path | None, Path | None]:
+    """(teacher run dir, AW anchor model dir); runs named by a config are trained here if missing."""
+    teacher_dir, anchor_dir = None, None
+    if use_teacher and cfg.teacher.config:
+        seed = cfg.teacher.seed if cfg.teacher.seed is not None else cfg.seed
+        teacher_dir = ensure_dependency(cfg.teacher.config, seed, cfg.teacher.results_dir, "teacher", rank)
+    elif use_teacher:
+        teacher_dir = Path(cfg.teacher.run_dir)
+    if cfg.weighting.needs_losses:
+        if cfg.weighting.anchor_config:
+            seed = cfg.weighting.anchor_seed if cfg.weighting.anchor_seed is not None else cfg.seed
+            anchor_dir = ensure_dependency(cfg.weighting.anchor_config, seed, cfg.teacher.results_dir,
+                                           "student anchor", rank)
+        else:
+            anchor_dir = Path(cfg.weighting.anchor_run_dir)
+        anchor_dir = anchor_model_dir(anchor_dir)
+    return teacher_dir, anchor_dir
+
+
+def _shared_vocab(cfg: DistillConfig, tok, manifest, anchor_dir: Path | None) -> int:
+    """The ids the student shares with the teacher (and the anchor): a clear start-up error otherwise."""
+    vocab = len(tok)
+    if manifest is not None:
+        vocab = check_same_tokenizer(load_tokenizer(str(manifest.resolve(manifest.final_index))), tok,
+                                     "teacher", "student", allow_prefix=cfg.teacher.allow_vocab_prefix)
+    if anchor_dir is not None:
+        check_same_tokenizer(load_tokenizer(str(anchor_dir)), tok, "student anchor", "student")
+    return vocab
+
+
+def run(cfg: DistillConfig, run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    use_teacher = cfg.mode == "eval_teacher" or not cfg.weighting.gold_only
+    rank = int(os.environ.get("RANK", "0"))
+    # run.json first, so a failing dependency is recorded in it
+    rd = _start(cfg, run_dir, use_teacher) if rank == 0 else RunDir(run_dir)
+    teacher_dir, anchor_dir = _dependencies(cfg, use_teacher, rank)
+    dist = init_distributed(cfg.train, cfg.deepspeed)
+    metrics = rd.metrics(enabled=dist.rank == 0)
+    seed_everything(cfg.seed)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    manifest = None
+    if use_teacher:  # verified (sha256) before anything is trained
+        manifest = Manifest.read(find_manifest(teacher_dir))
+        manifest.verify()  # an edited checkpoint -> ManifestError naming it
+    if cfg.mode == "eval_teacher":
+        return _eval_teacher(cfg, rd, manifest, dist.device, dist.rank)
+
+    student, tok = build_model(cfg.model, seed=cfg.seed)
+    vocab = _shared_vocab(cfg, tok, manifest, anchor_dir)
+    # data: tokenised once; the order of batches is a pure function of (seed, step)
+    encoded = [tokenize_sft(tok, p, t, cfg.train.max_len) for p, t in load_training_pairs(cfg.data, tok)]
+    dhash = data_hash(encoded)
+    anchor_loss = None
+    if anchor_dir is not None:  # AW: the anchor's per-sample losses, computed once (rank 0) and cached
+        anchor_loss = anchor_losses(anchor_dir, encoded, tok.pad_token_id, 2 * cfg.train.batch_size,
+                                    cfg.teacher.dtype, dist.device, run_dir / "cache", dhash, dist.rank)
+    engine = Engine(student, cfg.train, run_dir=run_dir, metrics=metrics, dist=dist, deepspeed=cfg.deepspeed,
+                    name="distill")
+    recipe = DistillRecipe(engine, cfg, encoded, tok, vocab=vocab, manifest=manifest, anchor_loss=anchor_loss,
+                           dhash=dhash)
+    stats = engine.fit(recipe, recipe.total_steps)
+
+    final = engine.final_module(lambda: build_model(cfg.model, seed=cfg.seed)[0])
+    if dist.rank != 0:
+        return {}
+    artifacts = {}
+    if cfg.save_model:
+        artifacts["model"] = str(save_model(savable(final), tok, run_dir / "model"))  # LoRA: merged
+    evaluation = cfg.eval.run(final, tok, run_dir)
+    engine.clear_state()
+    if manifest is not None:
+        artifacts["teacher_manifest"] = str(manifest.root / "manifest.json")
+    return finish_run(rd, train=recipe.train_record(stats, rd.metrics_path), artifacts=artifacts, **evaluation)
+
+
+def _eval_teacher(cfg: DistillConfig, rd: RunDir, manifest, device, rank: int) -> dict:
+    """mode eval_teacher: the teacher itself as a baseline row, under the same eval spec."""
+    choice = select_checkpoint(cfg.stages.selection, 0, 1, manifest)
+    path = manifest.resolve(choice)
+    if rank != 0:
+        return {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(cfg.teacher.dtype),
+                                                 use_safetensors=True).to(device).eval()
+    tok = load_tokenizer(str(path))
+    evaluation = cfg.eval.run(model, tok, rd.path)
+    return finish_run(rd, train={"selections": [choice], "selection_steps": [manifest[choice].step]},
+                      artifacts={"model": str(path), "teacher_manifest": str(manifest.root / "manifest.json")},
+                      **evaluation)
+
+
+register_recipe("distill", DistillConfig, run)
