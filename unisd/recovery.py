@@ -564,6 +564,7 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
     if rcfg.method != "none":
         stats = train_recovery(cfg, run_dir, student, teacher, tok, pairs, constraint, dist,
                                rd.metrics(enabled=dist.rank == 0))
+        stats["world_size"] = dist.world
     if dist.rank != 0:
         return {}
     # 5. after
