@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import unisd.components  # noqa: F401  (registers the built-ins)
+from tests.unisd_tiny import setup_run, step_once
 from scd.core.config import ConfigError
 from unisd.components.base import (COMPONENTS, Component, Targets, build_component, build_components,
                                    components_table, register_component, sequence_mean)
@@ -17,7 +18,6 @@ from unisd.components.in_context_teacher import InContextTeacher
 from unisd.components.multi_teacher_agreement import (choose_demos, sequence_agreement_weights,
                                                       token_agreement_weights)
 from unisd.components.token_contrastive import contrastive_loss, contrastive_per_token
-from unisd.testing import setup_run, step_once
 
 
 # ----------------------------------------------------------------------------- reduction
@@ -340,12 +340,12 @@ def _ema_decay0_case(smol_tokenizer):
     run = setup_run(smol_tokenizer, {"in_context_teacher": {"max_new_tokens": 4},
                                      "ema_teacher": {"decay": 0.0, "every": 1}})
     step_once(run, update=True)
-    student, teacher = dict(run.model.named_parameters()), dict(run.ctx.teacher.named_parameters())
+    student, teacher = dict(run.ctx.model.named_parameters()), dict(run.ctx.teacher.named_parameters())
     changed = [n for n in student if not torch.equal(student[n], teacher[n])]
     assert changed == []  # decay 0: the teacher IS the student after the update
     ids = torch.randint(0, 500, (1, 6))
     with torch.no_grad():
-        assert torch.equal(run.model(ids).logits, run.ctx.teacher(ids).logits)
+        assert torch.equal(run.ctx.model(ids).logits, run.ctx.teacher(ids).logits)
 
 
 def test_ema_decay_zero_copies_the_student(smol_tokenizer):
@@ -356,14 +356,14 @@ def test_ema_with_lora_changes_the_teacher_adapters(smol_tokenizer):
     lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     run = setup_run(smol_tokenizer, {"in_context_teacher": {"max_new_tokens": 4},
                                      "ema_teacher": {"decay": 0.5, "every": 1}}, lora=lora, lr=1e-2)
-    pairs = trained_pairs(run.model, run.ctx.teacher)
+    pairs = trained_pairs(run.ctx.model, run.ctx.teacher)
     assert pairs and all("lora_" in name for name, _, _ in pairs)  # what is trained are the adapters
     before = {n: t.detach().clone() for n, t in run.ctx.teacher.named_parameters()}
     step_once(run, update=True)
     after = dict(run.ctx.teacher.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all("lora_" in n for n in changed)  # the teacher's adapters moved, base weights did not
-    s = dict(run.model.named_parameters())
+    s = dict(run.ctx.model.named_parameters())
     n = next(iter(n for n in changed if "lora_B" in n))
     assert torch.allclose(after[n], 0.5 * before[n] + 0.5 * s[n])
 

@@ -64,7 +64,7 @@ def test_config_with_plugins_validates(tmp_path):
 
 
 def test_power_zero_is_the_base_loss(smol_tokenizer):
-    from unisd.testing import setup_run, step_once
+    from tests.unisd_tiny import setup_run, step_once
 
     base = setup_run(smol_tokenizer, {"in_context_teacher": {"max_new_tokens": 4}})
     t0, _ = step_once(base)
@@ -78,7 +78,7 @@ def test_power_zero_is_the_base_loss(smol_tokenizer):
 
 def test_plugin_runs_through_the_recipe(smol_tokenizer, tmp_path):
     from scd.core.results import read_metrics
-    from unisd.testing import tiny_unisd_cfg
+    from tests.unisd_tiny import tiny_unisd_cfg
     from unisd.train import run
 
     cfg = tiny_unisd_cfg({"in_context_teacher": {"max_new_tokens": 4}, "teacher_confidence": {"power": 1.0}},

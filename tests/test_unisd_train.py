@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from scd.core.results import read_metrics
-from unisd.testing import grads, setup_run, step_once, tiny_unisd_cfg
+from tests.unisd_tiny import grads, setup_run, step_once, tiny_unisd_cfg
 
 BASE = {"in_context_teacher": {"max_new_tokens": 6, "temperature": 0.7}}
 
@@ -48,19 +48,20 @@ def test_all_components_off_equals_plain_self_distillation(smol_tokenizer, alpha
     run = setup_run(smol_tokenizer, {**BASE, "ema_teacher": False, "multi_teacher_agreement": False,
                                      "token_contrastive": False, "feature_matching": False,
                                      "divergence_clipping": False}, batch_size=3, **{"loss.alpha": alpha})
-    run.model.double()  # float64 end to end: the pipeline must match the reference to rounding
+    run.ctx.model.double()  # float64 end to end: the pipeline must match the reference to rounding
     run.ctx.teacher.double()
     teacher0 = __import__("copy").deepcopy(run.ctx.teacher)
     torch.manual_seed(1)
     with torch.no_grad():  # move the student away from its frozen copy so the divergence is not ~0
-        for p in run.model.parameters():
+        for p in run.ctx.model.parameters():
             p.add_(0.5 * p.std() * torch.randn_like(p))
     terms, _ = step_once(run)
     assert set(terms) == {"kd"}
     b = run.ctx.batch
     completions = [b.completion_ids[i, :int(b.completion_mask[i].sum())].tolist() for i in range(3)]
     assert any(len(c) > 1 for c in completions)
-    ref = plain_self_distillation_reference(run.model, teacher0, run.tok, b.examples, completions, 0.7, alpha)
+    ref = plain_self_distillation_reference(run.ctx.model, teacher0, run.ctx.tokenizer, b.examples, completions,
+                                            0.7, alpha)
     assert ref > 1e-3
     assert terms["kd"] == pytest.approx(ref, rel=1e-9)
 
@@ -75,10 +76,10 @@ NEUTRAL = {"multi_teacher_agreement": {"gamma": 0.0, "k": 2, "shots": 1},
 def test_neutral_components_equal_the_base_exactly(smol_tokenizer):
     base = setup_run(smol_tokenizer, BASE)
     t_base, _ = step_once(base)
-    g_base = grads(base.model)
+    g_base = grads(base.ctx.model)
     full = setup_run(smol_tokenizer, {**BASE, **NEUTRAL})
     t_full, _ = step_once(full)
-    g_full = grads(full.model)
+    g_full = grads(full.ctx.model)
     assert t_full["kd"] == t_base["kd"]  # bitwise
     assert sum(t_full.values()) == t_base["kd"]
     assert set(g_base) == set(g_full) and all(torch.equal(g_base[n], g_full[n]) for n in g_base)
@@ -91,14 +92,14 @@ def test_batch_times_accumulation_invariance(smol_tokenizer):
     runs = []
     for bs, accum in ((4, 1), (2, 2)):
         r = setup_run(smol_tokenizer, comps, batch_size=bs, grad_accum=accum)
-        r.model.double()  # float64: padding widths differ between the splits
+        r.ctx.model.double()  # float64: padding widths differ between the splits
         r.ctx.teacher.double()
         runs.append((r, *step_once(r)))
     (one, t1, n1), (two, t2, n2) = runs
     assert n1 == n2 and set(t1) == {"kd", "token_contrastive"}
     for k in t1:
         assert t2[k] == pytest.approx(t1[k], rel=1e-9)
-    g1, g2 = grads(one.model), grads(two.model)
+    g1, g2 = grads(one.ctx.model), grads(two.ctx.model)
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-7, atol=1e-12)
 
@@ -135,18 +136,18 @@ def test_resume_equals_uninterrupted(smol_tokenizer, tmp_path, monkeypatch):
     cfg = _recipe_cfg(tmp_path, comps)
     T.run(cfg, tmp_path / "full")
 
-    real = T.distill_step
+    real = T.UniSDRecipe.loss_terms
 
-    def dying(ctx, *a, **k):
-        if ctx.step == 3:
+    def dying(self, *a, **k):
+        if self.ctx.step == 3:
             raise RuntimeError("killed")
-        return real(ctx, *a, **k)
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(T, "distill_step", dying)
+    monkeypatch.setattr(T.UniSDRecipe, "loss_terms", dying)
     with pytest.raises(RuntimeError, match="killed"):
         T.run(cfg, tmp_path / "cut")
     assert (tmp_path / "cut" / "ckpt" / "last").exists()
-    monkeypatch.setattr(T, "distill_step", real)
+    monkeypatch.setattr(T.UniSDRecipe, "loss_terms", real)
     T.run(cfg, tmp_path / "cut")
     a = read_metrics(tmp_path / "full" / "metrics.jsonl")
     b = read_metrics(tmp_path / "cut" / "metrics.jsonl")

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from scd.data.load import load_split
 from unisd.components.base import sequence_mean
 
 
@@ -98,6 +99,16 @@ def frozen_copy(model):
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def shots_by_task(data) -> dict[str, list[dict]]:
+    """Few-shot demonstrations of the training prompts (as scd.data_config.load_training_pairs).
+
+    data: a :class:`scd.data_config.DataConfig`; {} without ``data.shots``.
+    """
+    if not data.shots:
+        return {}
+    return {task: load_split(task, "dev", limit=data.shots) for task in data.tasks}
 
 
 def stable_seed(*parts: Any) -> int:

@@ -46,18 +46,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks.cka import model_cka, plot_cka_heatmap
 from benchmarks.evaluate import EvalSpec
-from scd.core.config import register_recipe
-from scd.core.results import atomic_write_json, read_json
-from scd.core.train import (Checkpointer, TrainConfig, autocast, batch_indices, check_finite, collate,
-                            finish_run, make_optimizer, peak_memory, resolve_device, seed_everything,
+from scd.core.config import added_field, register_recipe, to_dict
+from scd.core.engine import Dist, Engine, Terms, barrier, init_distributed, trainable_state
+from scd.core.registry import RegistryError
+from scd.core.results import RunDir, atomic_write_json, config_hash, read_json
+from scd.core.train import (TrainConfig, collate, finish_run, peak_memory, rank_batches, seed_everything,
                             start_run, tokenize_sft)
-from scd.data_config import DataConfig
+from scd.data.load import load_split
+from scd.data.prompts import render_prompt, render_target
+from scd.data_config import DataConfig, load_training_pairs
+from scd.losses import ce_per_token, per_token_divergence, resolve_divergence
 from scd.models import ModelConfig, build_model, save_model
+from scd.sft import target_count
+from unisd.degrade import (DEGRADATIONS, DegradeContext, MaskConstraint, NoConstraint, QuantConstraint,
+                           degradation_summary, fake_quant)
 
 RECOVERY_METHODS = ("none", "sd", "sft")
 
@@ -70,9 +80,6 @@ class DegradationConfig:
     options: dict = dataclasses.field(default_factory=dict)  # the degradation's options (see unisd.degrade)
 
     def __post_init__(self) -> None:
-        from scd.core.registry import RegistryError
-        from unisd.degrade import DEGRADATIONS
-
         try:
             spec = DEGRADATIONS.get(self.name)
         except RegistryError as e:
@@ -99,8 +106,6 @@ class RecoverySpec:
         if self.kl_tokens not in ("all", "completion"):
             raise ValueError(f"recovery.kl_tokens must be all or completion, got {self.kl_tokens!r}")
         if self.method == "sd":
-            from scd.losses import resolve_divergence
-
             resolve_divergence(self.loss, self.loss_params)
         if not self.temperature > 0:
             raise ValueError(f"recovery.temperature must be > 0, got {self.temperature}")
@@ -150,6 +155,7 @@ class RecoveryConfig:
     share_cache: bool = True  # share "original" and "before" results between runs of one grid (see run())
     save_model: bool = False
     keep_degraded: bool = False  # keep run_dir/degraded (constraint tensors) after the run
+    deepspeed: str | None = added_field(default=None)  # a DeepSpeed JSON (ZeRO-2; configs/deepspeed/zero2.json)
 
 
 # ======================================================================= pure-ish pieces
@@ -171,10 +177,6 @@ def recovery_loss_sum(student, teacher, batch: dict, *, method: str, loss: str =
     sft: sum_t -log p_S(x_t | x_<t) over the continuation tokens.
     batch: input_ids / attention_mask / labels [B, T].  Returns (scalar, int).
     """
-    import torch
-
-    from scd.losses import ce_per_token, per_token_divergence
-
     out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     s_logits = out.logits[:, :-1]  # [B, T-1, V]
     if method == "sft":
@@ -192,10 +194,6 @@ def recovery_loss_sum(student, teacher, batch: dict, *, method: str, loss: str =
 
 def token_kl(student, teacher, batches, loss: str = "forward_kl", tokens: str = "all") -> float:
     """Mean per-token divergence D(p_teacher || p_student) (default forward KL) on batches."""
-    import torch
-
-    from scd.losses import per_token_divergence
-
     total, n = 0.0, 0
     modes = (student.training, teacher.training)
     student.eval()
@@ -219,74 +217,76 @@ def token_kl(student, teacher, batches, loss: str = "forward_kl", tokens: str = 
     return total / n
 
 
+class RecoveryRecipe:
+    """sd / sft recovery of ``engine``'s module toward the frozen original ``teacher``.
+
+    Micro-batches are collated ``encoded`` sequences (this rank's share); the loss is
+    normalised by the trained tokens of the whole accumulated batch (sft: continuation
+    tokens, sd: the ``kl_tokens`` positions) over all ranks.  After every optimiser step
+    ``constraint.project`` puts the weights back on the quantization grid / sparsity
+    pattern; its latent weights travel in the checkpoint.  Logged term: ``method``.
+    """
+
+    def __init__(self, engine: Engine, teacher, encoded: list[dict], *, method: str = "sd", constraint=None,
+                 loss: str = "forward_kl", loss_params: dict | None = None, temperature: float = 1.0,
+                 kl_tokens: str = "all", pad_id: int = 0, seed: int = 0):
+        if method not in ("sd", "sft"):
+            raise ValueError(f"recovery trains with sd or sft, got {method!r}")
+        self.engine, self.teacher, self.encoded, self.method = engine, teacher, encoded, method
+        self.constraint = constraint or NoConstraint()
+        self.loss, self.loss_params, self.temperature = loss, dict(loss_params or {}), temperature
+        self.kl_tokens, self.pad_id, self.seed = kl_tokens, pad_id, seed
+        teacher.to(engine.device).eval()
+
+    def micro_batches(self, step: int, world: int, rank: int) -> list[dict]:
+        return [collate([self.encoded[i] for i in idx], self.pad_id)
+                for idx in rank_batches(len(self.encoded), self.engine.train_cfg, step, self.seed, world, rank)]
+
+    def count(self, batch: dict) -> int:
+        if self.method == "sft":
+            return target_count(batch)
+        return int(next_token_mask(batch, self.kl_tokens).sum())
+
+    def loss_terms(self, batch: dict, denom: float) -> Terms:
+        batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+        loss_sum, _ = recovery_loss_sum(self.engine.model, self.teacher, batch, method=self.method, loss=self.loss,
+                                        loss_params=self.loss_params, temperature=self.temperature,
+                                        kl_tokens=self.kl_tokens)
+        return Terms({self.method: loss_sum / denom})
+
+    def on_step_end(self, engine: Engine, step: int) -> None:
+        if self.constraint.name != "none":
+            self.constraint.project(engine.module)  # keep the model compressed
+            engine.weights_changed()
+
+    def state(self) -> dict:
+        return {"constraint": self.constraint.state()}
+
+    def load_state(self, state: dict) -> None:
+        self.constraint.load_state({k: v.to(self.engine.device) for k, v in (state.get("constraint") or {}).items()})
+
+
 def recover(student, teacher, encoded: list[dict], train: TrainConfig, *, method: str = "sd", constraint=None,
             loss: str = "forward_kl", loss_params: dict | None = None, temperature: float = 1.0,
             kl_tokens: str = "all", pad_id: int = 0, seed: int = 0, run_dir: Path | None = None,
-            metrics=None, device=None) -> dict:
-    """The recovery loop: ``train.max_steps`` optimiser steps of ``method`` (sd | sft).
+            metrics=None, device=None, dist: Dist | None = None, deepspeed: str | None = None) -> dict:
+    """``train.max_steps`` optimiser steps of :class:`RecoveryRecipe` on an :class:`Engine`.
 
-    After every optimiser step ``constraint.project(student)`` puts the weights back on
-    the quantization grid / sparsity pattern.  Loss normalised by the target tokens of
-    the whole accumulated batch.  Resumes from ``run_dir/ckpt/last`` (the constraint's
-    latent weights travel in the checkpoint).  Returns train stats.
+    Resumes from ``run_dir/ckpt`` when given.  ``dist``/``deepspeed``: the engine's backend
+    (default: one process on ``device``, else the student's device).  Returns train stats.
     """
-    import torch
-
-    from unisd.degrade import NoConstraint
-
-    if method not in ("sd", "sft"):
-        raise ValueError(f"recover() trains with sd or sft, got {method!r}")
-    constraint = constraint or NoConstraint()
-    device = device or next(student.parameters()).device
-    student.to(device).train()
-    teacher.to(device).eval()
-    opt, sched = make_optimizer(student, train)
-    ckpt = Checkpointer(run_dir) if run_dir is not None else None
-    start_step, tokens = 0, 0
-    if ckpt is not None and ckpt.exists():
-        start_step, extra = ckpt.load(student, opt, sched)
-        tokens = int(extra.get("tokens", 0))
-        constraint.load_state({k: v.to(device) for k, v in (extra.get("constraint") or {}).items()})
-        print(f"[recovery] resumed at step {start_step}/{train.max_steps}", flush=True)
-    if metrics is not None:
-        metrics.drop_after(start_step)  # also without a checkpoint: rows of a killed attempt go
-    t0 = time.time()
-    last = {}
-    for step in range(start_step, train.max_steps):
-        micro = [collate([encoded[i] for i in batch_indices(len(encoded), train.batch_size, step, m,
-                                                             train.grad_accum, seed)], pad_id)
-                 for m in range(train.grad_accum)]
-        if method == "sft":
-            n_tok = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
-        else:
-            n_tok = sum(int(next_token_mask(mb, kl_tokens).sum()) for mb in micro)
-        total = 0.0
-        for mb in micro:
-            mb = {k: v.to(device) for k, v in mb.items()}
-            with autocast(train, device):
-                loss_sum, _ = recovery_loss_sum(student, teacher, mb, method=method, loss=loss,
-                                                loss_params=loss_params, temperature=temperature,
-                                                kl_tokens=kl_tokens)
-            lval = loss_sum / max(n_tok, 1)  # normalised by the whole accumulated batch
-            lval.backward()
-            total += float(lval.detach())
-        check_finite(total, step + 1, method)
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), train.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        constraint.project(student)  # keep the model compressed
-        tokens += n_tok
-        done = step + 1
-        if metrics is not None and (done % train.log_every == 0 or done == train.max_steps):
-            last = {"step": done, "loss": total, method: total, "lr": sched.get_last_lr()[0],
-                    "grad_norm": float(gnorm), "tokens": tokens}
-            metrics.log(last)
-        if ckpt is not None and train.save_every and done % train.save_every == 0 and done < train.max_steps:
-            ckpt.save(student, opt, sched, done, {"tokens": tokens, "constraint": constraint.state()})
-    return {"tokens": tokens, "steps": train.max_steps, "wall_s": round(time.time() - t0, 2),
-            "peak_mem": peak_memory(torch.device(device) if isinstance(device, str) else device),
-            "final_loss": last.get("loss")}
+    if dist is None:
+        dev = torch.device(device) if device is not None else next(student.parameters()).device
+        dist = Dist(0, 1, 0, dev)
+    engine = Engine(student, train, run_dir=run_dir, metrics=metrics, dist=dist, deepspeed=deepspeed, name="recovery")
+    if getattr(engine.backend, "stage", 0) >= 3:
+        raise ValueError("recovery: the constraint and the measurements need full weights on every rank; use "
+                         "ZeRO-2 (configs/deepspeed/zero2.json), not ZeRO-3")
+    recipe = RecoveryRecipe(engine, teacher, encoded, method=method, constraint=constraint, loss=loss,
+                            loss_params=loss_params, temperature=temperature, kl_tokens=kl_tokens, pad_id=pad_id,
+                            seed=seed)
+    stats = engine.fit(recipe, train.max_steps)
+    return {**stats, "final_loss": engine.last_stats.get("loss")}
 
 
 # ============================================================================ data
@@ -297,8 +297,6 @@ def encode_reference(pairs: list[tuple[str, str]], tokenizer, max_len: int) -> l
 def teacher_continuations(teacher, tokenizer, prompts: list[str], *, max_new_tokens: int, max_len: int,
                           batch_size: int, device) -> list[dict]:
     """Prompt + the original model's greedy continuation (cut after eos), labels on the continuation."""
-    import torch
-
     eos = tokenizer.eos_token_id
     out: list[dict] = []
     old = tokenizer.padding_side
@@ -328,9 +326,6 @@ def probe_batches(encoded: list[dict], batch_size: int, pad_id: int) -> list[dic
 
 
 def load_probe(cfg: RecoveryConfig, tokenizer) -> list[dict]:
-    from scd.data.load import load_split
-    from scd.data.prompts import render_prompt, render_target
-
     tasks = list(cfg.probe.tasks) or list(cfg.data.tasks)
     per_task = -(-cfg.probe.n_examples // len(tasks))
     items = []
@@ -350,8 +345,6 @@ def load_probe(cfg: RecoveryConfig, tokenizer) -> list[dict]:
 # ======================================================================= measurements
 def cka_to_original(student, teacher, batches: list[dict], probe: ProbeConfig) -> dict:
     """Per-layer CKA(student layer l, original layer l) on the probe batches -> run.json["cka"]."""
-    from benchmarks.cka import model_cka
-
     layers = list(probe.layers) if probe.layers is not None else None
     res = model_cka(student, teacher, batches, layers_a=layers, layers_b=layers, estimator=probe.estimator,
                     unit=probe.unit, minibatch_size=probe.minibatch_size, skip_first=probe.skip_first)
@@ -370,8 +363,6 @@ def measure(student, teacher, batches: list[dict], cfg: RecoveryConfig) -> dict:
 
 
 def write_heatmap(cka: dict, path: Path, title: str) -> dict:
-    from benchmarks.cka import plot_cka_heatmap
-
     plot_cka_heatmap(cka["matrix"], path, title=title, xlabel="original layer", ylabel="model layer",
                      xticklabels=cka.get("layers_b"), yticklabels=cka.get("layers_a"))
     return {**cka, "heatmap": Path(path).name}
@@ -388,10 +379,6 @@ def _cached(path: Path, fn):
 
 
 def _save_degraded(deg_dir: Path, constraint, student, save_weights: bool, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    from scd.core.train import trainable_state
-
     deg_dir.mkdir(parents=True, exist_ok=True)
     t = constraint.tensors()
     if t:
@@ -404,11 +391,6 @@ def _save_degraded(deg_dir: Path, constraint, student, save_weights: bool, meta:
 
 def _load_degraded(deg_dir: Path, student, teacher, meta: dict):
     """Rebuild the degraded student and its constraint from ``deg_dir`` (resume)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from unisd.degrade import MaskConstraint, NoConstraint, QuantConstraint, fake_quant
-
     kind = meta["constraint"]
     t = load_file(str(deg_dir / "constraint.safetensors")) if (deg_dir / "constraint.safetensors").exists() else {}
     if (deg_dir / "model.safetensors").exists():
@@ -439,9 +421,6 @@ def cache_keys(cfg: RecoveryConfig, run_dir: Path) -> tuple[Path, str, str]:
     ``<grid dir>/.shared/`` when ``share_cache`` is on (delete that folder after changing
     code that affects them).  Otherwise the cache is the run's own ``degraded/`` folder.
     """
-    from scd.core.config import to_dict
-    from scd.core.results import config_hash
-
     orig = {"model": to_dict(cfg.model), "eval": to_dict(cfg.eval), "seed": cfg.seed}
     before = {**orig, "data": to_dict(cfg.data), "degradation": to_dict(cfg.degradation),
               "probe": to_dict(cfg.probe), "calib": [cfg.train.batch_size, cfg.train.max_len]}
@@ -456,85 +435,75 @@ def _under(evaluation: dict, sub: str) -> dict:
     return {**evaluation, "eval_info": info} if info else evaluation
 
 
-def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
-    import torch
+def degraded_student(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, pairs, dist: Dist):
+    """Degrade ``student`` in place (or restore the degraded state of a resumed run) -> its constraint.
 
-    from scd.data_config import load_training_pairs
-    from unisd.degrade import DEGRADATIONS, DegradeContext, degradation_summary
-
-    run_dir = Path(run_dir)
-    rcfg, dcfg = cfg.recovery, cfg.degradation
-    budget = 0 if rcfg.method == "none" else cfg.train.max_steps
-    rd = start_run(cfg, run_dir, recipe="recovery",
-                   hparams={"degradation": dcfg.name, "strength": dcfg.strength, "recovery": rcfg.method,
-                            "budget_steps": budget, "lr": cfg.train.lr if budget else None})
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-
-    # 1. the original (frozen) and the student copy
-    teacher, tok = build_model(cfg.model, seed=cfg.seed)
-    teacher.to(device).eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    pad_id = tok.pad_token_id
-    pairs = load_training_pairs(cfg.data, tok)
-
-    # 2. degrade (or restore the degraded state on resume)
-    deg_dir = run_dir / "degraded"
-    spec = DEGRADATIONS.get(dcfg.name)
-    if (deg_dir / "done.json").exists():
-        meta = read_json(deg_dir / "done.json")
-        constraint = _load_degraded(deg_dir, student, teacher, meta)
-        print(f"[recovery] restored the degraded model from {deg_dir}", flush=True)
-    else:
+    Rank 0 degrades and saves ``run_dir/degraded``; the other ranks restore from it.
+    """
+    deg_dir, dcfg = run_dir / "degraded", cfg.degradation
+    constraint = None
+    if dist.rank == 0 and not (deg_dir / "done.json").exists():
         calib = encode_reference(pairs, tok, cfg.train.max_len)
 
         def calib_batches(n: int) -> list[dict]:
             order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             bs = cfg.train.batch_size
-            return [collate([calib[i] for i in order[k * bs:(k + 1) * bs]], pad_id)
+            return [collate([calib[i] for i in order[k * bs:(k + 1) * bs]], tok.pad_token_id)
                     for k in range(min(n, -(-len(calib) // bs)))]
 
         def load_pairs(tasks, limit):
             return load_training_pairs(DataConfig(tasks=tuple(tasks), limit_per_task=limit), tok)
 
-        ctx = DegradeContext(tokenizer=tok, device=device, seed=cfg.seed, run_dir=run_dir,
+        ctx = DegradeContext(tokenizer=tok, device=dist.device, seed=cfg.seed, run_dir=run_dir,
                              calib_batches=calib_batches, load_pairs=load_pairs)
+        spec = DEGRADATIONS.get(dcfg.name)
         constraint = spec.apply(student, dcfg.strength, spec.options(dcfg.options), ctx)
         summary = constraint.summary()
         _save_degraded(deg_dir, constraint, student, save_weights=summary["constraint"] == "none",
                        meta={**summary, "name": dcfg.name, "strength": dcfg.strength})
         shutil.rmtree(run_dir / "degrade" / "ckpt", ignore_errors=True)  # forget's SFT checkpoint
-    constraint.to(device)
-    student.to(device)
+    barrier()  # under DeepSpeed: the other ranks wait for rank 0's saved state
+    if constraint is None:
+        constraint = _load_degraded(deg_dir, student, teacher, read_json(deg_dir / "done.json"))
+        print(f"[recovery] restored the degraded model from {deg_dir}", flush=True)
+    return constraint.to(dist.device)
 
-    # 3. before: task scores, KL and CKA to the original on the probe set
-    probe = probe_batches(load_probe(cfg, tok), cfg.probe.batch_size, pad_id)
+
+def measure_before(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, probe: list[dict]):
+    """(probe measurements, evaluation) of the degraded model and the original's evaluation (cached)."""
     cache, orig_key, before_key = cache_keys(cfg, run_dir)
     before = _cached(cache / f"measure_before-{before_key}.json", lambda: measure(student, teacher, probe, cfg))
     eval_before = _cached(cache / f"eval_before-{before_key}.json",
                           lambda: cfg.eval.run(student, tok, run_dir / "before"))
     eval_orig = (_cached(cache / f"eval_original-{orig_key}.json",
                          lambda: cfg.eval.run(teacher, tok, run_dir / "original")) if cfg.eval_original else {})
+    return before, eval_before, eval_orig
 
-    # 4. recover
-    stats: dict[str, Any] = {"tokens": 0, "steps": 0, "wall_s": 0.0, "peak_mem": peak_memory(device)}
-    if rcfg.method != "none":
-        if rcfg.continuation == "teacher":
-            encoded = _cached(run_dir / "degraded" / "continuations.json", lambda: teacher_continuations(
-                teacher, tok, [p for p, _ in pairs], max_new_tokens=rcfg.max_new_tokens,
-                max_len=cfg.train.max_len, batch_size=rcfg.gen_batch_size, device=device))
-        else:
-            encoded = encode_reference(pairs, tok, cfg.train.max_len)
-        stats = recover(student, teacher, encoded, cfg.train, method=rcfg.method, constraint=constraint,
-                        loss=rcfg.loss, loss_params=rcfg.loss_params, temperature=rcfg.temperature,
-                        kl_tokens=rcfg.kl_tokens, pad_id=pad_id, seed=cfg.seed, run_dir=run_dir,
-                        metrics=rd.metrics(), device=device)
+
+def train_recovery(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, pairs, constraint, dist: Dist,
+                   metrics) -> dict:
+    """The recovery sequences (reference or the original's continuations), then :func:`recover`."""
+    rcfg = cfg.recovery
+    if rcfg.continuation == "teacher":
+        encoded = _cached(run_dir / "degraded" / "continuations.json", lambda: teacher_continuations(
+            teacher, tok, [p for p, _ in pairs], max_new_tokens=rcfg.max_new_tokens,
+            max_len=cfg.train.max_len, batch_size=rcfg.gen_batch_size, device=dist.device))
+    else:
+        encoded = encode_reference(pairs, tok, cfg.train.max_len)
+    return recover(student, teacher, encoded, cfg.train, method=rcfg.method, constraint=constraint,
+                   loss=rcfg.loss, loss_params=rcfg.loss_params, temperature=rcfg.temperature,
+                   kl_tokens=rcfg.kl_tokens, pad_id=tok.pad_token_id, seed=cfg.seed, run_dir=run_dir,
+                   metrics=metrics, dist=dist, deepspeed=cfg.deepspeed)
+
+
+def after_fields(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, probe, constraint, measured,
+                 stats: dict) -> dict:
+    """Measure the recovered model and assemble run.json's fields (see the module doc)."""
+    rcfg, dcfg = cfg.recovery, cfg.degradation
+    before, eval_before, eval_orig = measured
+    budget = 0 if rcfg.method == "none" else cfg.train.max_steps
     student.eval()
     violation = constraint.violation(student)
-
-    # 5. after
     if rcfg.method == "none":  # the degraded model is the result; its predictions are under before/
         after, evaluation = before, _under(eval_before, "before")
     else:
@@ -556,7 +525,8 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
         "eval_original": eval_orig.get("eval", {}),
         "kl_to_original": {"before": before["kl"], "after": after["kl"], "loss": "forward_kl",
                            "tokens": "all", "n_probe": sum(int(b["attention_mask"][:, 1:].sum()) for b in probe)},
-        "degradation": {"name": dcfg.name, "strength": dcfg.strength, "strength_meaning": spec.strength_meaning,
+        "degradation": {"name": dcfg.name, "strength": dcfg.strength,
+                        "strength_meaning": DEGRADATIONS.get(dcfg.name).strength_meaning,
                         "options": dict(dcfg.options), "summary": degradation_summary(constraint)},
         "recovery": {"method": rcfg.method, "budget_steps": budget, "tokens": stats["tokens"],
                      "loss": rcfg.loss if rcfg.method == "sd" else ("ce" if rcfg.method == "sft" else None),
@@ -569,9 +539,47 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
     if cfg.probe.cka:
         fields["cka"] = after["cka"]
         fields["cka_before"] = before["cka"]
+    return fields
+
+
+def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    rcfg, dcfg = cfg.recovery, cfg.degradation
+    budget = 0 if rcfg.method == "none" else cfg.train.max_steps
+    dist = init_distributed(cfg.train, cfg.deepspeed)
+    rd = RunDir(run_dir)
+    if dist.rank == 0:
+        rd = start_run(cfg, run_dir, recipe="recovery",
+                       hparams={"degradation": dcfg.name, "strength": dcfg.strength, "recovery": rcfg.method,
+                                "budget_steps": budget, "lr": cfg.train.lr if budget else None})
+    seed_everything(cfg.seed)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+    # 1. the original (frozen) and the student copy
+    teacher, tok = build_model(cfg.model, seed=cfg.seed)
+    teacher.to(dist.device).eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    pairs = load_training_pairs(cfg.data, tok)
+    # 2. degrade (or restore the degraded state on resume)
+    constraint = degraded_student(cfg, run_dir, student, teacher, tok, pairs, dist)
+    student.to(dist.device)
+    # 3. before: task scores, KL and CKA to the original on the probe set (rank 0)
+    probe = probe_batches(load_probe(cfg, tok), cfg.probe.batch_size, tok.pad_token_id)
+    measured = measure_before(cfg, run_dir, student, teacher, tok, probe) if dist.rank == 0 else None
+    # 4. recover
+    stats: dict[str, Any] = {"tokens": 0, "steps": 0, "wall_s": 0.0, "peak_mem": peak_memory(dist.device)}
+    if rcfg.method != "none":
+        stats = train_recovery(cfg, run_dir, student, teacher, tok, pairs, constraint, dist,
+                               rd.metrics(enabled=dist.rank == 0))
+        stats["world_size"] = dist.world
+    if dist.rank != 0:
+        return {}
+    # 5. after
+    fields = after_fields(cfg, run_dir, student, teacher, tok, probe, constraint, measured, stats)
     shutil.rmtree(run_dir / "ckpt", ignore_errors=True)  # training state (the run is complete)
     if not cfg.keep_degraded:
-        shutil.rmtree(deg_dir, ignore_errors=True)
+        shutil.rmtree(run_dir / "degraded", ignore_errors=True)
     return finish_run(rd, **fields)
 
 

@@ -11,14 +11,25 @@ registry name and the results column)::
       ema_teacher: {decay: 0.98}
       divergence_clipping: false                  # listed but off
 
-Reads top to bottom: build model -> training examples -> components (setup in config
-order) -> resume -> per optimiser step: for each micro-batch
+Reads top to bottom: :meth:`UniSDRecipe.build` (model -> training examples ->
+components, set up in config order -> the :class:`~scd.core.engine.Engine` over the
+trainable bundle) -> ``engine.fit`` (resume, then per optimiser step, for each
+micro-batch of example indices, :meth:`UniSDRecipe.loss_terms`:
   1. the provider samples completions from the student and returns teacher targets,
   2. the student forward over the same completions,
   3. the per-token divergence l_t [B, L] (``ctx.per_token``),
   4. every component's ``loss_terms`` (may clip l_t, set agreement weights, add terms),
-  5. kd = mean over sequences of sum_t w_t l_t m_t / clamp(sum_t w_t m_t, 1); backward,
--> clip, optimiser step, ``on_step_end`` hooks (EMA) -> log every term -> save -> evaluate.
+  5. kd = mean over sequences of sum_t w_t l_t m_t / clamp(sum_t w_t m_t, 1);
+the engine backpropagates, clips and steps; :meth:`UniSDRecipe.on_step_end` runs the
+components' ``on_step_end`` hooks (EMA); every term is logged as ``loss/<term>``) ->
+save -> evaluate.  Under DeepSpeed (``deepspeed: configs/deepspeed/zero2.json``) every
+rank takes its share of each micro-batch; sequences are counted over all ranks.
+
+Tests build the recipe without a run directory and run one step::
+
+    engine, recipe = UniSDRecipe.build(cfg, tokenizer=tok)
+    out = engine.accumulate(recipe, 0)      # forward + backward: {"loss/kd": ..., "loss": ...}
+    recipe.ctx.per_token, recipe.ctx.token_weights
 
 ``objective: sft`` and ``objective: sdft_rewrite`` run the SFT and SDFT-rewrite
 baselines (:mod:`unisd.baselines`) from the same config, so one grid holds them all.
@@ -26,18 +37,23 @@ baselines (:mod:`unisd.baselines`) from the same config, so one grid holds them 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.evaluate import EvalSpec
-from scd.core.config import register_recipe
-from scd.core.train import (Checkpointer, TrainConfig, autocast, batch_indices, check_finite, finish_run,
-                            make_optimizer, peak_memory, resolve_device, seed_everything, start_run)
+from scd.core.config import added_field, register_recipe
+from scd.core.engine import Dist, Engine, Terms, autocast, init_distributed
+from scd.core.results import RunDir
+from scd.core.train import TrainConfig, finish_run, rank_batches, seed_everything, start_run
 from scd.data_config import DataConfig, load_examples
+from scd.losses import per_token_divergence
 from scd.models import ModelConfig, build_model, save_model
+import unisd.components  # noqa: F401  (registers the built-in components)
+from unisd.baselines import run_baseline
 from unisd.components.base import build_components, components_table, load_plugins, needs_of
+from unisd.context import Context, frozen_copy, shots_by_task
 
 OBJECTIVES = ("self_distill", "sft", "sdft_rewrite")
 
@@ -110,13 +126,12 @@ class UniSDConfig:
     plugins: tuple[str, ...] = ()  # modules or .py files that register components
     rewrite: RewriteConfig = RewriteConfig()
     save_model: bool = True
+    deepspeed: str | None = added_field(default=None)  # a DeepSpeed JSON (ZeRO-2; configs/deepspeed/zero2.json)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         load_plugins(self.plugins)
-        import unisd.components  # noqa: F401  (registers the built-in components)
-
         if self.objective == "self_distill":
             build_components(self.components)  # unknown names, bad params, provider count -> error now
         else:
@@ -128,8 +143,6 @@ class UniSDConfig:
 
 def make_divergence(cfg: LossConfig):
     """student logits, teacher logits [B, L, V], temperature -> per-token divergence l_t [B, L]."""
-    from scd.losses import per_token_divergence
-
     name, params = divergence_spec(cfg)
 
     def divergence(student_logits, teacher_logits, temperature: float):
@@ -155,42 +168,10 @@ def hparams(cfg: UniSDConfig) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------- the step
-def distill_step(ctx, components, divergence, batches: list[list[int]]) -> tuple[dict[str, float], int]:
-    """Forward + backward of one optimiser step over its micro-batches (no optimiser update).
-
-    Returns ({term: value summed over micro-batches}, loss tokens).  Every term is
-    already normalised by the number of sequences of the whole accumulated batch.
-    """
-    provider = next(c for c in components if c.provides_teacher)
-    ctx.n_seq_total = sum(len(b) for b in batches)
-    totals: dict[str, float] = defaultdict(float)
-    tokens = 0
-    for micro, indices in enumerate(batches):
-        ctx.begin_micro(micro, indices)
-        targets = provider.teacher_targets(ctx)  # sets ctx.batch completions; teacher logits [B, L, V]
-        ctx.student = ctx.forward(ctx.model, ctx.batch.prompt_ids, hidden="hidden_states" in ctx.needs)
-        ctx.per_token = divergence(ctx.student.logits, targets.logits, targets.temperature)  # l_t [B, L]
-        terms: dict = {}
-        for comp in components:
-            for name, value in comp.loss_terms(ctx, targets).items():
-                if name in terms or name == "kd":
-                    raise ValueError(f"component '{comp.name}' returned loss term '{name}' twice or named 'kd'")
-                terms[name] = value
-        terms = {"kd": ctx.seq_mean(ctx.per_token, ctx.token_weights, ctx.sequence_weights), **terms}
-        loss = sum(terms.values())
-        loss.backward()
-        for name, value in terms.items():
-            totals[name] += float(value.detach())
-        tokens += int(ctx.batch.loss_mask.sum())
-    return dict(totals), tokens
-
-
+# ---------------------------------------------------------------------------- the recipe
 def trainable_module(model, components):
     """The student alone, or the student plus the components' trainable modules (e.g. a
     projection) as one module, so one optimiser and one checkpoint hold them all."""
-    import torch
-
     extras = {c.name: torch.nn.ModuleDict(c.trainable_modules()) for c in components if c.trainable_modules()}
     if not extras:
         return model
@@ -200,19 +181,8 @@ def trainable_module(model, components):
     return bundle
 
 
-def shots_by_task(cfg: DataConfig) -> dict[str, list[dict]]:
-    """Few-shot demonstrations of the training prompts (as scd.data_config.load_training_pairs)."""
-    if not cfg.shots:
-        return {}
-    from scd.data.load import load_split
-
-    return {task: load_split(task, "dev", limit=cfg.shots) for task in cfg.tasks}
-
-
-def build_context(cfg: UniSDConfig, model, tok, examples: list[dict], components, device):
+def build_context(cfg: UniSDConfig, model, tok, examples: list[dict], components, device) -> Context:
     """The step context: the frozen teacher copy (only if a component needs it), then every ``setup``."""
-    from unisd.context import Context, frozen_copy
-
     needs = needs_of(components)
     ctx = Context(model=model, tokenizer=tok, examples=examples, device=device, seed=cfg.seed, needs=needs,
                   max_prompt_len=cfg.loss.max_prompt_len, autocast=lambda: autocast(cfg.train, device),
@@ -226,80 +196,107 @@ def build_context(cfg: UniSDConfig, model, tok, examples: list[dict], components
     return ctx
 
 
-# ---------------------------------------------------------------------------- the recipe
+class UniSDRecipe:
+    """Self-distillation on an :class:`Engine`: a micro-batch is (index, example indices) of
+    this rank; losses are normalised by the sequences of the whole accumulated batch over all
+    ranks (``ctx.n_seq_total`` = the engine's ``denom``); terms are logged as ``loss/<term>``,
+    the components' ``ctx.log`` values and ``teacher_passes`` beside them (this rank's).
+    """
+
+    def __init__(self, engine: Engine, cfg: UniSDConfig, ctx: Context, components: list):
+        self.engine, self.cfg, self.ctx, self.components = engine, cfg, ctx, components
+        self.provider = next(c for c in components if c.provides_teacher)
+        self.divergence = make_divergence(cfg.loss)
+        self.stats: dict[str, float] = {}
+
+    @classmethod
+    def build(cls, cfg: UniSDConfig, *, tokenizer=None, examples: list[dict] | None = None,
+              run_dir: Path | None = None, metrics=None, dist: Dist | None = None) -> tuple[Engine, "UniSDRecipe"]:
+        """Model, data, components, context and engine of ``cfg`` -> (engine, recipe).
+
+        ``tokenizer``/``examples`` replace the configured ones (tests); without ``run_dir``
+        nothing is saved or resumed.
+        """
+        dist = dist or init_distributed(cfg.train, cfg.deepspeed)
+        seed_everything(cfg.seed)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        model, tok = build_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
+        model.to(dist.device).train()
+        examples = examples if examples is not None else load_examples(cfg.data)
+        components = build_components(cfg.components)
+        ctx = build_context(cfg, model, tok, examples, components, dist.device)
+        engine = Engine(trainable_module(model, components), cfg.train, run_dir=run_dir, metrics=metrics, dist=dist,
+                        deepspeed=cfg.deepspeed, name="unisd")
+        if getattr(engine.backend, "stage", 0) >= 3:
+            raise ValueError("unisd: sampling and the EMA teacher need full weights on every rank; use ZeRO-2 "
+                             "(configs/deepspeed/zero2.json), not ZeRO-3")
+        return engine, cls(engine, cfg, ctx, components)
+
+    def micro_batches(self, step: int, world: int, rank: int) -> list[tuple[int, list[int]]]:
+        self.ctx.step = step
+        batches = rank_batches(len(self.ctx.examples), self.engine.train_cfg, step, self.cfg.seed, world, rank)
+        return list(enumerate(batches))
+
+    def count(self, micro: tuple[int, list[int]]) -> int:
+        return len(micro[1])  # sequences
+
+    def loss_terms(self, micro: tuple[int, list[int]], denom: float) -> Terms:
+        """The teacher targets, the student forward, l_t, every component's hook, then kd."""
+        ctx = self.ctx
+        ctx.n_seq_total = denom
+        ctx.begin_micro(*micro)
+        targets = self.provider.teacher_targets(ctx)  # sets ctx.batch completions; teacher logits [B, L, V]
+        ctx.student = ctx.forward(ctx.model, ctx.batch.prompt_ids, hidden="hidden_states" in ctx.needs)
+        ctx.per_token = self.divergence(ctx.student.logits, targets.logits, targets.temperature)  # l_t [B, L]
+        terms: dict = {}
+        for comp in self.components:
+            for name, value in comp.loss_terms(ctx, targets).items():
+                if name in terms or name == "kd":
+                    raise ValueError(f"component '{comp.name}' returned loss term '{name}' twice or named 'kd'")
+                terms[name] = value
+        terms = {"kd": ctx.seq_mean(ctx.per_token, ctx.token_weights, ctx.sequence_weights), **terms}
+        return Terms({f"loss/{k}": v for k, v in terms.items()}, tokens=int(ctx.batch.loss_mask.sum()))
+
+    def on_step_end(self, engine: Engine, step: int) -> None:
+        self.ctx.step = step
+        for comp in self.components:
+            comp.on_step_end(self.ctx)
+        self.stats = self.ctx.pop_stats()
+
+    def log_extra(self) -> dict:
+        return {**self.stats, "teacher_passes": self.ctx.teacher_passes}
+
+    def state(self) -> dict:
+        return {"components": {c.name: c.state_dict() for c in self.components}}
+
+    def load_state(self, state: dict) -> None:
+        for comp in self.components:
+            comp.load_state_dict(state.get("components", {}).get(comp.name, {}))
+
+
 def run(cfg: UniSDConfig, run_dir: Path) -> dict:
     if cfg.objective != "self_distill":
-        from unisd.baselines import run_baseline
-
-        return run_baseline(cfg, run_dir)
-    import torch
-
+        return run_baseline(cfg, run_dir, hparams(cfg))
     run_dir = Path(run_dir)
-    rd = start_run(cfg, run_dir, recipe="unisd", components=components_table(cfg.components), hparams=hparams(cfg))
-    metrics = rd.metrics()
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-
-    # model, data, components
-    model, tok = build_model(cfg.model, seed=cfg.seed)
-    model.to(device).train()
-    examples = load_examples(cfg.data)
-    components = build_components(cfg.components)
-    ctx = build_context(cfg, model, tok, examples, components, device)
-    trainable = trainable_module(model, components)
-    opt, sched = make_optimizer(trainable, cfg.train)
-    divergence = make_divergence(cfg.loss)
-
-    # resume
-    ckpt = Checkpointer(run_dir)
-    start_step, tokens = 0, 0
-    if ckpt.exists():
-        start_step, extra = ckpt.load(trainable, opt, sched)
-        tokens = int(extra.get("tokens", 0))
-        for comp in components:
-            comp.load_state_dict(extra.get("components", {}).get(comp.name, {}))
-        metrics.drop_after(start_step)
-        print(f"[unisd] resumed at step {start_step}/{cfg.train.max_steps}", flush=True)
-
-    # train
-    t0 = time.time()
-    tc = cfg.train
-    for step in range(start_step, tc.max_steps):
-        ctx.step = step
-        batches = [batch_indices(len(examples), tc.batch_size, step, m, tc.grad_accum, cfg.seed)
-                   for m in range(tc.grad_accum)]
-        terms, n_tok = distill_step(ctx, components, divergence, batches)
-        for name, value in terms.items():
-            check_finite(value, step + 1, name)
-        gnorm = torch.nn.utils.clip_grad_norm_(trainable.parameters(), tc.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ctx.step = done = step + 1
-        for comp in components:
-            comp.on_step_end(ctx)
-        tokens += n_tok
-        stats = ctx.pop_stats()
-        if done % tc.log_every == 0 or done == tc.max_steps:
-            metrics.log({"step": done, "loss": sum(terms.values()), **{f"loss/{k}": v for k, v in terms.items()},
-                         **stats, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm), "tokens": tokens,
-                         "teacher_passes": ctx.teacher_passes})
-        if tc.save_every and done % tc.save_every == 0 and done < tc.max_steps:
-            ckpt.save(trainable, opt, sched, done,
-                      {"tokens": tokens, "components": {c.name: c.state_dict() for c in components}})
-    train_stats = {"tokens": tokens, "steps": tc.max_steps, "wall_s": round(time.time() - t0, 2),
-                   "peak_mem": peak_memory(device), "teacher_passes": ctx.teacher_passes}
-
-    # save, evaluate
+    dist = init_distributed(cfg.train, cfg.deepspeed)
+    rd = RunDir(run_dir)
+    if dist.rank == 0:
+        rd = start_run(cfg, run_dir, recipe="unisd", components=components_table(cfg.components),
+                       hparams=hparams(cfg))
+    engine, recipe = UniSDRecipe.build(cfg, run_dir=run_dir, metrics=rd.metrics(enabled=dist.rank == 0), dist=dist)
+    stats = engine.fit(recipe, cfg.train.max_steps)
+    stats.update(teacher_passes=recipe.ctx.teacher_passes, world_size=dist.world)
+    if dist.rank != 0:
+        return {}
+    model, tok = recipe.ctx.model, recipe.ctx.tokenizer
     artifacts = {}
     if cfg.save_model:
         artifacts["model"] = str(save_model(model, tok, run_dir / "model"))
-    ctx.teacher = None  # free the teacher before evaluation
+    recipe.ctx.teacher = None  # free the teacher before evaluation
     evaluation = cfg.eval.run(model, tok, run_dir)
-    ckpt.clear()
-    return finish_run(rd, train=train_stats, artifacts=artifacts, **evaluation)
+    engine.clear_state()
+    return finish_run(rd, train=stats, artifacts=artifacts, **evaluation)
 
 
 register_recipe("unisd", UniSDConfig, run)

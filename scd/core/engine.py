@@ -55,9 +55,13 @@ class Terms:
     (the engine backpropagates their sum and logs each, summed over micro-batches and
     averaged over ranks).  ``stats``: named floats *summed* over the micro-batch
     (e.g. sum of weights); the engine all-reduces them and divides by the global count.
+    ``tokens``: what the ``tokens`` column counts for this micro-batch when it is not
+    ``recipe.count`` (UniSD normalises by sequences but counts completion tokens); every
+    micro-batch of a recipe sets it or none does.
     """
     loss: dict[str, torch.Tensor]
     stats: dict[str, float] = dataclasses.field(default_factory=dict)
+    tokens: int | None = None  # tokens processed, when not the normalisation count (the ``tokens`` column)
 
 
 class Recipe(Protocol):
@@ -197,6 +201,9 @@ class TorchBackend:
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
 
+    def weights_changed(self) -> None:
+        """The module's weights were edited in place (e.g. a projection): nothing to sync here."""
+
     def all_sum(self, x: float) -> float:
         return x
 
@@ -256,6 +263,18 @@ class DeepSpeedBackend(TorchBackend):
         self.sched.step()
         g = self.engine.get_global_grad_norm()
         return float(g) if g is not None else float("nan")
+
+    def weights_changed(self) -> None:
+        """Copy the module's (edited) weights into ZeRO's fp32 master partitions, which
+        would otherwise overwrite them at the next step."""
+        if self.stage >= 3:
+            raise NotImplementedError("editing the trained weights in place needs full weights on every "
+                                      "rank: use ZeRO-2 (configs/deepspeed/zero2.json), not ZeRO-3")
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is None:
+            raise NotImplementedError(f"DeepSpeed optimizer {type(self.engine.optimizer).__name__} cannot "
+                                      "refresh its fp32 master weights")
+        refresh()
 
     def all_sum(self, x: float) -> float:
         import torch.distributed as dist
@@ -394,6 +413,7 @@ class Engine:
             self.backend = TorchBackend(module, train, self.device)
         self.tokens = 0
         self.step = 0
+        self.last_stats: dict[str, float] = {}  # the logged values of the last step trained
 
     # -- what recipes use
     @property
@@ -414,6 +434,11 @@ class Engine:
 
     def all_sum(self, x: float) -> float:
         return self.backend.all_sum(x)
+
+    def weights_changed(self) -> None:
+        """Call after editing the trained module's weights in place (a recipe's projection
+        in ``on_step_end``) so the backend's master copy follows (DeepSpeed ZeRO-2)."""
+        self.backend.weights_changed()
 
     def save(self, step: int, recipe=None) -> None:
         if self.run_dir is not None:
@@ -459,11 +484,11 @@ class Engine:
         print(f"[{self.name}] resumed at step {step}/{total_steps}", flush=True)
         return step
 
-    def train_step(self, recipe, step: int) -> dict[str, float]:
-        """Forward + backward of every micro-batch of optimiser step ``step``, then the update.
+    def accumulate(self, recipe, step: int) -> dict[str, float]:
+        """Forward + backward of every micro-batch of optimiser step ``step``; no update.
 
-        Returns the logged values: each loss term and stat (global), ``loss``, ``grad_norm``,
-        ``n_tokens`` (the global count).
+        Gradients accumulate on the trained module (tests inspect them; :meth:`train_step`
+        then steps).  Returns each loss term and stat (global), ``loss`` and ``n_tokens``.
         """
         world = self.dist.world
         micro = recipe.micro_batches(step, world, self.dist.rank)
@@ -471,6 +496,7 @@ class Engine:
         denom = max(n_global, 1) / world  # DDP/ZeRO average the ranks' gradients: overall sum / n_global
         loss_sums: dict[str, float] = {}
         stat_sums: dict[str, float] = {}
+        tokens: int | None = None
         for j, mb in enumerate(micro):
             with self.autocast():
                 terms = recipe.loss_terms(mb, denom)
@@ -480,13 +506,24 @@ class Engine:
                 loss_sums[k] = loss_sums.get(k, 0.0) + float(v.detach())
             for k, v in terms.stats.items():
                 stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
+            if terms.tokens is not None:
+                tokens = (tokens or 0) + int(terms.tokens)
         out = {k: self.backend.all_sum(v) / world for k, v in loss_sums.items()}
         out.update({k: self.backend.all_sum(v) / max(n_global, 1) for k, v in stat_sums.items()})
         out["loss"] = sum(out[k] for k in loss_sums)
+        out["n_tokens"] = int(n_global if tokens is None else self.backend.all_sum(tokens))
+        return out
+
+    def train_step(self, recipe, step: int) -> dict[str, float]:
+        """Forward + backward of every micro-batch of optimiser step ``step``, then the update.
+
+        Returns the logged values: each loss term and stat (global), ``loss``, ``grad_norm``,
+        ``n_tokens`` (the global count, or the recipe's ``Terms.tokens``).
+        """
+        out = self.accumulate(recipe, step)
         for k, v in out.items():
             check_finite(v, step + 1, k)
         out["grad_norm"] = self.backend.step()
-        out["n_tokens"] = int(n_global)
         return out
 
     def fit(self, recipe, total_steps: int) -> dict:
@@ -503,6 +540,7 @@ class Engine:
                 recipe.on_step_start(self, step)
             stats = self.train_step(recipe, step)
             self.tokens += stats.pop("n_tokens")
+            self.last_stats = stats
             done = self.step = step + 1
             if hasattr(recipe, "on_step_end"):
                 recipe.on_step_end(self, done)  # e.g. EMA update, projection, a scheduled checkpoint

@@ -1,0 +1,59 @@
+"""A tiny UniSD recipe for the tests: a random-init 2-layer Llama (hidden 32) with the given
+tokenizer, trained on the first examples of real task splits.
+
+    recipe = setup_run(tokenizer, {"in_context_teacher": {"max_new_tokens": 4}, "my_component": {}})
+    terms, n_tokens = step_once(recipe)        # engine.accumulate: forward + backward of step 0
+    recipe.ctx.per_token, recipe.ctx.token_weights
+
+The recipe and its engine come from :meth:`unisd.train.UniSDRecipe.build` (nothing of the
+setup or the loop is copied here).
+"""
+from __future__ import annotations
+
+from scd.core.config import from_dict
+from unisd.train import UniSDConfig, UniSDRecipe
+
+
+def tiny_unisd_cfg(components: dict, *, lora: dict | None = None, lr: float = 1e-3, batch_size: int = 2,
+                   grad_accum: int = 1, tasks=("rotten_tomatoes",), limit: int = 16, seed: int = 0,
+                   **extra) -> UniSDConfig:
+    """The tiny config; ``extra`` sets dotted keys (``**{"loss.alpha": 0.5}``)."""
+    data = {"seed": seed, "components": components,
+            "model": {"name": "tiny", "lora": lora,
+                      "tiny": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64,
+                               "num_attention_heads": 4, "num_key_value_heads": 2}},
+            "data": {"tasks": list(tasks), "limit_per_task": limit},
+            "train": {"lr": lr, "max_steps": 4, "batch_size": batch_size, "grad_accum": grad_accum,
+                      "warmup_ratio": 0.0, "schedule": "constant", "device": "cpu"}}
+    for key, value in extra.items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return from_dict(UniSDConfig, data)
+
+
+def setup_run(tokenizer, components: dict, *, examples: list[dict] | None = None, **kw) -> UniSDRecipe:
+    """The recipe (``.engine``, ``.ctx``, ``.components``) without a run directory."""
+    cfg = kw.pop("cfg", None) or tiny_unisd_cfg(components, **kw)
+    _, recipe = UniSDRecipe.build(cfg, tokenizer=tokenizer, examples=examples)
+    return recipe
+
+
+def step_once(recipe: UniSDRecipe, *, update: bool = False) -> tuple[dict[str, float], int]:
+    """Step 0's forward + backward (``engine.accumulate``); with ``update`` the whole step
+    (``engine.fit`` of one step: update and on_step_end hooks).  -> ({term: value}, loss tokens)."""
+    engine = recipe.engine
+    if update:
+        stats = engine.fit(recipe, 1)
+        out, n_tokens = engine.last_stats, stats["tokens"]
+    else:
+        out = engine.accumulate(recipe, 0)
+        n_tokens = out["n_tokens"]
+    return {k[len("loss/"):]: v for k, v in out.items() if k.startswith("loss/")}, n_tokens
+
+
+def grads(module) -> dict:
+    """{name: grad clone} of the parameters that have one."""
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
