@@ -200,11 +200,13 @@ def test_two_kills_in_a_row_then_resume(tmp_path):
 def test_no_checkpoint_temp_dir_left_after_resume(tmp_path, tiny_cfg):
     import torch
 
-    from scd.core.train import Checkpointer, TrainConfig, make_optimizer
+    from scd.core.engine import Checkpointer, make_optimizer, make_scheduler
+    from scd.core.train import TrainConfig
     from scd.models import build_model
 
     model, _ = build_model(tiny_cfg)
-    opt, sched = make_optimizer(model, TrainConfig(max_steps=2))
+    opt = make_optimizer(model, TrainConfig(max_steps=2))
+    sched = make_scheduler(opt, TrainConfig(max_steps=2), 2)
     ck = Checkpointer(tmp_path)
     dead = ck.dir / ".last.tmp-999999"  # what a SIGKILL at ckpt_write leaves (pid of the dead process)
     dead.mkdir(parents=True)
