@@ -11,7 +11,7 @@ ROW_KEYS = {"name", "tokens_per_s", "total_tokens_per_s", "peak_mem_mb", "tokens
 
 def test_quick_run_schema_and_ratios(tmp_path, capsys):
     out = tmp_path / "perf" / "distill_step.json"
-    assert bench_distill.main(["--quick", "--repeats", "1", "--out", str(out)]) == 0
+    assert bench_distill.main(["--quick", "--repeats", "1", "--dtypes", "fp32", "bf16", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     printed = capsys.readouterr().out
     names = [r["name"] for r in res["rows"]]
@@ -31,3 +31,13 @@ def test_quick_run_schema_and_ratios(tmp_path, capsys):
     assert "ratios: fast_over_naive" in printed and printed.count("ratios:") == 4
     readme = (tmp_path / "perf" / "README.md").read_text()
     assert "python -m benchmarks.perf.bench_distill --quick" in readme and "| ours_cached |" in readme
+
+
+def test_bf16_table_only_where_bf16_is_fast():
+    import torch
+
+    cpu = torch.device("cpu")
+    assert bench_distill.choose_dtypes(None, cpu, {"fp32": 20.0, "bf16": 44.0}) == (["fp32", "bf16"], {})
+    dtypes, skipped = bench_distill.choose_dtypes(None, cpu, {"fp32": 20.0, "bf16": 0.5})
+    assert dtypes == ["fp32"] and "0.5 GFLOP/s vs fp32 20.0" in skipped["bf16"]
+    assert bench_distill.choose_dtypes(["bf16"], cpu, {"fp32": 20.0, "bf16": 0.5}) == (["fp32", "bf16"], {})

@@ -193,3 +193,30 @@ def test_shape_errors_are_one_line():
         fused_kd_ce(h, w, teacher=torch.randn(5, V))
     with pytest.raises(ValueError, match="not a divergence"):
         fused_kd_ce(h, w, teacher=torch.randn(4, V), name="ce")
+
+
+def test_wrapped_model_like_deepspeed_or_ddp():
+    """A wrapper exposing `.module` (DeepSpeedEngine, DDP): lookups unwrap, the forward goes through the wrapper."""
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module, self.calls = m, 0
+
+        def forward(self, **kw):
+            self.calls += 1
+            return self.module(**kw)
+
+    model = tiny_model(V, SHAPE, seed=1).eval()
+    wrapped = Wrapper(model)
+    batch = make_batch()
+    assert unwrap(wrapped) is model and head_weight(wrapped)[0] is model.lm_head.weight
+    torch.testing.assert_close(target_logits(wrapped, batch), target_logits(model, batch))
+    assert wrapped.calls == 1
+
+
+def test_head_weight_refuses_adapted_head():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model(V, SHAPE, seed=1), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(TypeError, match="use target_logits"):
+        head_weight(model)
+    assert target_logits(model, make_batch()).shape == (8, V)

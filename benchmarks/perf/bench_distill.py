@@ -42,7 +42,6 @@ per step for the profile table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -106,6 +105,34 @@ def make_batch(s: Shapes, completion: int, seed: int = 0) -> dict:
 
 def encoded_of(batch: dict) -> list[dict]:
     return [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in zip(batch["input_ids"], batch["labels"])]
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 128, h: int = 576, reps: int = 3) -> float:
+    """GFLOP/s of an [n, h] @ [h, h] matmul (does this device have fast bf16?)."""
+    a, b = torch.randn(n, h, device=device).to(dtype), torch.randn(h, h, device=device).to(dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n * h * h * reps / (time.perf_counter() - t) / 1e9
+
+
+def choose_dtypes(requested: list[str] | None, device: torch.device, rates: dict) -> tuple[list[str], dict]:
+    """fp32 always (the CPU default); bf16 when asked, or by default where its matmul is at least half
+    the fp32 rate (CPUs without native bf16 instructions run it 10-50x slower: skipped, with the reason)."""
+    default = "bf16" if device.type == "cuda" else "fp32"
+    if requested:
+        return ([default] if default not in requested else []) + list(requested), {}
+    if device.type == "cuda" or rates["bf16"] >= 0.5 * rates["fp32"]:
+        return [default] + [d for d in ("fp32", "bf16") if d != default], {}
+    why = (f"bf16 matmul {rates['bf16']:.1f} GFLOP/s vs fp32 {rates['fp32']:.1f} on this CPU (capability "
+           f"{torch.backends.cpu.get_cpu_capability()}, no native bf16): bf16 does not help here; "
+           "--dtypes fp32 bf16 forces the table")
+    return ["fp32"], {"bf16": why}
 
 
 def trl_compute_loss():
@@ -307,7 +334,13 @@ def readme_text(res: dict) -> str:
                        + ".  Must-show: " + ", ".join(f"{k}: {'-' if v is None else ('met' if v else 'MISSED')}"
                                                       for k, v in t["targets"].items()) + ".")
             out.append("")
-    out += ["`ours_cached` excludes the one-time cache build (`cache_build_s` in the JSON).", ""]
+    for dtype, why in res["skipped_tables"].items():
+        out += [f"No {dtype} table: {why}.", ""]
+    la = res["load_average"]
+    out += ["`ours_cached` excludes the one-time cache build (`cache_build_s` in the JSON).  Load average "
+            f"(1 min) at start / end: {la['start'][0]:.1f} / {la['end'][0]:.1f} on {la['cpus']} CPUs"
+            + (" -- the machine was shared while this ran: rerun on an idle machine for final numbers."
+               if max(la["start"][0], la["end"][0]) > 1.5 * la["cpus"] else "."), ""]
     return "\n".join(out)
 
 
@@ -317,7 +350,8 @@ def parse_args(argv):
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (default 3)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds; for tests)")
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16"],
+                    help="default: fp32, plus bf16 where its matmul is at least half the fp32 rate")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--shapes", nargs="+", default=["short", "long"], choices=["short", "long"])
     ap.add_argument("--out", default="results/perf/distill_step.json", help="result JSON")
@@ -336,7 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(rows) < len(args.rows):
         print("trl is not installed (pip install -e '.[bench]'): the trl row is skipped")
     default_dtype = "bf16" if device.type == "cuda" else "fp32"
-    dtypes = args.dtypes if default_dtype in args.dtypes else [default_dtype] + args.dtypes
+    rates = {"fp32": matmul_gflops(device, torch.float32), "bf16": matmul_gflops(device, torch.bfloat16)}
+    dtypes, skipped = choose_dtypes(args.dtypes, device, rates)
+    for why in skipped.values():
+        print(f"bf16 table skipped: {why}")
+    load0 = os.getloadavg()
     teacher = make_model(s, s.teacher_layers, seed=0).to(device).eval().requires_grad_(False)
     models = {"teacher": teacher, "student": make_model(s, s.student_layers, seed=1).to(device).train()}
     if "bf16" in dtypes:
@@ -367,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"MLP {s.intermediate}, vocab {s.vocab}, random init; batch {s.batch} x seq {s.seq}",
            "peak_memory": ("CUDA max_memory_allocated minus the allocation at the step start" if device.type == "cuda"
                            else "process RSS sampled every 2 ms minus RSS at the step start (approximate)"),
-           "out_name": os.path.basename(args.out)}
+           "out_name": os.path.basename(args.out), "matmul_gflops": rates, "skipped_tables": skipped,
+           "load_average": {"start": load0, "end": os.getloadavg(), "cpus": os.cpu_count()}}
     atomic_write_json(args.out, res)
     readme = args.readme or os.path.join(os.path.dirname(args.out) or ".", "README.md")
     atomic_write_text(readme, readme_text(res))
