@@ -52,8 +52,12 @@ class _KdCeSpec:
         self.teacher, self.teacher_weight, self.teacher_bias = teacher, teacher_weight, teacher_bias
         self.labels, self.vocab, self.name, self.params = labels, vocab, name, params
         self.temperature, self.scale_by_t2, self.chunk_size = temperature, scale_by_t2, chunk_size
+        self.keep = False  # keep each chunk's logits from the forward for the backward (no recompute)
+        self.kept: dict[int, tuple[Tensor, Any]] = {}  # chunk start -> (student logits, teacher chunk)
 
     def teacher_chunk(self, sl: slice):
+        if sl.start in self.kept:
+            return self.kept[sl.start][1]
         if isinstance(self.teacher, TopKTeacher):
             return self.teacher[sl]
         with torch.no_grad():
@@ -81,7 +85,10 @@ class _ChunkedKdCe(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, N, spec.chunk_size):
                 sl = slice(start, min(start + spec.chunk_size, N))
-                out[sl] = spec.terms(_linear(hidden[sl], weight, bias), sl)
+                z = _linear(hidden[sl], weight, bias)  # [c, V]
+                out[sl] = spec.terms(z, sl)
+                if spec.keep:
+                    spec.kept[start] = (z, None if spec.teacher is None else spec.teacher_chunk(sl))
         ctx.save_for_backward(hidden, weight, bias)
         ctx.spec = spec
         return out
@@ -97,8 +104,11 @@ class _ChunkedKdCe(torch.autograd.Function):
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         for start in range(0, hidden.shape[0], spec.chunk_size):
             sl = slice(start, min(start + spec.chunk_size, hidden.shape[0]))
-            with torch.no_grad():
-                z = _linear(hidden[sl], weight, bias)  # [c, V] recomputed
+            if start in spec.kept:
+                z = spec.kept[start][0].detach()  # kept from the forward
+            else:
+                with torch.no_grad():
+                    z = _linear(hidden[sl], weight, bias)  # [c, V] recomputed
             z.requires_grad_(True)
             with torch.enable_grad():
                 terms = spec.terms(z, sl)  # [c, 2]
@@ -110,6 +120,7 @@ class _ChunkedKdCe(torch.autograd.Function):
             if need_b:
                 db += gz.to(acc).sum(0)
             del z, gz, terms
+            spec.kept.pop(start, None)
         return (dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None, None)
 
 
@@ -118,7 +129,7 @@ def fused_kd_ce(student_hidden: Tensor, weight: Tensor, *, labels: Tensor | None
                 teacher_weight: Tensor | None = None, teacher_bias: Tensor | None = None,
                 name: str = "forward_kl", temperature: float = 1.0, scale_by_t2: bool = True,
                 vocab: int | None = None, head_dtype: torch.dtype | None = None, chunk_size: int = 1024,
-                **params: Any) -> tuple[Tensor, Tensor]:
+                keep_logits_mb: float = 256.0, **params: Any) -> tuple[Tensor, Tensor]:
     """Per-token (kd [N], ce [N]) at target positions with the student's lm-head fused in.
 
     student_hidden [N, H] final hidden states at the N target positions (see
@@ -128,7 +139,12 @@ def fused_kd_ce(student_hidden: Tensor, weight: Tensor, *, labels: Tensor | None
     the first ``vocab`` logits (default: the teacher's / student's common size).  Equal
     (to float rounding) to ``per_token_divergence(name, h @ W.T + b, t_logits)`` and
     ``ce_per_token(h @ W.T + b, labels)``, with gradients for hidden, weight and bias;
-    one head matmul serves both terms, only ``[chunk_size, V]`` logits exist at a time.
+    one head matmul serves both terms.
+
+    Memory vs time: when the student's and teacher's [N, V] logits fit in
+    ``keep_logits_mb`` they are kept from the forward for the backward (no recomputed
+    head matmuls: 2 fewer per chunk with a hidden-state teacher); above it only
+    ``[chunk_size, V]`` logits exist at a time and the backward recomputes each chunk.
 
     bf16: ``head_dtype=torch.bfloat16`` casts hidden, weight and bias to bf16 for the
     head matmuls (the cast is differentiable: fp32 master weights get fp32 gradients,
@@ -164,5 +180,9 @@ def fused_kd_ce(student_hidden: Tensor, weight: Tensor, *, labels: Tensor | None
         b = None if b is None else b.to(head_dtype)
     spec = _KdCeSpec(teacher, teacher_weight, teacher_bias, labels, vocab, name, params, temperature,
                      scale_by_t2, int(chunk_size))
+    itemsize = torch.finfo(h.dtype).bits // 8 if h.is_floating_point() else 4
+    t_bytes = 0 if teacher is None or isinstance(teacher, TopKTeacher) else N * V * teacher.element_size()
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))
+    spec.keep = needs_grad and N * V * itemsize + t_bytes <= keep_logits_mb * 2**20
     out = _ChunkedKdCe.apply(h, w, b, spec)  # [N, 2]
     return out[:, 0], out[:, 1]

@@ -77,12 +77,15 @@ def test_target_logits_equal_full_logits():
     assert h.shape == (3, 12, SHAPE.hidden_size)
 
 
-@pytest.mark.parametrize("name,params", [("forward_kl", {}), ("jsd", {"beta": 0.5}), ("reverse_kl", {})])
+@pytest.mark.parametrize("name,params", [("forward_kl", {}), ("jsd", {"beta": 0.5}), ("reverse_kl", {}),
+                                         ("forward_kl", {"keep_logits_mb": 0}), ("jsd", {"keep_logits_mb": 0})])
 def test_fused_loss_and_grads_equal_full_path(name, params):
+    """keep_logits_mb 0: the backward recomputes every chunk's logits; default: kept from the forward."""
     student, teacher = tiny_model(V, SHAPE, seed=1), tiny_model(V, SHAPE, seed=2).eval()
     batch = make_batch()
     n = num_targets(batch["labels"])
-    kd_ref, ce_ref = full_reference(student, teacher, batch, name, **params)
+    kd_ref, ce_ref = full_reference(student, teacher, batch, name,
+                                    **{k: v for k, v in params.items() if k != "keep_logits_mb"})
     loss_ref = (0.7 * kd_ref + 0.3 * ce_ref).sum() / n
     g_ref = grads(student, loss_ref)
     kd, ce = fast_path(student, teacher, batch, name, **params)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.perf.bench_distill                     # CPU, full shapes (<= 10 min on 2 cores)
     python -m benchmarks.perf.bench_distill --quick --out /tmp/d.json   # tiny shapes (a test)
-    python -m benchmarks.perf.bench_distill --device cuda --out results/perf/distill_step_gpu.json
+    python -m benchmarks.perf.bench_distill --device cuda --out results/perf/distill_step_gpu.json  # + .md
 
 Models (random init, no assets needed): a SmolLM2-135M-shaped Llama teacher (30 layers,
 hidden 576, 9 heads / 3 kv heads, MLP 1536, vocab 49,152, tied head) and a 6-layer
@@ -314,6 +314,16 @@ def print_table(title: str, rows: list[dict]) -> None:
     print("ratios: " + ", ".join(f"{k} {fmt_ratio(v)}" for k, v in r.items()), flush=True)
 
 
+def where_time_goes(rows: list[dict]) -> str:
+    """One sentence per row: the share of each phase in its median step (the profile behind the ratios)."""
+    parts = []
+    for r in rows:
+        ph, tot = r["phases_s"], max(sum(r["phases_s"].values()), 1e-12)
+        parts.append(f"{r['name']} " + " / ".join(f"{100 * v / tot:.0f}%" for v in ph.values()))
+    return ("Share of the step (teacher / student fwd+loss / backward / optimizer): " + "; ".join(parts)
+            + ".  The live teacher's backbone forward is what ours_fast keeps; ours_cached drops it.")
+
+
 def readme_text(res: dict) -> str:
     """results/perf/README.md: every table of a result JSON, the command and the must-show targets."""
     out = ["# Distillation step: completion-only head, teacher-logit cache, TRL", "",
@@ -333,7 +343,7 @@ def readme_text(res: dict) -> str:
             out.append("Ratios (target tokens/s): " + ", ".join(f"{k} {fmt_ratio(v)}" for k, v in t["ratios"].items())
                        + ".  Must-show: " + ", ".join(f"{k}: {'-' if v is None else ('met' if v else 'MISSED')}"
                                                       for k, v in t["targets"].items()) + ".")
-            out.append("")
+            out += [where_time_goes(t["rows"]), ""]
     for dtype, why in res["skipped_tables"].items():
         out += [f"No {dtype} table: {why}.", ""]
     la = res["load_average"]
@@ -355,7 +365,8 @@ def parse_args(argv):
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--shapes", nargs="+", default=["short", "long"], choices=["short", "long"])
     ap.add_argument("--out", default="results/perf/distill_step.json", help="result JSON")
-    ap.add_argument("--readme", default=None, help="markdown tables (default: README.md next to --out)")
+    ap.add_argument("--readme", default=None, help="markdown tables (default: README.md next to a "
+                    "distill_step.json --out, else --out with .md)")
     return ap.parse_args(argv)
 
 
@@ -408,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
            "out_name": os.path.basename(args.out), "matmul_gflops": rates, "skipped_tables": skipped,
            "load_average": {"start": load0, "end": os.getloadavg(), "cpus": os.cpu_count()}}
     atomic_write_json(args.out, res)
-    readme = args.readme or os.path.join(os.path.dirname(args.out) or ".", "README.md")
+    readme = args.readme or (os.path.join(os.path.dirname(args.out) or ".", "README.md")
+                             if os.path.basename(args.out) == "distill_step.json" else os.path.splitext(args.out)[0] + ".md")
     atomic_write_text(readme, readme_text(res))
     print(f"\ntotal {res['total_s']:.0f} s; wrote {args.out} and {readme}")
     return 0
