@@ -411,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
            "rows": tables[default_dtype]["short"]["rows"], "tables": tables,
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "trl": _trl_version(gkd), "python": platform.python_version()},
-           "command": ("python -m benchmarks.perf.bench_distill " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
+           "command": ("python -m benchmarks.perf.bench_distill "
+                       + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
            "repeats": args.repeats, "quick": args.quick, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "torch_threads": torch.get_num_threads(), "total_s": time.perf_counter() - t_start,
            "models": f"teacher Llama {s.teacher_layers} layers, student {s.student_layers} layers, hidden {s.hidden}, "
