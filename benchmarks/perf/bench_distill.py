@@ -422,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
            "out_name": os.path.basename(args.out), "matmul_gflops": rates, "skipped_tables": skipped,
            "load_average": {"start": load0, "end": os.getloadavg(), "cpus": os.cpu_count()}}
     atomic_write_json(args.out, res)
-    readme = args.readme or (os.path.join(os.path.dirname(args.out) or ".", "README.md")
-                             if os.path.basename(args.out) == "distill_step.json" else os.path.splitext(args.out)[0] + ".md")
+    beside = os.path.join(os.path.dirname(args.out) or ".", "README.md")
+    readme = args.readme or (beside if os.path.basename(args.out) == "distill_step.json"
+                             else os.path.splitext(args.out)[0] + ".md")
     atomic_write_text(readme, readme_text(res))
     print(f"\ntotal {res['total_s']:.0f} s; wrote {args.out} and {readme}")
     return 0
