@@ -1,0 +1,140 @@
+"""Completion-only output layer: final hidden states at the target positions, and the head.
+
+A classification answer is 1-3 tokens of a 60-130 token sequence; the 49,152-way
+output layer (lm-head) at every other position is pure waste (for a 6-layer student
+cut from SmolLM2 it is more than half of the step's FLOPs).  These functions run the
+model's backbone, select the hidden states of the positions that predict a target
+token, and apply the head only there:
+
+    rows, cols = target_positions(labels)              # N target tokens
+    h = backbone_hidden(model, ids, mask)[rows, cols]  # [N, H] (after the final norm)
+    w, b = head_weight(model)                          # [V, H], [V] | None
+    logits = target_logits(model, batch)               # [N, V]  (= head(h))
+
+Position ``t`` predicts ``labels[:, t + 1]`` (causal shift); a target is a label other
+than -100.  The order of the N targets is row-major (batch row, then position), the
+order of ``labels[:, 1:][labels[:, 1:] != -100]`` that every full-logit path uses.
+
+Wrappers: a peft model (LoRA), a DeepSpeed engine or DDP (``.module``) are unwrapped to
+the Hugging Face model for *lookups* (decoder, head); the forward itself goes through the
+model as given, so wrapper hooks (DeepSpeed ZeRO-3 parameter gathering, LoRA) run as in
+a normal forward.  ``backbone_hidden`` captures the decoder's output with a forward hook
+and asks the model for the logits of the last position only (``logits_to_keep=1``,
+transformers >= 4.45; B x V extra logits, no gradient flows through them).
+
+dtype: ``target_logits`` returns the head's output in whatever dtype the head ran in
+(bf16 under autocast or for bf16 weights); loss math upcasts to float32
+(``scd.losses``).  ZeRO-3 partitions the head weight, so ``head_weight`` refuses it
+(use ``target_logits``, which calls the head module and so its gathering hooks).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+Tensor = torch.Tensor
+
+
+def target_positions(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """[B, T] labels -> (rows [N], cols [N]): position (row, col) predicts labels[row, col + 1]."""
+    mask = labels[:, 1:] != ignore_index  # [B, T-1]
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major order
+    return rows, cols
+
+
+def target_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """[B, T] labels -> [N] the target token ids, in the order of ``target_positions``."""
+    lab = labels[:, 1:]
+    return lab[lab != ignore_index]
+
+
+def num_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> int:
+    """Number of target tokens of a [B, T] label tensor."""
+    return int((labels[:, 1:] != ignore_index).sum())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a peft / DeepSpeed / DDP wrapper (itself if none)."""
+    m = model
+    for _ in range(8):  # wrappers nest a few levels at most
+        if hasattr(m, "get_base_model") and callable(m.get_base_model):  # peft PeftModel
+            m = m.get_base_model()
+        elif isinstance(getattr(m, "module", None), nn.Module):  # DeepSpeedEngine, DDP
+            m = m.module
+        else:
+            return m
+    raise ValueError(f"could not unwrap {type(model).__name__}: wrappers nest too deep")
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    base = unwrap(model)
+    if not hasattr(base, "get_decoder"):
+        raise TypeError(f"{type(base).__name__} has no get_decoder(): not a Hugging Face causal LM")
+    dec = base.get_decoder()
+    if dec is base:
+        raise TypeError(f"{type(base).__name__}.get_decoder() returned the model itself; expected a "
+                        "causal LM with a separate backbone (e.g. LlamaForCausalLM.model)")
+    return dec
+
+
+def backbone_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Final hidden states [B, T, H] (after the final norm), without the full lm-head.
+
+    The model's own forward runs (wrapper hooks included) with ``logits_to_keep=1`` and
+    ``use_cache=False``; the decoder's ``last_hidden_state`` is captured by a hook.
+    Gradients flow into the returned tensor as in a normal forward.
+    """
+    dec = _decoder(model)
+    captured: dict[str, Tensor] = {}
+
+    def hook(_module, _args, out):
+        captured["h"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    handle = dec.register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if "h" not in captured:
+        raise RuntimeError(f"{type(dec).__name__} did not run in the forward of {type(model).__name__}")
+    return captured["h"]
+
+
+def target_hidden(model: nn.Module, batch: dict) -> Tensor:
+    """[N, H] final hidden states at the target positions of ``batch`` (input_ids, attention_mask, labels)."""
+    rows, cols = target_positions(batch["labels"])
+    h = backbone_hidden(model, batch["input_ids"], batch.get("attention_mask"))  # [B, T, H]
+    return h[rows, cols]
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The output embedding (lm-head) module of a (wrapped) causal LM."""
+    head = unwrap(model).get_output_embeddings()
+    if head is None:
+        raise TypeError(f"{type(unwrap(model)).__name__} has no output embeddings (lm-head)")
+    return head
+
+
+def head_weight(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(weight [V, H], bias [V] or None) of the lm-head, for the fused losses.
+
+    Refuses a head that is not a plain ``nn.Linear`` (a LoRA-adapted head) or whose
+    weight is partitioned (DeepSpeed ZeRO-3): use ``target_logits`` there.
+    """
+    head = head_module(model)
+    if type(head) is not nn.Linear:
+        raise TypeError(f"lm-head is a {type(head).__name__}, not nn.Linear (adapted or custom head); "
+                        "use target_logits(model, batch) instead of the fused loss")
+    w = head.weight
+    if getattr(w, "ds_numel", None) is not None and w.numel() != w.ds_numel:
+        raise RuntimeError("lm-head weight is partitioned (DeepSpeed ZeRO-3); use target_logits(model, batch)")
+    return w, head.bias
+
+
+def target_logits(model: nn.Module, batch: dict) -> Tensor:
+    """[N, V] logits at the target positions only: head(hidden[rows, cols]).
+
+    Equal (to float rounding) to ``model(...).logits[:, :-1][labels[:, 1:] != -100]``.
+    """
+    return head_module(model)(target_hidden(model, batch))
