@@ -18,7 +18,7 @@ from benchmarks.grid import expand_grid, load_grid
 from scd.core.config import from_dict
 import unisd.components  # noqa: F401  (first: importing unisd.context first hits an import cycle)
 from unisd.context import stable_seed
-from unisd.testing import setup_run, step_once
+from tests.unisd_tiny import setup_run, step_once
 from unisd.train import UniSDConfig
 
 GRID = "configs/grids/unisd_ablation.yaml"
@@ -94,10 +94,10 @@ def _check_kd(run, alpha, temperature):
     terms, n_tok, t_prompts = _recording_step(run)
     b, ctx = run.ctx.batch, run.ctx
     for ex, p in zip(b.examples, t_prompts):  # the in-context teacher sees the reference answer
-        assert ex["target"] in run.tok.decode(p)
+        assert ex["target"] in run.ctx.tokenizer.decode(p)
 
     def ref(a, tau, mask):
-        return kd_reference(run.model, ctx.teacher, b.prompt_ids, t_prompts, b.completion_ids, b.completion_mask,
+        return kd_reference(run.ctx.model, ctx.teacher, b.prompt_ids, t_prompts, b.completion_ids, b.completion_mask,
                             mask, a, tau, ctx.n_seq_total)
 
     expect = ref(alpha, temperature, b.loss_mask)
@@ -121,8 +121,9 @@ def _params(module) -> dict:
 def _past_warmup(run) -> None:
     """Drop the checked step's gradients; take the warmup steps, whose learning rate is 0
     (transformers' warmup starts at 0: a run's first step with warmup_ratio > 0 moves nothing)."""
-    run.opt.zero_grad(set_to_none=True)
-    while run.sched.get_last_lr()[0] == 0.0:
+    backend = run.engine.backend
+    backend.opt.zero_grad(set_to_none=True)
+    while backend.sched.get_last_lr()[0] == 0.0:
         step_once(run, update=True)
 
 
@@ -137,9 +138,9 @@ def test_sdft_onpolicy_loss_matches_reference_and_step_updates(smol_tokenizer):
     assert b.loss_mask[:, :3].sum() == 0 and torch.equal(b.loss_mask[:, 3:], b.completion_mask[:, 3:])
     # one optimiser step: the student moves, then the EMA teacher moves towards it by exactly 1 - decay
     _past_warmup(run)
-    s0, t0 = _params(run.model), _params(run.ctx.teacher)
+    s0, t0 = _params(run.ctx.model), _params(run.ctx.teacher)
     step_once(run, update=True)
-    s1, t1 = _params(run.model), _params(run.ctx.teacher)
+    s1, t1 = _params(run.ctx.model), _params(run.ctx.teacher)
     assert max(float((s1[n] - s0[n]).abs().max()) for n in s0) > 0
     for n in t0:
         assert torch.allclose(t1[n], 0.98 * t0[n] + 0.02 * s1[n], atol=1e-6), n
@@ -161,15 +162,15 @@ def test_gkd_jsd_loss_matches_reference_and_step_updates(smol_tokenizer, on_poli
     ict = _comp(run, "in_context_teacher")
     assert cfg.loss.alpha == 0.5 and ict.on_policy_fraction == 0.5 and ict.temperature == 1.0
     assert len(run.components) == 1
-    run.step = _step_with_policy(cfg, on_policy)
+    run.engine.step = _step_with_policy(cfg, on_policy)
     terms, b = _check_kd(run, alpha=0.5, temperature=1.0)
     assert set(terms) == {"kd"} and b.on_policy == on_policy
     if not on_policy:  # off-policy micro-batches distil on the reference answers
         for ex, ids, m in zip(b.examples, b.completion_ids, b.completion_mask):
-            assert ex["target"] in run.tok.decode([int(x) for x, k in zip(ids, m) if k])
+            assert ex["target"] in run.ctx.tokenizer.decode([int(x) for x, k in zip(ids, m) if k])
     _past_warmup(run)
-    s0, t0 = _params(run.model), _params(run.ctx.teacher)
+    s0, t0 = _params(run.ctx.model), _params(run.ctx.teacher)
     step_once(run, update=True)
-    s1, t1 = _params(run.model), _params(run.ctx.teacher)
+    s1, t1 = _params(run.ctx.model), _params(run.ctx.teacher)
     assert max(float((s1[n] - s0[n]).abs().max()) for n in s0) > 0
     assert all(torch.equal(t1[n], t0[n]) for n in t0)  # GKD's teacher stays fixed

@@ -41,17 +41,19 @@ def setup_run(tokenizer, components: dict, *, examples: list[dict] | None = None
     return recipe
 
 
-def step_once(recipe: UniSDRecipe, *, update: bool = False) -> tuple[dict[str, float], int]:
-    """Step 0's forward + backward (``engine.accumulate``); with ``update`` the whole step
-    (``engine.fit`` of one step: update and on_step_end hooks).  -> ({term: value}, loss tokens)."""
+def step_once(recipe: UniSDRecipe, *, update: bool = False, step: int | None = None) -> tuple[dict[str, float], int]:
+    """Forward + backward of optimiser step ``step`` (default: step 0, or the step after the last
+    update) through ``engine.accumulate``; with ``update`` the whole step (``engine.train_step``:
+    update, then the on_step_end hooks).  -> ({term: value}, loss tokens)."""
     engine = recipe.engine
+    step = engine.step if step is None else step
     if update:
-        stats = engine.fit(recipe, 1)
-        out, n_tokens = engine.last_stats, stats["tokens"]
+        out = engine.train_step(recipe, step)
+        engine.step = step + 1
+        recipe.on_step_end(engine, engine.step)
     else:
-        out = engine.accumulate(recipe, 0)
-        n_tokens = out["n_tokens"]
-    return {k[len("loss/"):]: v for k, v in out.items() if k.startswith("loss/")}, n_tokens
+        out = engine.accumulate(recipe, step)
+    return {k[len("loss/"):]: v for k, v in out.items() if k.startswith("loss/")}, out["n_tokens"]
 
 
 def grads(module) -> dict:

@@ -85,8 +85,8 @@ def completion_forward(model, prompt_ids: Sequence[Sequence[int]], completion_id
 
 
 def token_logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T)[ids].  [B, L, V], [B, L] -> [B, L] (float32)."""
-    z = logits.float()
+    """log softmax(logits / T)[ids].  [B, L, V], [B, L] -> [B, L] (float32; float64 stays float64)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         z = z / temperature
     return torch.gather(F.log_softmax(z, dim=-1), -1, ids.unsqueeze(-1)).squeeze(-1)

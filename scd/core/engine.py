@@ -412,6 +412,7 @@ class Engine:
         else:
             self.backend = TorchBackend(module, train, self.device)
         self.tokens = 0
+        self.new_schedule(train.max_steps)  # fit() re-creates it when it trains another number of steps
         self.step = 0
         self.last_stats: dict[str, float] = {}  # the logged values of the last step trained
 
@@ -431,6 +432,7 @@ class Engine:
 
     def new_schedule(self, total_steps: int, reset_state: bool = False) -> None:
         self.backend.new_schedule(total_steps, reset_state)
+        self.schedule_steps = total_steps
 
     def all_sum(self, x: float) -> float:
         return self.backend.all_sum(x)
@@ -467,7 +469,7 @@ class Engine:
     # -- the loop
     def resume(self, recipe, total_steps: int) -> int:
         """Load the checkpoint if there is one -> the step to start from (0 without one)."""
-        if self.backend.sched is None:
+        if self.schedule_steps != total_steps:
             self.new_schedule(total_steps)
         if self.run_dir is None or not self.backend.has_state(self.run_dir):
             if self.metrics is not None:

@@ -28,7 +28,8 @@ def hidden_mse_per_token(student_h: torch.Tensor, teacher_h: torch.Tensor) -> to
     if student_h.shape != teacher_h.shape:
         raise ValueError(f"hidden states differ in shape {tuple(student_h.shape)} vs {tuple(teacher_h.shape)}; "
                          "project the student's first")
-    return (student_h.float() - teacher_h.float().detach()).pow(2).mean(-1)
+    dt = torch.promote_types(student_h.dtype, torch.float32)  # float64 stays float64
+    return (student_h.to(dt) - teacher_h.to(dt).detach()).pow(2).mean(-1)
 
 
 def make_projection(student_width: int, teacher_width: int, mode: str = "auto") -> torch.nn.Module | None:
