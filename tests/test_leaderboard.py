@@ -490,3 +490,17 @@ def test_committed_leaderboards_mark_every_constant_run(gdir):
         assert f"best: {best['label']} (avg" in line
     else:
         assert "best:" not in line.replace("no best:", "")
+
+
+def test_untrained_run_shows_no_training_settings():
+    """A run that recorded 0 optimiser steps (recovery method none) is grouped and shown without its
+    train.* settings: they did not touch its result (the table showed train.max_steps 16 for 0 steps)."""
+    from benchmarks.leaderboard import config_of
+    from benchmarks.leaderboard.groups import fmt_v
+
+    cfg = {"method": "none", "seed": 0, "train": {"max_steps": 16, "lr": 1e-4}, "degradation": {"name": "prune"}}
+    untrained = {"config": cfg, "train": {"steps": 0, "tokens": 0}}
+    trained = {"config": {**cfg, "method": "sd"}, "train": {"steps": 16}}
+    assert config_of(untrained) == {"degradation.name": "prune"}
+    assert config_of(trained) == {"train.max_steps": 16, "train.lr": 1e-4, "degradation.name": "prune"}
+    assert fmt_v(untrained["config"].get("missing")) == "—" and fmt_v(16) == "16"

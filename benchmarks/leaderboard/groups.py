@@ -119,6 +119,8 @@ def _unique_leaf(k: str, keys: list[str]) -> bool:
 
 
 def fmt_v(v: Any) -> str:
+    if v is None:  # unset, or not applicable (e.g. train.* of a run that trained 0 steps)
+        return "—"
     if isinstance(v, float):
         return f"{v:g}"
     if isinstance(v, (list, dict)):

@@ -83,10 +83,14 @@ _EXECUTION_KEYS = {"out", "progress", "num_threads", "device"}
 
 def config_of(rec: dict) -> dict[str, Any]:
     """Flattened configuration that identifies the group (``config`` if present, else
-    ``hparams``), without seed/grid/method/recipe and the top-level execution keys."""
+    ``hparams``), without seed/grid/method/recipe and the top-level execution keys.  A run that
+    recorded zero optimiser steps (``train.steps == 0``, e.g. recovery method ``none``) drops its
+    ``train.*`` settings: they did not touch its result, and a table should not show them."""
     cfg = rec.get("config") if isinstance(rec.get("config"), dict) and rec.get("config") else rec["hparams"]
+    untrained = (rec.get("train") or {}).get("steps") == 0
     return {k: v for k, v in flatten(cfg).items()
-            if k.split(".")[0] not in _NOT_HPARAMS and k not in _EXECUTION_KEYS}
+            if k.split(".")[0] not in _NOT_HPARAMS and k not in _EXECUTION_KEYS
+            and not (untrained and k.startswith("train."))}
 
 
 def canon(v: Any) -> str:
