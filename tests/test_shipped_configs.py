@@ -18,10 +18,10 @@ import pytest
 
 from benchmarks.grid import expand_grid, load_grid
 from scd.cli import main as cli_main
-from scd.core.config import load_yaml
-from scd.core.results import read_metrics
+from scd.core.config import load_yaml, to_dict
+from scd.core.results import read_metrics, run_id
 from scd.data.build import unavailable_reason
-from tests.conftest import ROOT, dotted, shipped_data, shipped_yaml
+from tests.conftest import ROOT, dotted, load_shipped, shipped_data, shipped_yaml
 
 STEPS, LIMIT, EVAL_LIMIT = 3, 8, 4
 TRAINING = ("sft", "teacher", "distill", "unisd", "recovery")  # recipes with a training loop
@@ -105,6 +105,7 @@ def test_shipped_tiny_config_trains(path, deps, tmp_path):
     rec = json.loads((rd / "run.json").read_text())
     assert rec["status"] == "ok", rec.get("error")
     assert rec["recipe"] == shipped_data(path)["recipe"] and rec["method"] == shipped_data(path)["method"]
+    assert rec["run_id"] == run_id(to_dict(load_shipped(path, over)))  # the config it ran: shipped + overrides
     assert rec["train"]["steps"] == STEPS and rec["train"]["tokens"] > 0
     steps = [r["step"] for r in read_metrics(rd / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, STEPS + 1))
