@@ -5,6 +5,7 @@ Test modules import the helpers with ``from tests.conftest import ...``; the fix
 need no import.
 """
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,32 @@ def run_cli(args: list, *, env: Mapping[str, str | None] | None = None, fault: s
 def run_config(cfg: str | os.PathLike, run_dir: str | os.PathLike, **kw: Any) -> subprocess.CompletedProcess:
     """``python -m scd run CFG --run-dir RUN_DIR`` (see :func:`run_cli`)."""
     return run_cli(["run", cfg, "--run-dir", run_dir], **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(args: list, world: int, *, fault: str | None = None, cwd: str | os.PathLike = ROOT,
+                 timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """``world`` ranks of ``python -m scd ARGS`` with torchrun-style variables (RANK, WORLD_SIZE, ...; none of
+    them for ``world`` 1), started together; waits for all of them."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        dist = {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port}
+        if world == 1:
+            dist.update(WORLD_SIZE=None, RANK=None, LOCAL_RANK=None)
+        procs.append(subprocess.Popen(cli_cmd(args), cwd=cwd, env=cli_env(dist, fault), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
 
 
 # ------------------------------------------------------------------------------- fixtures

@@ -13,7 +13,6 @@ memory savings (see benchmarks/perf for GPU numbers).  The first run compiles De
 shared-memory op with g++ (~30-60 s, cached under $SCD_CACHE/torch_extensions).
 """
 import json
-import socket
 import subprocess
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from scd.core.results import read_metrics
-from tests.conftest import ROOT, TINY_SHAPE, cli_cmd, cli_env, shipped_yaml
+from tests.conftest import TINY_SHAPE, launch_ranks, shipped_yaml
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 TINY_DATA = {"data.tasks": ["rotten_tomatoes"], "data.limit_per_task": 16}
@@ -51,29 +50,9 @@ def write_cfg(tmp: Path, teacher: Path | dict, name: str, *, bs: int, deepspeed:
         "train.grad_clip": 1000.0, "train.device": "cpu", "eval.tasks": [], "deepspeed": deepspeed}, name=name)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(cfg: Path, run_dir: Path, world: int, fault: str | None = None) -> list[subprocess.CompletedProcess]:
     """Start ``world`` ranks of ``python -m scd run`` (torchrun-style env vars) and wait."""
-    port = str(free_port())
-    procs = []
-    for rank in range(world):
-        dist = dict(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=port)
-        if world == 1:
-            dist.update(WORLD_SIZE=None, RANK=None, LOCAL_RANK=None)
-        procs.append(subprocess.Popen(cli_cmd(["run", cfg, "--run-dir", run_dir]), cwd=ROOT,
-                                      env=cli_env(dist, fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=900)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return out
+    return launch_ranks(["run", cfg, "--run-dir", run_dir], world, fault=fault)
 
 
 def loss_rows(run_dir: Path):

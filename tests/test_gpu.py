@@ -15,7 +15,6 @@ Tolerances (stated, not tuned to pass): bf16 keeps 8 mantissa bits (relative rou
 room, while a wrong step (a missing term, a wrong scale or direction) moves them by far more.
 """
 import json
-import socket
 import subprocess
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from safetensors.torch import load_file
 from scd.core.config import load_config
 from scd.core.results import read_metrics
 from scd.models import build_model
-from tests.conftest import ROOT, run_config, shipped_yaml
+from tests.conftest import ROOT, free_port, run_config, shipped_yaml
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -53,12 +52,6 @@ def distill_cfg(tmp: Path, name: str, teacher: Path, *, bf16: bool, deepspeed: s
         "weighting": {"name": "none", "alpha": 0.5}, **TINY_DATA, "train.max_len": 64, "train.save_every": 0,
         "train.log_every": 1, "train.grad_clip": 1000.0, "train.device": "cuda", "train.bf16": bf16,
         "eval.tasks": [], "deepspeed": deepspeed}, name=f"{name}.yaml")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scd_run(cfg: Path, run_dir: Path, *, deepspeed: bool = False) -> subprocess.CompletedProcess:
