@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks import cka as C
+from tests.conftest import tiny_config
 
 F64 = torch.float64
 
@@ -326,10 +327,9 @@ VOCAB = 1000
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    from scd.models import TinyConfig, tiny_model
+    from scd.models import tiny_model
 
-    shape = TinyConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64,
-                       num_attention_heads=4, num_key_value_heads=2)
+    shape = tiny_config(num_hidden_layers=3)
     return tiny_model(VOCAB, shape, seed=0), tiny_model(VOCAB, shape, seed=1)
 
 

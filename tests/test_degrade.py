@@ -10,6 +10,7 @@ import torch
 from unisd.degrade import (DEGRADATIONS, DegradeContext, MaskConstraint, QuantConstraint, degrade, fake_quant,
                            input_feature_norms, linear_modules, nm_mask, parse_pattern, prune_model, prune_scores,
                            quant_grid, quantize_model, quantize_weight, unstructured_mask)
+from tests.conftest import tiny_config
 
 
 def _llama(vocab=64, layers=2, hidden=32, inter=64, seed=0, init=0.02):
@@ -235,12 +236,10 @@ def test_registry_and_options_validation():
 
 
 def test_forget_runs_sft_and_changes_weights(smol_tokenizer, tmp_path):
-    from scd.models import TinyConfig, tiny_model
+    from scd.models import tiny_model
 
     tok = smol_tokenizer
-    model = tiny_model(len(tok), TinyConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32,
-                                            num_attention_heads=2, num_key_value_heads=1), seed=0,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = tiny_model(len(tok), tiny_config(), seed=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = {}
 
@@ -255,8 +254,7 @@ def test_forget_runs_sft_and_changes_weights(smol_tokenizer, tmp_path):
     lines = (tmp_path / "degrade" / "metrics.jsonl").read_text().strip().splitlines()
     assert lines and '"step": 3' in lines[-1]
     # strength 0: nothing happens
-    m2 = tiny_model(len(tok), TinyConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32,
-                                         num_attention_heads=2, num_key_value_heads=1), seed=0)
+    m2 = tiny_model(len(tok), tiny_config(), seed=0)
     s2 = {k: v.clone() for k, v in m2.state_dict().items()}
     degrade(m2, "forget", 0, {}, DegradeContext())
     assert all(torch.equal(v, s2[k]) for k, v in m2.state_dict().items())

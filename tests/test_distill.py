@@ -5,11 +5,7 @@ reference, in-place teacher switches, exact resume after SIGKILL, and the start-
 errors (edited checkpoint, tokenizer mismatch), NaN -> diverged."""
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,67 +13,45 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from scd.cli import main as cli_main
+from scd.core.config import load_config
 from scd.core.results import read_metrics
+from tests.conftest import TINY_SHAPE, run_config, shipped_yaml, strip_time, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAPE = "{num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 1}"
-
-TEACHER = f"""
-recipe: teacher
-method: teacher-test
-seed: 0
-model: {{name: tiny, tiny: {SHAPE}}}
-data: {{tasks: [rotten_tomatoes], limit_per_task: 16}}
-train: {{lr: 1.0e-2, max_steps: 6, batch_size: 2, max_len: 48, save_every: 0, log_every: 1}}
-schedule: {{name: even_steps, n_checkpoints: 3}}
-dev: {{limit_per_task: 4, batch_size: 4}}
-"""
-
-ANCHOR = f"""
-recipe: sft
-method: anchor-test
-seed: 0
-model: {{name: student, init_from: tiny, keep_layers: [1], tiny: {SHAPE}}}
-data: {{tasks: [rotten_tomatoes], limit_per_task: 16}}
-train: {{lr: 1.0e-2, max_steps: 3, batch_size: 4, max_len: 48, save_every: 0, log_every: 1}}
-"""
-
-DISTILL = """
-recipe: distill
-method: {method}
-seed: 0
-model: {{name: student, init_from: tiny, keep_layers: [1], tiny: {shape}}}
-teacher: {{run_dir: {teacher}}}
-stages: {{n_stages: {n_stages}, steps_per_stage: {sps}, selection: {selection}}}
-loss: {{divergence: {divergence}, temperature: {temperature}}}
-weighting: {weighting}
-probe: {{n: 6, batch_size: 3}}
-data: {{tasks: [rotten_tomatoes], limit_per_task: 16}}
-train: {{lr: 5.0e-3, batch_size: {bs}, grad_accum: {accum}, max_len: 48, save_every: {save_every}, log_every: 1, grad_clip: 1000.0}}
-"""
+TINY_DATA = {"data.tasks": ["rotten_tomatoes"], "data.limit_per_task": 16}
+STUDENT = {"name": "student", "init_from": "tiny", "keep_layers": [1], "tiny": TINY_SHAPE}  # layer 1 of the base
 
 
-def distill_yaml(teacher, method="kd", n_stages=1, sps=2, selection="final", divergence="forward_kl",
-                 temperature=1.0, weighting="{name: none, alpha: 1.0}", bs=4, accum=1, save_every=0, extra=""):
-    return DISTILL.format(shape=SHAPE, method=method, teacher=teacher, n_stages=n_stages, sps=sps, selection=selection,
-                          divergence=divergence, temperature=temperature, weighting=weighting, bs=bs,
-                          accum=accum, save_every=save_every) + extra
+def teacher_cfg(tmp):
+    """configs/scd/teacher_tiny.yaml on the tiny shape: 6 steps of batch 2, 3 checkpoints, no resumable state."""
+    return shipped_yaml(tmp, "configs/scd/teacher_tiny.yaml", {
+        "method": "teacher-test", "model.tiny": TINY_SHAPE, **TINY_DATA, "train.max_steps": 6,
+        "train.batch_size": 2, "train.max_len": 48, "train.save_every": 0, "train.log_every": 1,
+        "dev": {"limit_per_task": 4, "batch_size": 4}}, name="teacher.yaml")
 
 
-def write(tmp, text, name):
-    p = Path(tmp) / name
-    p.write_text(text)
-    return p
+def anchor_cfg(tmp):
+    """configs/scd/sft_anchor_tiny.yaml with the tests' student: 3 steps of batch 4."""
+    return shipped_yaml(tmp, "configs/scd/sft_anchor_tiny.yaml", {
+        "method": "anchor-test", "model": STUDENT, **TINY_DATA, "train.max_steps": 3, "train.max_len": 48,
+        "train.save_every": 0, "train.log_every": 1}, name="anchor.yaml")
 
 
-def load(tmp, text, name="c.yaml"):
-    from scd.core.config import load_config
+def distill_cfg(tmp, teacher, name="c.yaml", *, method="kd", n_stages=1, sps=2, selection="final",
+                divergence="forward_kl", temperature=1.0, weighting=None, bs=4, accum=1, save_every=0,
+                model=None, **extra):
+    """configs/scd/kd_tiny.yaml with the tests' student, the teacher run ``teacher`` (None: none),
+    rotten_tomatoes only and no evaluation; ``extra``: more dotted overrides."""
+    return shipped_yaml(tmp, "configs/scd/kd_tiny.yaml", {
+        "method": method, "model": model or STUDENT, "teacher": {} if teacher is None else {"run_dir": teacher},
+        "stages.n_stages": n_stages, "stages.steps_per_stage": sps, "stages.selection": selection,
+        "loss.divergence": divergence, "loss.temperature": temperature,
+        "weighting": weighting or {"name": "none", "alpha": 1.0}, "probe": {"n": 6, "batch_size": 3}, **TINY_DATA,
+        "train.batch_size": bs, "train.grad_accum": accum, "train.max_len": 48, "train.save_every": save_every,
+        "train.log_every": 1, "train.grad_clip": 1000.0, "eval.tasks": [], **extra}, name=name)
 
-    return load_config(write(tmp, text, name))
 
-
-def strip_time(rows):
-    return [{k: v for k, v in r.items() if k not in ("time", "switch_s", "probe_s", "probe_load_s")} for r in rows]
+def load(tmp, teacher, name="c.yaml", **kw):
+    return load_config(distill_cfg(tmp, teacher, name, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +61,8 @@ def runs(tmp_path_factory):
     from scd.teacher import run as run_teacher
 
     tmp = tmp_path_factory.mktemp("distill")
-    run_teacher(load(tmp, TEACHER, "teacher.yaml"), tmp / "teacher")
-    run_sft(load(tmp, ANCHOR, "anchor.yaml"), tmp / "anchor")
+    run_teacher(load_config(teacher_cfg(tmp)), tmp / "teacher")
+    run_sft(load_config(anchor_cfg(tmp)), tmp / "anchor")
     return tmp, tmp / "teacher", tmp / "anchor"
 
 
@@ -141,18 +115,18 @@ def test_config_errors_are_one_line_with_hints(tmp_path):
     from scd.core.config import ConfigError
 
     bad = {
-        "{name: aw}": "needs a student anchor",
-        "{name: aww}": "did you mean 'aw'",
+        "aw": "needs a student anchor",
+        "aww": "did you mean 'aw'",
     }
     for weighting, msg in bad.items():
         with pytest.raises(ConfigError, match=msg):
-            load(tmp_path, distill_yaml("t", weighting=weighting))
+            load(tmp_path, "t", weighting={"name": weighting})
     with pytest.raises(ConfigError, match="did you mean 'scd_select'"):
-        load(tmp_path, distill_yaml("t", selection="scd_selct"))
+        load(tmp_path, "t", selection="scd_selct")
     with pytest.raises(ConfigError, match="did you mean 'forward_kl'"):
-        load(tmp_path, distill_yaml("t", divergence="forwrd_kl"))
+        load(tmp_path, "t", divergence="forwrd_kl")
     with pytest.raises(ConfigError, match="stages.selection must be final or best"):
-        load(tmp_path, distill_yaml("t", selection="scd_select", extra="mode: eval_teacher\n"))
+        load(tmp_path, "t", selection="scd_select", mode="eval_teacher")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -165,8 +139,8 @@ def test_batch8_accum1_equals_batch4_accum2(runs):
     tmp, teacher, _ = runs
     out = []
     for bs, accum in [(8, 1), (4, 2)]:
-        cfg = load(tmp, distill_yaml(teacher, sps=1, bs=bs, accum=accum, temperature=2.0,
-                                     weighting="{name: none, alpha: 0.5}"), f"acc{bs}.yaml")
+        cfg = load(tmp, teacher, f"acc{bs}.yaml", sps=1, bs=bs, accum=accum, temperature=2.0,
+                   weighting={"name": "none", "alpha": 0.5})
         run(cfg, tmp / f"acc{bs}")
         row = [r for r in read_metrics(tmp / f"acc{bs}" / "metrics.jsonl") if "loss" in r][0]
         out.append((row, load_file(str(tmp / f"acc{bs}" / "model" / "model.safetensors"))))
@@ -179,11 +153,10 @@ def test_batch8_accum1_equals_batch4_accum2(runs):
 
 def _with_head(seed, head_seed, vocab, tok, head=None):
     """A tiny untied Llama (body from ``seed``) with its own random lm-head (std 0.3) or ``head``."""
-    from scd.models import TinyConfig, tiny_model
+    from scd.models import tiny_model
 
-    m = tiny_model(vocab, TinyConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False),
-                   seed, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    m = tiny_model(vocab, tiny_config(tie_word_embeddings=False), seed, pad_token_id=tok.pad_token_id,
+                   eos_token_id=tok.eos_token_id)
     with torch.no_grad():
         if head is None:
             g = torch.Generator().manual_seed(head_seed)
@@ -214,10 +187,8 @@ def test_scd_select_end_to_end_matches_independent_reference(tmp_path, smol_toke
         save_model(model, tok, tdir / f"ckpt-{i + 1}")
         m.add(step=i + 1, epoch=0.1 * (i + 1), path=tdir / f"ckpt-{i + 1}", dev_loss=dl)
     m.write(tdir)
-    text = distill_yaml(tdir, method="scd", n_stages=2, sps=1, selection="scd_select").replace(
-        "{name: student, init_from: tiny, keep_layers: [1], tiny: " + SHAPE + "}",
-        f"{{name: student, init_from: {tdir / 'ckpt-1'}, keep_layers: 'first:2'}}")
-    cfg = load(tmp_path, text)
+    cfg = load(tmp_path, tdir, method="scd", n_stages=2, sps=1, selection="scd_select",
+               model={"name": "student", "init_from": tdir / "ckpt-1", "keep_layers": "first:2"})
     run(cfg, tmp_path / "run")
 
     models = [AutoModelForCausalLM.from_pretrained(str(tdir / f"ckpt-{i}")).double().eval() for i in (1, 2, 3)]
@@ -273,12 +244,7 @@ def test_teacher_switch_is_in_place_and_exact(runs):
 
 
 def _run_cli(cfg, run_dir, fault=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("SCD_FAULT", None)
-    if fault:
-        env["SCD_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "scd", "run", str(cfg), "--run-dir", str(run_dir)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return run_config(cfg, run_dir, fault=fault, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -288,8 +254,8 @@ def aw_reference(runs):
     A subprocess like the killed runs below, so that both use the same thread count: an in-process
     reference (2 threads) differed from 1-thread runs in the 5th digit on some CPUs."""
     tmp, teacher, anchor = runs
-    cfg = write(tmp, distill_yaml(teacher, method="scd_aw", n_stages=2, sps=2, selection="scd_select",
-                                  weighting=f"{{name: aw, anchor_run_dir: {anchor}}}", save_every=1), "aw.yaml")
+    cfg = distill_cfg(tmp, teacher, "aw.yaml", method="scd_aw", n_stages=2, sps=2, selection="scd_select",
+                      weighting={"name": "aw", "anchor_run_dir": anchor}, save_every=1)
     p = _run_cli(cfg, tmp / "aw-ref")
     assert p.returncode == 0, p.stderr[-3000:]
     return cfg, tmp / "aw-ref"
@@ -325,7 +291,7 @@ def test_edited_teacher_checkpoint_fails_before_training(runs, capsys):
     data[-10] ^= 0xFF  # one weight byte
     f.write_bytes(bytes(data))
     rd = tmp / "edited-run"
-    assert cli_main(["run", str(write(tmp, distill_yaml(edited), "e.yaml")), "--run-dir", str(rd)]) == 1
+    assert cli_main(["run", str(distill_cfg(tmp, edited, "e.yaml")), "--run-dir", str(rd)]) == 1
     rec = json.loads((rd / "run.json").read_text())
     assert rec["status"] == "failed"
     assert "teacher checkpoint 1 (step 4" in rec["error"] and "modified after the manifest" in rec["error"]
@@ -341,11 +307,9 @@ def test_tokenizer_mismatch_is_a_clear_startup_error(runs):
     bert = raw_dir("minilm") / "model"
     if not (bert / "tokenizer.json").exists():
         pytest.skip("MiniLM asset not fetched")
-    text = distill_yaml(teacher).replace(
-        "{name: student, init_from: tiny, keep_layers: [1], tiny: " + SHAPE + "}",
-        f"{{name: tiny, tokenizer: {bert}, tiny: {SHAPE}}}")
+    cfg = load(tmp, teacher, "tok.yaml", model={"name": "tiny", "tokenizer": bert, "tiny": TINY_SHAPE})
     with pytest.raises(ValueError, match="teacher and student tokenizers differ.*shared token ids"):
-        run(load(tmp, text, "tok.yaml"), tmp / "tok-run")
+        run(cfg, tmp / "tok-run")
     assert not (tmp / "tok-run" / "metrics.jsonl").exists() or \
         not [r for r in read_metrics(tmp / "tok-run" / "metrics.jsonl") if "loss" in r]
 
@@ -360,7 +324,7 @@ def test_nan_loss_marks_run_diverged_with_step_and_term(runs, capsys):
     LOSSES.register("nan_test", override=True)(nan_test)
     tmp, teacher, _ = runs
     rd = tmp / "nan-run"
-    assert cli_main(["run", str(write(tmp, distill_yaml(teacher, divergence="nan_test"), "nan.yaml")),
+    assert cli_main(["run", str(distill_cfg(tmp, teacher, "nan.yaml", divergence="nan_test")),
                      "--run-dir", str(rd)]) == 1
     rec = json.loads((rd / "run.json").read_text())
     assert rec["status"] == "diverged"
@@ -372,9 +336,7 @@ def test_gold_only_baseline_needs_no_teacher(tmp_path):
     """weighting none, alpha 0 = the SFT-only student baseline: the teacher is never loaded."""
     from scd.distill import run
 
-    text = distill_yaml("unused").replace("teacher: {run_dir: unused}\n", "")
-    rec = run(load(tmp_path, text.replace("{name: none, alpha: 1.0}", "{name: none, alpha: 0.0}")),
-              tmp_path / "run")
+    rec = run(load(tmp_path, None, weighting={"name": "none", "alpha": 0.0}), tmp_path / "run")
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert rec["status"] == "ok" and len(rows) == 2
     assert all(r["kd"] == 0.0 and r["loss"] == pytest.approx(r["ce"], rel=1e-6) for r in rows)
@@ -385,8 +347,8 @@ def test_eval_teacher_mode_scores_the_selected_checkpoint(runs):
     from scd.distill import run
 
     tmp, teacher, _ = runs
-    rec = run(load(tmp, distill_yaml(teacher, method="teacher", selection="best", extra="mode: eval_teacher\n"),
-                   "et.yaml"), tmp / "eval-teacher")
+    rec = run(load(tmp, teacher, "et.yaml", method="teacher", selection="best", mode="eval_teacher"),
+              tmp / "eval-teacher")
     m = json.loads((teacher / "checkpoints" / "manifest.json").read_text())
     assert rec["status"] == "ok" and rec["train"]["selections"] == [m["best_index"]]
     assert rec["artifacts"]["model"].endswith(m["checkpoints"][m["best_index"]]["path"])

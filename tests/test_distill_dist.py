@@ -13,10 +13,7 @@ memory savings (see benchmarks/perf for GPU numbers).  The first run compiles De
 shared-memory op with g++ (~30-60 s, cached under $SCD_CACHE/torch_extensions).
 """
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,70 +21,38 @@ import torch
 from safetensors.torch import load_file
 
 from scd.core.results import read_metrics
+from tests.conftest import TINY_SHAPE, launch_ranks, shipped_yaml
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
-SHAPE = "{num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 1}"
-
-TEACHER = f"""
-recipe: teacher
-method: teacher-dist-test
-seed: 0
-model: {{name: tiny, tiny: {SHAPE}}}
-data: {{tasks: [rotten_tomatoes], limit_per_task: 16}}
-train: {{lr: 2.0e-2, max_steps: 4, batch_size: 2, max_len: 48, save_every: 0, log_every: 1}}
-schedule: {{name: even_steps, n_checkpoints: 2}}
-dev: {{limit_per_task: 4, batch_size: 4}}
-"""
-
-DISTILL = """
-recipe: distill
-method: dist-test
-seed: 0
-model: {{name: student, init_from: tiny, keep_layers: [1], tiny: {shape}}}
-teacher: {{run_dir: {teacher}}}
-stages: {{n_stages: 2, steps_per_stage: 2, selection: {selection}}}
-weighting: {{name: none, alpha: 0.5}}
-probe: {{n: 4, batch_size: 2}}
-data: {{tasks: [rotten_tomatoes], limit_per_task: 16}}
-train: {{lr: 5.0e-3, batch_size: {bs}, max_len: 48, save_every: 1, log_every: 1, grad_clip: 1000.0, device: cpu}}
-deepspeed: {deepspeed}
-"""
+TINY_DATA = {"data.tasks": ["rotten_tomatoes"], "data.limit_per_task": 16}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def teacher_cfg(tmp: Path) -> Path:
+    """configs/scd/teacher_tiny.yaml on the tiny shape: 4 steps of batch 2, 2 checkpoints."""
+    return shipped_yaml(tmp, "configs/scd/teacher_tiny.yaml", {
+        "method": "teacher-dist-test", "model.tiny": TINY_SHAPE, **TINY_DATA, "train.lr": 2.0e-2,
+        "train.max_steps": 4, "train.batch_size": 2, "train.max_len": 48, "train.save_every": 0,
+        "train.log_every": 1, "schedule.n_checkpoints": 2, "dev": {"limit_per_task": 4, "batch_size": 4}},
+        name="teacher.yaml")
+
+
+def write_cfg(tmp: Path, teacher: Path | dict, name: str, *, bs: int, deepspeed: str | None,
+              selection="fixed_order"):
+    """configs/scd/kd_tiny.yaml: 2 stages x 2 steps from ``teacher`` (a run dir, or a teacher block),
+    alpha 0.5, a resumable state every step, on CPU; ``deepspeed``: a DeepSpeed JSON or None."""
+    return shipped_yaml(tmp, "configs/scd/kd_tiny.yaml", {
+        "method": "dist-test", "model": {"name": "student", "init_from": "tiny", "keep_layers": [1],
+                                         "tiny": TINY_SHAPE},
+        "teacher": teacher if isinstance(teacher, dict) else {"run_dir": teacher},
+        "stages": {"n_stages": 2, "steps_per_stage": 2, "selection": selection},
+        "weighting": {"name": "none", "alpha": 0.5}, "probe": {"n": 4, "batch_size": 2}, **TINY_DATA,
+        "train.batch_size": bs, "train.max_len": 48, "train.save_every": 1, "train.log_every": 1,
+        "train.grad_clip": 1000.0, "train.device": "cpu", "eval.tasks": [], "deepspeed": deepspeed}, name=name)
 
 
 def launch(cfg: Path, run_dir: Path, world: int, fault: str | None = None) -> list[subprocess.CompletedProcess]:
     """Start ``world`` ranks of ``python -m scd run`` (torchrun-style env vars) and wait."""
-    port = str(free_port())
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        env.pop("SCD_FAULT", None)
-        if fault:
-            env["SCD_FAULT"] = fault
-        if world == 1:
-            for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-                env.pop(k)
-        procs.append(subprocess.Popen([sys.executable, "-m", "scd", "run", str(cfg), "--run-dir", str(run_dir)],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=900)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return out
-
-
-def write_cfg(tmp: Path, teacher: Path, name: str, *, bs: int, deepspeed: str | None, selection="fixed_order"):
-    p = tmp / name
-    p.write_text(DISTILL.format(shape=SHAPE, teacher=teacher, bs=bs, selection=selection,
-                                deepspeed="null" if deepspeed is None else deepspeed))
-    return p
+    return launch_ranks(["run", cfg, "--run-dir", run_dir], world, fault=fault)
 
 
 def loss_rows(run_dir: Path):
@@ -119,8 +84,7 @@ def setup(tmp_path_factory):
     from scd.teacher import run
 
     tmp = tmp_path_factory.mktemp("dist")
-    (tmp / "teacher.yaml").write_text(TEACHER)
-    run(load_config(tmp / "teacher.yaml"), tmp / "teacher")
+    run(load_config(teacher_cfg(tmp)), tmp / "teacher")
     return tmp, tmp / "teacher"
 
 
@@ -178,13 +142,9 @@ def test_zero2_resume_after_sigkill_of_both_ranks(setup, single):
 def test_zero2_two_ranks_train_a_missing_teacher_on_rank_0(tmp_path):
     """teacher.config under a 2-rank launch: rank 0 trains the missing teacher as one process (the
     launcher's WORLD_SIZE hidden from it), rank 1 waits for it; then both ranks distil from it."""
-    (tmp_path / "teacher.yaml").write_text(TEACHER)
-    text = DISTILL.format(shape=SHAPE, teacher="x", bs=2, selection="fixed_order",
-                          deepspeed="configs/deepspeed/zero2.json")
-    text = text.replace("teacher: {run_dir: x}",
-                        f"teacher: {{config: {tmp_path / 'teacher.yaml'}, results_dir: {tmp_path / 'results'}}}")
-    (tmp_path / "d.yaml").write_text(text)
-    for p in launch(tmp_path / "d.yaml", tmp_path / "run", world=2):
+    teacher = {"config": teacher_cfg(tmp_path), "results_dir": tmp_path / "results"}
+    cfg = write_cfg(tmp_path, teacher, "d.yaml", bs=2, deepspeed="configs/deepspeed/zero2.json")
+    for p in launch(cfg, tmp_path / "run", world=2):
         assert p.returncode == 0, p.stderr[-3000:]
     (teacher,) = (tmp_path / "results" / "runs").glob("teacher-dist-test-*")
     assert json.loads((teacher / "run.json").read_text())["status"] == "ok"

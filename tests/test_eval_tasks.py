@@ -12,6 +12,7 @@ from benchmarks.tasks import SCORERS
 from benchmarks.tasks.classification import class_counts, map_label, prediction_profile, uniform_guess_macro_f1
 from benchmarks.tasks.ner import ner_counts, parse_ner_output
 from benchmarks.tasks.qa import normalize_answer, qa_scores, token_f1
+from tests.conftest import tiny_config
 
 
 # ----------------------------------------------------------------------------- QA
@@ -373,12 +374,10 @@ def lively_model(smol_tokenizer):
     """A tiny random Llama whose greedy outputs vary (scaled weights, untied head)."""
     import torch
 
-    from scd.models import TinyConfig, tiny_model
+    from scd.models import tiny_model
 
     tok = smol_tokenizer
-    m = tiny_model(len(tok), TinyConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
-                   seed=0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    m = tiny_model(len(tok), tiny_config(tie_word_embeddings=False), seed=0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                    pad_token_id=tok.pad_token_id)
     with torch.no_grad():
         for p in m.parameters():

@@ -8,18 +8,17 @@ import pytest
 
 from scd.core.results import new_run_record, read_json, validate_run_record
 from scd.data.build import unavailable_reason
+from tests.conftest import shipped_yaml, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny_saved(tmp_path_factory, smol_tokenizer):
-    from scd.models import TinyConfig, save_model, tiny_model
+    from scd.models import save_model, tiny_model
 
     tok = smol_tokenizer
-    m = tiny_model(len(tok), TinyConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                                        num_attention_heads=4, num_key_value_heads=2),
-                   seed=0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    m = tiny_model(len(tok), tiny_config(), seed=0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                    pad_token_id=tok.pad_token_id)
     return save_model(m, tok, tmp_path_factory.mktemp("m") / "tiny")
 
@@ -136,10 +135,10 @@ def test_label_words_from_config(tmp_path, tiny_saved, capsys):
     """prompts.<task>.label_words: validated, recorded in eval_info, predictions stay in the task's labels."""
     from benchmarks.evaluate import main
 
-    cfg = tmp_path / "lw.yaml"
-    cfg.write_text("recipe: evaluate\ntasks: [rotten_tomatoes]\nlimit: 6\nscoring: calibrated\nshots: 2\n"
-                   "n_boot: 50\nprogress: false\n"
-                   "prompts:\n  rotten_tomatoes:\n    label_words: {fresh: positive, rotten: negative}\n")
+    cfg = shipped_yaml(tmp_path, "configs/eval/tiny_smoke.yaml", {
+        "model": None, "out": None, "tasks": ["rotten_tomatoes"], "limit": 6, "scoring": "calibrated", "shots": 2,
+        "max_new_tokens": None, "batch_size": 16, "lm_eval_tasks": [], "cka": {}, "n_boot": 50,
+        "prompts": {"rotten_tomatoes": {"label_words": {"fresh": "positive", "rotten": "negative"}}}}, name="lw.yaml")
     out = tmp_path / "out"
     assert main([str(tiny_saved), "--config", str(cfg), "--out", str(out)]) == 0
     rec = validate_run_record(read_json(out / "run.json"))

@@ -15,10 +15,7 @@ Tolerances (stated, not tuned to pass): bf16 keeps 8 mantissa bits (relative rou
 room, while a wrong step (a missing term, a wrong scale or direction) moves them by far more.
 """
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,54 +25,40 @@ from safetensors.torch import load_file
 from scd.core.config import load_config
 from scd.core.results import read_metrics
 from scd.models import build_model
+from tests.conftest import ROOT, free_port, run_config, shipped_yaml
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-ROOT = Path(__file__).resolve().parents[1]
-SHAPE = "{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4, num_key_value_heads: 2}"
 DEEPSPEED_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "deepspeed").glob("*.json"))
 BF16_REL_LOSS, BF16_REL_GRAD_NORM = 2e-2, 1e-1
-
-TEACHER = f"""
-recipe: teacher
-method: teacher-gpu-test
-seed: 0
-model: {{name: tiny, tiny: {SHAPE}}}
-data: {{tasks: [rotten_tomatoes], limit_per_task: 16}}
-train: {{lr: 2.0e-2, max_steps: 4, batch_size: 4, max_len: 64, save_every: 0, log_every: 1, device: cuda}}
-schedule: {{name: even_steps, n_checkpoints: 2}}
-dev: {{limit_per_task: 4, batch_size: 4}}
-"""
-
-DISTILL = """
-recipe: distill
-method: gpu-test
-seed: 0
-model: {{name: student, init_from: tiny, keep_layers: [1], tiny: {shape}}}
-teacher: {{run_dir: {teacher}}}
-stages: {{n_stages: 1, steps_per_stage: 2, selection: final}}
-weighting: {{name: none, alpha: 0.5}}
-data: {{tasks: [rotten_tomatoes], limit_per_task: 16}}
-train: {{lr: 5.0e-3, batch_size: 4, max_len: 64, save_every: 0, log_every: 1, grad_clip: 1000.0, device: cuda,
-        bf16: {bf16}}}
-deepspeed: {deepspeed}
-"""
+# the shipped tiny configs' width (hidden 64, 4 heads) with 2 layers: a wider model than the CPU tests'
+TINY_DATA = {"data.tasks": ["rotten_tomatoes"], "data.limit_per_task": 16}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def teacher_cfg(tmp: Path) -> Path:
+    """configs/scd/teacher_tiny.yaml with 2 layers on CUDA: 4 steps of batch 4, 2 checkpoints."""
+    return shipped_yaml(tmp, "configs/scd/teacher_tiny.yaml", {
+        "method": "teacher-gpu-test", "model.tiny.num_hidden_layers": 2, **TINY_DATA, "train.lr": 2.0e-2,
+        "train.max_steps": 4, "train.max_len": 64, "train.save_every": 0, "train.log_every": 1,
+        "train.device": "cuda", "schedule.n_checkpoints": 2, "dev": {"limit_per_task": 4, "batch_size": 4}},
+        name="teacher.yaml")
+
+
+def distill_cfg(tmp: Path, name: str, teacher: Path, *, bf16: bool, deepspeed: str | None) -> Path:
+    """configs/scd/kd_tiny.yaml: layer 1 of teacher_cfg's base distilled for 2 steps (alpha 0.5) on CUDA."""
+    return shipped_yaml(tmp, "configs/scd/kd_tiny.yaml", {
+        "method": "gpu-test", "model.keep_layers": [1], "model.tiny.num_hidden_layers": 2,
+        "teacher": {"run_dir": teacher}, "stages": {"n_stages": 1, "steps_per_stage": 2, "selection": "final"},
+        "weighting": {"name": "none", "alpha": 0.5}, **TINY_DATA, "train.max_len": 64, "train.save_every": 0,
+        "train.log_every": 1, "train.grad_clip": 1000.0, "train.device": "cuda", "train.bf16": bf16,
+        "eval.tasks": [], "deepspeed": deepspeed}, name=f"{name}.yaml")
 
 
 def scd_run(cfg: Path, run_dir: Path, *, deepspeed: bool = False) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SCD_FAULT"):
-        env.pop(k, None)
+    env = dict.fromkeys(("WORLD_SIZE", "RANK", "LOCAL_RANK"))  # None: removed
     if deepspeed:  # one process, torchrun-style variables as a launcher would set them
         env.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    p = subprocess.run([sys.executable, "-m", "scd", "run", str(cfg), "--run-dir", str(run_dir)], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=900)
+    p = run_config(cfg, run_dir, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
@@ -92,13 +75,10 @@ def weights(run_dir: Path) -> dict:
 def runs(tmp_path_factory):
     """A CUDA teacher, then the plain float32 distillation run every test compares with."""
     tmp = tmp_path_factory.mktemp("gpu")
-    (tmp / "teacher.yaml").write_text(TEACHER)
-    scd_run(tmp / "teacher.yaml", tmp / "teacher")
+    scd_run(teacher_cfg(tmp), tmp / "teacher")
 
     def distill(name: str, *, bf16: bool = False, deepspeed: str | None = None) -> Path:
-        cfg = tmp / f"{name}.yaml"
-        cfg.write_text(DISTILL.format(shape=SHAPE, teacher=tmp / "teacher", bf16=str(bf16).lower(),
-                                      deepspeed="null" if deepspeed is None else deepspeed))
+        cfg = distill_cfg(tmp, name, tmp / "teacher", bf16=bf16, deepspeed=deepspeed)
         scd_run(cfg, tmp / name, deepspeed=deepspeed is not None)
         return tmp / name
 

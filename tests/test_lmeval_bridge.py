@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from scd.data.build import unavailable_reason
+from tests.conftest import tiny_config
 
 pytest.importorskip("lm_eval")
 
@@ -15,12 +16,10 @@ def lively(smol_tokenizer):
     log-likelihoods are far apart and greedy generations vary."""
     import torch
 
-    from scd.models import TinyConfig, tiny_model
+    from scd.models import tiny_model
 
     tok = smol_tokenizer
-    m = tiny_model(len(tok), TinyConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
-                   seed=1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    m = tiny_model(len(tok), tiny_config(tie_word_embeddings=False), seed=1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                    pad_token_id=tok.pad_token_id)
     with torch.no_grad():
         for p in m.parameters():

@@ -1,10 +1,6 @@
 """SFT recipe end to end (tiny model, real rotten_tomatoes data): CLI, skip-if-finished,
 exact resume after SIGKILL, accumulation equivalence, divergence handling."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,38 +8,15 @@ from safetensors.torch import load_file
 
 from scd.cli import main as cli_main
 from scd.core.results import read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = """
-recipe: sft
-method: sft-test
-seed: 3
-model:
-  name: tiny
-  tiny: {{num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 1}}
-data: {{tasks: [rotten_tomatoes], limit_per_task: 40}}
-train: {{lr: 1.0e-3, max_steps: {steps}, batch_size: {bs}, grad_accum: {accum}, max_len: 96, save_every: 3, log_every: 1}}
-"""
+from tests.conftest import TINY_SHAPE, run_config, shipped_yaml, strip_time
 
 
 def write_cfg(tmp_path, steps=6, bs=4, accum=1, name="c.yaml"):
-    p = tmp_path / name
-    p.write_text(TINY.format(steps=steps, bs=bs, accum=accum))
-    return p
-
-
-def run_subprocess(cfg, run_dir, fault=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("SCD_FAULT", None)
-    if fault:
-        env["SCD_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "scd", "run", str(cfg), "--run-dir", str(run_dir)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def strip_time(records):
-    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+    """configs/scd/sft_tiny.yaml on the tests' tiny shape, 40 examples, no evaluation."""
+    return shipped_yaml(tmp_path, "configs/scd/sft_tiny.yaml", {
+        "method": "sft-test", "seed": 3, "model.tiny": TINY_SHAPE, "data.limit_per_task": 40,
+        "train.max_steps": steps, "train.batch_size": bs, "train.grad_accum": accum, "train.max_len": 96,
+        "train.save_every": 3, "train.log_every": 1, "eval.tasks": []}, name=name)
 
 
 def test_cli_run_writes_results_and_skips_when_finished(tmp_path, capsys):
@@ -65,11 +38,11 @@ def test_cli_run_writes_results_and_skips_when_finished(tmp_path, capsys):
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, fault):
     cfg = write_cfg(tmp_path, steps=7)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    assert run_subprocess(cfg, ref).returncode == 0
-    p = run_subprocess(cfg, killed, fault=fault)
+    assert run_config(cfg, ref, timeout=300).returncode == 0
+    p = run_config(cfg, killed, fault=fault, timeout=300)
     assert p.returncode == -9, p.stderr[-2000:]
     assert json.loads((killed / "run.json").read_text())["status"] == "running"
-    p = run_subprocess(cfg, killed)
+    p = run_config(cfg, killed, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed at step" in p.stdout + p.stderr
     a = load_file(str(ref / "model" / "model.safetensors"))

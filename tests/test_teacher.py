@@ -3,9 +3,6 @@ data: scheduled checkpoints + sha256 manifest with the best marked, exact resume
 SIGKILL between a checkpoint save and its manifest entry, LoRA teachers saved merged,
 and the online dev-loss-milestone schedule."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,41 +10,22 @@ import torch
 from safetensors.torch import load_file
 
 from scd.core.results import read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = """
-recipe: teacher
-method: teacher-test
-seed: 1
-model:
-  name: tiny
-  tiny: {{num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 1}}
-  {lora}
-data: {{tasks: [rotten_tomatoes], limit_per_task: 16}}
-train: {{lr: 1.0e-2, max_steps: {steps}, batch_size: 2, max_len: 48, save_every: 2, log_every: 1}}
-schedule: {schedule}
-dev: {{limit_per_task: 4, batch_size: 4}}
-"""
+from tests.conftest import TINY_SHAPE, run_config, shipped_yaml, strip_time
 
 
-def write_cfg(tmp_path, steps=6, schedule="{name: even_steps, n_checkpoints: 3}", lora="", name="t.yaml"):
-    p = tmp_path / name
-    p.write_text(TINY.format(steps=steps, schedule=schedule, lora=lora))
-    return p
+def write_cfg(tmp_path, steps=6, schedule=None, lora=None, dev=None, name="t.yaml", **extra):
+    """configs/scd/teacher_tiny.yaml on the tests' tiny shape and rotten_tomatoes only, 16 examples,
+    batch 2, a checkpoint every 2 steps (``schedule`` default: even_steps, 3 checkpoints)."""
+    return shipped_yaml(tmp_path, "configs/scd/teacher_tiny.yaml", {
+        "method": "teacher-test", "seed": 1, "model.tiny": TINY_SHAPE, "model.lora": lora,
+        "data.tasks": ["rotten_tomatoes"], "data.limit_per_task": 16,
+        "train.max_steps": steps, "train.batch_size": 2, "train.max_len": 48, "train.save_every": 2,
+        "train.log_every": 1, "schedule": schedule or {"name": "even_steps", "n_checkpoints": 3},
+        "dev": dev or {"limit_per_task": 4, "batch_size": 4}, **extra}, name=name)
 
 
 def run_cli(cfg, run_dir, fault=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("SCD_FAULT", None)
-    if fault:
-        env["SCD_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "scd", "run", str(cfg), "--run-dir", str(run_dir)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def strip_time(rows):
-    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    return run_config(cfg, run_dir, fault=fault, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +101,8 @@ def test_lora_teacher_saves_merged_full_checkpoints(tmp_path, monkeypatch):
     from scd.schedule import Manifest
     from scd.teacher import run
 
-    cfg = load_config(write_cfg(tmp_path, steps=2, schedule="{name: even_steps, n_checkpoints: 1}",
-                                lora="lora: {r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}"))
+    cfg = load_config(write_cfg(tmp_path, steps=2, schedule={"name": "even_steps", "n_checkpoints": 1},
+                                lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
     monkeypatch.chdir(tmp_path)
     run(cfg, Path("results") / "run")
     m = Manifest.read(tmp_path / "results" / "run" / "checkpoints")
@@ -149,8 +127,8 @@ def test_dev_loss_milestone_schedule(tmp_path):
     from scd.schedule import Manifest, dev_loss_milestones
     from scd.teacher import run
 
-    cfg = load_config(write_cfg(tmp_path, steps=4, schedule="{name: dev_loss_milestones, eval_every: 1, "
-                                                           "params: {fractions: [0.5], floor: 0.0}}"))
+    cfg = load_config(write_cfg(tmp_path, steps=4, schedule={"name": "dev_loss_milestones", "eval_every": 1,
+                                                             "params": {"fractions": [0.5], "floor": 0.0}}))
     run(cfg, tmp_path / "run")
     hist = [tuple(h) for h in json.loads((tmp_path / "run" / "checkpoints" / "dev_history.json").read_text())]
     assert [s for s, _ in hist] == [0, 1, 2, 3, 4]
@@ -172,12 +150,10 @@ def test_dev_score_is_the_primary_metric_of_the_checkpoint(tmp_path):
     from scd.schedule import Manifest
     from scd.teacher import primary_score, run
 
-    text = TINY.format(steps=2, schedule="{name: even_steps, n_checkpoints: 1}", lora="") + \
-        "eval: {scoring: likelihood, batch_size: 4}\n"
-    text = text.replace("dev: {limit_per_task: 4, batch_size: 4}",
-                        "dev: {limit_per_task: 4, batch_size: 4, tasks: [rotten_tomatoes], score_limit: 6}")
-    (tmp_path / "t.yaml").write_text(text)
-    run(load_config(tmp_path / "t.yaml"), tmp_path / "run")
+    cfg = write_cfg(tmp_path, steps=2, schedule={"name": "even_steps", "n_checkpoints": 1},
+                    dev={"limit_per_task": 4, "batch_size": 4, "tasks": ["rotten_tomatoes"], "score_limit": 6},
+                    eval={"scoring": "likelihood", "batch_size": 4})
+    run(load_config(cfg), tmp_path / "run")
     m = Manifest.read(tmp_path / "run" / "checkpoints")
     entry = m.checkpoints[0]
     assert m.score_name == "mean(rotten_tomatoes/accuracy)" and m.higher_is_better
