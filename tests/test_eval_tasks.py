@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.stats import (balanced_accuracy_sums, bootstrap_ci, f1_from_counts, kappa_sums, macro_f1_sums,
                               micro_f1_sums, resample_indices)
+import benchmarks.evaluate.rescore as rescore_module
 from benchmarks.tasks import SCORERS
 from benchmarks.tasks.classification import class_counts, map_label, prediction_profile, uniform_guess_macro_f1
 from benchmarks.tasks.ner import ner_counts, parse_ner_output
@@ -561,7 +562,7 @@ def test_rescore_adds_the_prediction_profile_and_rebuilds_examples_from_saved_ro
 
     def unavailable(*a, **k):
         raise AssetError("raw data for task 'c' not found")
-    monkeypatch.setattr(E, "load_examples", unavailable)
+    monkeypatch.setattr(rescore_module, "task_examples", unavailable)
     added = E.rescore_run(tmp_path)
     assert added == ["c/accuracy.max_label_share", "c/accuracy.most_predicted", "c/accuracy.constant",
                      "c/balanced_accuracy", "c/cohen_kappa"]

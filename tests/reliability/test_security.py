@@ -96,7 +96,7 @@ def test_weights_are_written_as_safetensors():
                 saves.append(str(p.relative_to(REPO)))
     # optimiser/RNG state of the resumable checkpoint and the retrieval embedding cache (tensors only),
     # both read back with weights_only=True (test above)
-    assert sorted(saves) == ["scd/core/train.py", "unisd/retrieval.py"], saves
+    assert sorted(saves) == ["scd/core/engine.py", "unisd/retrieval.py"], saves
 
 
 def test_every_asset_download_is_pinned_by_sha256(tmp_path):
