@@ -24,7 +24,7 @@ LAYERS = [
     (0, r"^scd\.core(\.|$)"),
     (0, r"^(scd|unisd|benchmarks)$"),  # package __init__ files
     (0, r"^scd\.recipes$"),  # name -> module table, imports by string on demand
-    (1, r"^scd\.(data|models|heads|data_config)(\.|$)"),
+    (1, r"^scd\.(data|models|tokens|heads|data_config)(\.|$)"),
     (2, r"^scd\.(losses|schedule|weighting|teacher_cache)(\.|$)"),
     (3, r"^benchmarks\.(tasks|evaluate|cka|stats|lmeval_bridge|eval_config)(\.|$)"),
     (4, r"^scd\.(sft|teacher|distill)(\.|$)"),

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from scd.data.load import load_split
+from scd.tokens import left_pad, right_pad
 from unisd.components.base import sequence_mean
+from unisd.sampling import sample_completions
 
 
 @dataclasses.dataclass
@@ -41,31 +43,6 @@ class Batch:
     completion_mask: torch.Tensor | None = None  # [B, L] 1 on completion tokens
     loss_mask: torch.Tensor | None = None  # [B, L] completion tokens that enter the loss
     on_policy: bool = True  # completions sampled from the student (False: the reference answers)
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> (ids [B, P], mask [B, P]) left-padded."""
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), P), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if not s:
-            raise ValueError("empty prompt: every prompt needs at least one token")
-        ids[r, P - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[r, P - len(s):] = 1
-    return ids, mask
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> (ids [B, L], mask [B, L]) right-padded (L >= 1)."""
-    L = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if s:
-            ids[r, :len(s)] = torch.tensor(list(s), dtype=torch.long)
-            mask[r, :len(s)] = 1
-    return ids, mask
 
 
 def completion_forward(model, prompt_ids: Sequence[Sequence[int]], completion_ids: torch.Tensor,
@@ -198,8 +175,6 @@ class Context:
         return stable_seed(self.seed, self.step, self.micro, *tag)
 
     def sample_completions(self, *, temperature: float, max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
-        from unisd.sampling import sample_completions
-
         return sample_completions(self.model, self.batch.prompt_ids, max_new_tokens=max_new_tokens,
                                   temperature=temperature, seed=self.sample_seed("sample"), pad_id=self.pad_id,
                                   stop_ids=self.stop_ids(), batch_size=batch_size)
