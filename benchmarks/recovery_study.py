@@ -37,6 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from scd.core.results import atomic_write_bytes, atomic_write_json, atomic_write_text, iter_run_jsons, read_json
+
 # severity order: quantize -> fewer bits is more severe; others -> larger strength is more severe
 SEVERITY_DESCENDING = {"quantize"}
 METHOD_ORDER = ("none", "sft", "sd")
@@ -104,8 +106,6 @@ def run_row(rec: dict) -> dict:
 
 def load_runs(root: str | Path) -> list[dict]:
     """Rows of every finished recovery run under ``root`` (reads only run.json files)."""
-    from scd.core.results import iter_run_jsons, read_json
-
     rows = []
     for path in iter_run_jsons(root):
         try:
@@ -259,8 +259,6 @@ def _figure(w: float, h: float):
 
 
 def _save(fig, path: Path) -> Path:
-    from scd.core.results import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -376,8 +374,6 @@ AGG_CSV_COLS = ("degradation", "strength", "method", "budget", "seeds") + tuple(
 
 def study(root: str | Path, out: str | Path | None = None, plots: bool = True) -> dict:
     """Build the study outputs for the grid directory ``root``; returns {rows, table, correlation, files}."""
-    from scd.core.results import atomic_write_json, atomic_write_text
-
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such grid directory")

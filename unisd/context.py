@@ -11,6 +11,7 @@ teacher prompts (reference answer, few-shot demonstrations) cost no [P, V] buffe
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -20,7 +21,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from benchmarks.tasks.generate import encode, stop_token_ids
 from scd.data.load import load_split
+from scd.data.prompts import render_prompt
 from scd.tokens import left_pad, right_pad
 from unisd.components.base import sequence_mean
 from unisd.sampling import sample_completions
@@ -108,8 +111,6 @@ class Context:
 
     def __init__(self, *, model, tokenizer, examples: list[dict], device, seed: int, needs: set[str],
                  max_prompt_len: int = 512, autocast=None, config: Any = None, shots: dict | None = None):
-        import contextlib
-
         self.model, self.tokenizer, self.examples = model, tokenizer, examples
         self.device, self.seed, self.needs = device, seed, set(needs)
         self.max_prompt_len = max_prompt_len
@@ -134,8 +135,6 @@ class Context:
     # ------------------------------------------------------------------ text -> ids
     def encode(self, texts: Sequence[str], max_len: int | None = None) -> list[list[int]]:
         """Prompt texts -> token ids, left-truncated to ``max_len`` (default max_prompt_len)."""
-        from benchmarks.tasks.generate import encode
-
         n = max_len or self.max_prompt_len
         out = []
         for t in texts:
@@ -151,8 +150,6 @@ class Context:
         return tuple(self.shots.get(example.get("task"), ()))
 
     def begin_micro(self, micro: int, indices: list[int]) -> None:
-        from scd.data.prompts import render_prompt
-
         self.micro = micro
         exs = [self.examples[i] for i in indices]
         texts = [render_prompt(ex, self.tokenizer, shots=self.shots_for(ex)) for ex in exs]
@@ -181,8 +178,6 @@ class Context:
 
     def stop_ids(self) -> list[int]:
         if self._stop_ids is None:
-            from benchmarks.tasks.generate import stop_token_ids
-
             self._stop_ids = stop_token_ids(self.tokenizer)
         return self._stop_ids
 

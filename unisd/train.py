@@ -48,7 +48,7 @@ from scd.core.engine import Dist, Engine, Terms, autocast, init_distributed
 from scd.core.results import RunDir
 from scd.core.train import TrainConfig, finish_run, rank_batches, seed_everything, start_run
 from scd.data_config import DataConfig, load_examples
-from scd.losses import per_token_divergence
+from scd.losses import per_token_divergence, resolve_divergence
 from scd.models import ModelConfig, build_model, save_model
 import unisd.components  # noqa: F401  (registers the built-in components)
 from unisd.baselines import run_baseline
@@ -92,8 +92,6 @@ class LossConfig:
         if self.divergence == "alpha" and self.params:
             raise ValueError("loss.params is for a named divergence; with divergence: alpha set loss.alpha")
         name, params = divergence_spec(self)
-        from scd.losses import resolve_divergence
-
         try:
             resolve_divergence(name, params)
         except (KeyError, ValueError) as e:

@@ -10,7 +10,8 @@ from typing import Any, Sequence
 from benchmarks.evaluate.model_io import task_file
 from benchmarks.evaluate.probe import CKAOptions, run_cka
 from benchmarks.lmeval_bridge import evaluate_lm_eval
-from benchmarks.tasks.base import scorer_for, task_max_new_tokens
+from benchmarks.tasks import scorer_for
+from benchmarks.tasks.base import task_max_new_tokens
 from benchmarks.tasks.classification import LabelWords, unverbalize, verbalize
 from benchmarks.tasks.suite import check_prompts, expand_tasks, few_shot_examples, task_examples
 from scd.core.results import atomic_write_text, dumps
