@@ -49,10 +49,10 @@ from typing import Any, Sequence
 
 from benchmarks.tasks import scorer_for
 from benchmarks.tasks.base import task_max_new_tokens
-from benchmarks.tasks.generate import stop_token_ids
 from benchmarks.tasks.suite import expand_tasks, few_shot_examples, task_examples
 from scd.core.results import atomic_write_text, dumps
 from scd.data.tasks import TASKS
+from scd.tokens import stop_token_ids
 
 PREFIX = "scd_"
 EVAL_PREFIX = "lm_eval:"

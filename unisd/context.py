@@ -21,10 +21,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from benchmarks.tasks.generate import encode, stop_token_ids
 from scd.data.load import load_split
 from scd.data.prompts import render_prompt
-from scd.tokens import left_pad, right_pad
+from scd.tokens import encode, left_pad, right_pad, stop_token_ids
 from unisd.components.base import sequence_mean
 from unisd.sampling import sample_completions
 
