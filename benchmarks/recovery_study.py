@@ -45,7 +45,7 @@ METHOD_ORDER = ("none", "sft", "sd")
 
 
 # ----------------------------------------------------------------------------- reading
-def primary_score(evaluation: dict, metric_meta: dict | None = None) -> float:
+def mean_primary_metric(evaluation: dict, metric_meta: dict | None = None) -> float:
     """Mean over tasks of each task's primary metric value (NaN when there is none)."""
     meta = metric_meta or {}
     vals = []
@@ -61,7 +61,7 @@ def primary_score(evaluation: dict, metric_meta: dict | None = None) -> float:
 
 
 def task_scores(evaluation: dict, metric_meta: dict | None = None) -> dict[str, float]:
-    return {task: primary_score({task: m}, metric_meta) for task, m in (evaluation or {}).items()}
+    return {task: mean_primary_metric({task: m}, metric_meta) for task, m in (evaluation or {}).items()}
 
 
 def _mean_cka(cka: dict | None) -> float:
@@ -79,9 +79,9 @@ def run_row(rec: dict) -> dict:
     deg = rec.get("degradation") or {}
     recov = rec.get("recovery") or {}
     kl = rec.get("kl_to_original") or {}
-    before = primary_score(rec.get("eval_before") or {}, meta)
-    after = primary_score(rec.get("eval") or {}, meta)
-    orig = primary_score(rec.get("eval_original") or {}, meta)
+    before = mean_primary_metric(rec.get("eval_before") or {}, meta)
+    after = mean_primary_metric(rec.get("eval") or {}, meta)
+    orig = mean_primary_metric(rec.get("eval_original") or {}, meta)
     gap = orig - before
     return {
         "run_id": rec.get("run_id"),

@@ -8,9 +8,10 @@ import torch
 
 from benchmarks.evaluate.config import EvalConfig
 from benchmarks.evaluate.model_eval import evaluate_model
-from benchmarks.evaluate.model_io import load_model, resolve_device, run_model_path, slug
+from benchmarks.evaluate.model_io import load_model, run_model_path, slug
 from scd.core.config import ConfigError, register_recipe, to_dict
 from scd.core.results import atomic_write_json, config_hash, new_run_record, read_json, validate_run_record
+from scd.core.train import resolve_device
 from scd.models import resolve
 
 DEFAULT_ROOT = Path("results") / "eval"
@@ -45,7 +46,7 @@ def evaluate(cfg: EvalConfig, target: str | None = None, run_dir: str | Path | N
         raise ConfigError("no tasks: pass --tasks (or set `tasks:` / `lm_eval_tasks:` in the config)")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = str(resolve_device(cfg.device or "auto"))  # recorded in eval_info
     tpath = Path(target).expanduser()
     if (tpath / "run.json").exists():
         if cfg.out or run_dir:

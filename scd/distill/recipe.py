@@ -24,7 +24,7 @@ from scd.core.train import (check_finite, collate, finish_run, rank_batches, see
                             tokenize_sft)
 from scd.data_config import load_training_pairs
 from scd.distill.config import DistillConfig
-from scd.distill.loss import micro_batch_loss, sample_weights, token_terms
+from scd.distill.loss import kd_weights, micro_batch_loss, token_terms
 from scd.distill.probe import probe_encoded, select_stage, student_logits
 from scd.distill.teacher_slot import (TeacherSlot, anchor_losses, anchor_model_dir, data_hash, ensure_dependency,
                                       find_manifest, rank0_cached)
@@ -95,7 +95,7 @@ class DistillRecipe:
         with no_autocast(device):
             kd, ce, rows = token_terms(s_logits, t_logits, b["labels"], cfg.loss, self.vocab)  # [N] each
             teacher_loss = self.teacher_losses.get(self.selections[self.stage]) if self.slot is not None else None
-            w = sample_weights(cfg.weighting, len(idx), device=device,
+            w = kd_weights(cfg.weighting, len(idx), device=device,
                                anchor_loss=None if self.anchor_loss is None else self.anchor_loss[idx],
                                teacher_loss=None if teacher_loss is None else teacher_loss[idx])  # [B]
             loss = micro_batch_loss(kd, ce, rows, w, denom)
