@@ -58,8 +58,7 @@ from scd.core.config import added_field, register_recipe, to_dict
 from scd.core.engine import Engine, Placement, Terms, barrier, init_distributed, trainable_state
 from scd.core.registry import RegistryError
 from scd.core.results import RunDir, atomic_write_json, config_hash, read_json
-from scd.core.train import (TrainConfig, collate, finish_run, peak_memory, rank_batches, seed_everything,
-                            start_run, tokenize_sft)
+from scd.core.train import TrainConfig, collate, peak_memory, rank_batches, seed_everything, tokenize_sft
 from scd.data.load import load_split
 from scd.data.prompts import render_prompt, render_target
 from scd.data_config import DataConfig, load_training_pairs
@@ -549,9 +548,9 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
     dist = init_distributed(cfg.train, cfg.deepspeed)
     rd = RunDir(run_dir)
     if dist.rank == 0:
-        rd = start_run(cfg, run_dir, recipe="recovery",
-                       hparams={"degradation": dcfg.name, "strength": dcfg.strength, "recovery": rcfg.method,
-                                "budget_steps": budget, "lr": cfg.train.lr if budget else None})
+        rd.start(cfg, recipe="recovery",
+                 hparams={"degradation": dcfg.name, "strength": dcfg.strength, "recovery": rcfg.method,
+                          "budget_steps": budget, "lr": cfg.train.lr if budget else None})
     seed_everything(cfg.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -580,7 +579,7 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
     shutil.rmtree(run_dir / "ckpt", ignore_errors=True)  # training state (the run is complete)
     if not cfg.keep_degraded:
         shutil.rmtree(run_dir / "degraded", ignore_errors=True)
-    return finish_run(rd, **fields)
+    return rd.finish(**fields)
 
 
 register_recipe("recovery", RecoveryConfig, run)

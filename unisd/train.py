@@ -46,7 +46,7 @@ from benchmarks.evaluate import EvalSpec
 from scd.core.config import added_field, register_recipe
 from scd.core.engine import Engine, Placement, Terms, autocast, init_distributed
 from scd.core.results import RunDir
-from scd.core.train import TrainConfig, finish_run, rank_batches, seed_everything, start_run
+from scd.core.train import TrainConfig, rank_batches, seed_everything
 from scd.data_config import DataConfig, load_examples
 from scd.losses import per_token_divergence, resolve_divergence
 from scd.models import ModelConfig, build_model, save_model
@@ -280,8 +280,8 @@ def run(cfg: UniSDConfig, run_dir: Path) -> dict:
     dist = init_distributed(cfg.train, cfg.deepspeed)
     rd = RunDir(run_dir)
     if dist.rank == 0:
-        rd = start_run(cfg, run_dir, recipe="unisd", components=components_table(cfg.components),
-                       hparams=hparams(cfg))
+        rd.start(cfg, recipe="unisd", components=components_table(cfg.components),
+                 hparams=hparams(cfg))
     engine, recipe = UniSDRecipe.build(cfg, run_dir=run_dir, metrics=rd.metrics(enabled=dist.rank == 0), dist=dist)
     stats = engine.fit(recipe, cfg.train.max_steps)
     stats.update(teacher_passes=recipe.ctx.teacher_passes, world_size=dist.world)
@@ -294,7 +294,7 @@ def run(cfg: UniSDConfig, run_dir: Path) -> dict:
     recipe.ctx.teacher = None  # free the teacher before evaluation
     evaluation = cfg.eval.run(model, tok, run_dir)
     engine.clear_state()
-    return finish_run(rd, train=stats, artifacts=artifacts, **evaluation)
+    return rd.finish(train=stats, artifacts=artifacts, **evaluation)
 
 
 register_recipe("unisd", UniSDConfig, run)

@@ -25,7 +25,6 @@ from transformers import AutoModelForCausalLM
 from scd.core.config import RECIPES, load_config
 from scd.core.engine import barrier
 from scd.core.results import RunDir, default_run_dir, read_json, safe_join
-from scd.core.train import record_failure
 from scd.models import torch_dtype
 from scd.schedule import hash_checkpoint
 from scd.teacher import per_sample_ce
@@ -165,7 +164,7 @@ def ensure_dependency(config_path: str, seed: int, results_dir: str, what: str, 
                 with _single_process():
                     RECIPES.get(cfg.recipe).run(cfg, run_dir)
             except Exception as e:
-                record_failure(run_dir, e)
+                RunDir(run_dir).fail(e)
                 raise RuntimeError(f"{what} run {run_dir} ({config_path}) failed: {type(e).__name__}: {e}") from e
     return run_dir
 
