@@ -41,19 +41,24 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.tasks import scorer_for
+from benchmarks.tasks.base import task_max_new_tokens
 from benchmarks.tasks.suite import expand_tasks, few_shot_examples, task_examples
+from scd.core.results import atomic_write_text, dumps
+from scd.data.tasks import TASKS
+from scd.tokens import stop_token_ids
 
 PREFIX = "scd_"
 EVAL_PREFIX = "lm_eval:"
 
 
 def lm_eval_name(task: str) -> str:
-    import re
-
     return PREFIX + re.sub(r"[^A-Za-z0-9_]+", "_", task)
 
 
@@ -67,10 +72,6 @@ def export_task(task: str, out_dir: str | Path, tokenizer, *, split: str = "test
                 shots: int = 0, shot_seed: int = 0, max_new_tokens: int | None = None,
                 examples: Sequence[dict] | None = None, shot_examples: Sequence[dict] | None = None) -> str:
     """Write ``out_dir/<name>/{docs.jsonl, <name>.yaml}`` for one suite task; returns the lm-eval name."""
-    from benchmarks.tasks.base import scorer_for, task_max_new_tokens
-    from benchmarks.tasks.generate import stop_token_ids
-    from scd.core.results import atomic_write_text, dumps
-
     examples = list(examples) if examples is not None else task_examples(task, split, limit)
     family = examples[0]["family"]
     if shot_examples is None:
@@ -201,10 +202,6 @@ def evaluate_lm_eval(model, tokenizer, names: Sequence[str], *, work_dir: str | 
     Returns ``{"eval", "metric_meta", "eval_info"}`` for run.json (see module doc).
     ``scoring`` is unused (exported classification tasks are always multiple_choice).
     """
-    import tempfile
-
-    from scd.data.tasks import TASKS
-
     t0 = time.time()
     suite = [n for n in names if n in TASKS or n in ("all", "qa", "ner", "classification")]
     external = [n for n in names if n not in suite]

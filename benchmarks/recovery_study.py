@@ -37,13 +37,15 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from scd.core.results import atomic_write_bytes, atomic_write_json, atomic_write_text, iter_run_jsons, read_json
+
 # severity order: quantize -> fewer bits is more severe; others -> larger strength is more severe
 SEVERITY_DESCENDING = {"quantize"}
 METHOD_ORDER = ("none", "sft", "sd")
 
 
 # ----------------------------------------------------------------------------- reading
-def primary_score(evaluation: dict, metric_meta: dict | None = None) -> float:
+def mean_primary_metric(evaluation: dict, metric_meta: dict | None = None) -> float:
     """Mean over tasks of each task's primary metric value (NaN when there is none)."""
     meta = metric_meta or {}
     vals = []
@@ -59,7 +61,7 @@ def primary_score(evaluation: dict, metric_meta: dict | None = None) -> float:
 
 
 def task_scores(evaluation: dict, metric_meta: dict | None = None) -> dict[str, float]:
-    return {task: primary_score({task: m}, metric_meta) for task, m in (evaluation or {}).items()}
+    return {task: mean_primary_metric({task: m}, metric_meta) for task, m in (evaluation or {}).items()}
 
 
 def _mean_cka(cka: dict | None) -> float:
@@ -77,9 +79,9 @@ def run_row(rec: dict) -> dict:
     deg = rec.get("degradation") or {}
     recov = rec.get("recovery") or {}
     kl = rec.get("kl_to_original") or {}
-    before = primary_score(rec.get("eval_before") or {}, meta)
-    after = primary_score(rec.get("eval") or {}, meta)
-    orig = primary_score(rec.get("eval_original") or {}, meta)
+    before = mean_primary_metric(rec.get("eval_before") or {}, meta)
+    after = mean_primary_metric(rec.get("eval") or {}, meta)
+    orig = mean_primary_metric(rec.get("eval_original") or {}, meta)
     gap = orig - before
     return {
         "run_id": rec.get("run_id"),
@@ -104,8 +106,6 @@ def run_row(rec: dict) -> dict:
 
 def load_runs(root: str | Path) -> list[dict]:
     """Rows of every finished recovery run under ``root`` (reads only run.json files)."""
-    from scd.core.results import iter_run_jsons, read_json
-
     rows = []
     for path in iter_run_jsons(root):
         try:
@@ -259,8 +259,6 @@ def _figure(w: float, h: float):
 
 
 def _save(fig, path: Path) -> Path:
-    from scd.core.results import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -376,8 +374,6 @@ AGG_CSV_COLS = ("degradation", "strength", "method", "budget", "seeds") + tuple(
 
 def study(root: str | Path, out: str | Path | None = None, plots: bool = True) -> dict:
     """Build the study outputs for the grid directory ``root``; returns {rows, table, correlation, files}."""
-    from scd.core.results import atomic_write_json, atomic_write_text
-
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such grid directory")

@@ -19,8 +19,11 @@ import os
 import sys
 from pathlib import Path
 
+from scd.core.assets import AssetError
 from scd.core.config import RECIPES, ConfigError, load_config
+from scd.core.registry import RegistryError
 from scd.core.results import DivergedError, ResultsError, RunDir, default_run_dir, safe_join
+from scd.data.load import DataError
 
 __all__ = ["default_run_dir", "main"]  # default_run_dir lives in scd.core.results; still importable here
 
@@ -28,17 +31,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from scd.core.assets import AssetError
-    from scd.core.registry import RegistryError
-
-    errs: list[type[BaseException]] = [ConfigError, AssetError, RegistryError, ResultsError]
-    try:
-        from scd.data.load import DataError
-
-        errs.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    return (ConfigError, AssetError, RegistryError, ResultsError, DataError)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

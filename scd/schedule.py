@@ -9,7 +9,7 @@ checkpoint to distil from.
   checkpoints: [{index, step, epoch, path, sha256, dev_loss, dev_score, files, extra}]}``
   written atomically next to the checkpoints (paths are relative to the manifest's
   directory).  ``best_index`` is recomputed from the dev metrics on load (the stored
-  value is for humans; a disagreement is an error).  ``verify`` re-hashes the weight
+  value is for humans; a disagreement is an error).  ``Manifest.verify`` re-hashes the weight
   files and names the checkpoint (and file) that changed after the manifest was written.
 * ``registry("save_schedule")`` — when the teacher saves: ``even_steps``,
   ``dev_loss_milestones``.
@@ -274,7 +274,7 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
     return manifest.write(path)
 
 
-def verify(manifest: Manifest, indices: Sequence[int] | None = None) -> None:
+def verify_manifest(manifest: Manifest, indices: Sequence[int] | None = None) -> None:
     """See ``Manifest.verify``."""
     manifest.verify(indices)
 

@@ -18,8 +18,7 @@ from benchmarks.evaluate import EvalSpec
 from scd.core.config import added_field, register_recipe
 from scd.core.engine import Engine, Terms, init_distributed
 from scd.core.results import RunDir
-from scd.core.train import (TrainConfig, collate, finish_run, rank_batches, seed_everything, start_run,
-                            tokenize_sft)
+from scd.core.train import TrainConfig, collate, rank_batches, seed_everything, tokenize_sft
 from scd.data_config import DataConfig, load_training_pairs
 from scd.models import ModelConfig, build_model, save_model
 
@@ -97,7 +96,7 @@ def run(cfg: SFTConfig, run_dir: Path) -> dict:
     dist = init_distributed(cfg.train, cfg.deepspeed)
     rd = RunDir(run_dir)
     if dist.rank == 0:
-        rd = start_run(cfg, run_dir, recipe="sft", hparams={"lr": cfg.train.lr, "max_steps": cfg.train.max_steps})
+        rd.start(cfg, recipe="sft", hparams={"lr": cfg.train.lr, "max_steps": cfg.train.max_steps})
     seed_everything(cfg.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -114,7 +113,7 @@ def run(cfg: SFTConfig, run_dir: Path) -> dict:
         artifacts["model"] = str(save_model(model, tok, run_dir / "model"))
     evaluation = cfg.eval.run(model, tok, run_dir)
     engine.clear_state()
-    return finish_run(rd, train={**stats, "world_size": dist.world}, artifacts=artifacts, **evaluation)
+    return rd.finish(train={**stats, "world_size": dist.world}, artifacts=artifacts, **evaluation)
 
 
 register_recipe("sft", SFTConfig, run)

@@ -41,7 +41,7 @@ from scd.core.config import added_field, register_recipe
 from scd.core.engine import Checkpointer, Engine, barrier, init_distributed
 from scd.core.faults import fault_point
 from scd.core.results import RunDir, atomic_write_json, read_json
-from scd.core.train import TrainConfig, collate, finish_run, seed_everything, start_run, tokenize_sft
+from scd.core.train import TrainConfig, collate, seed_everything, tokenize_sft
 from scd.data_config import DataConfig, load_training_pairs
 from scd.losses import ce_per_token, seq_mean
 from scd.models import ModelConfig, build_model, save_model
@@ -257,9 +257,9 @@ def run(cfg: TeacherConfig, run_dir: Path) -> dict:
     dist = init_distributed(cfg.train, cfg.deepspeed)
     rd = RunDir(run_dir)
     if dist.rank == 0:
-        rd = start_run(cfg, run_dir, recipe="teacher",
-                       hparams={"lr": cfg.train.lr, "max_steps": cfg.train.max_steps,
-                                "schedule": cfg.schedule.name, "n_checkpoints": cfg.schedule.n_checkpoints})
+        rd.start(cfg, recipe="teacher",
+                 hparams={"lr": cfg.train.lr, "max_steps": cfg.train.max_steps,
+                          "schedule": cfg.schedule.name, "n_checkpoints": cfg.schedule.n_checkpoints})
     seed_everything(cfg.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -288,12 +288,12 @@ def run(cfg: TeacherConfig, run_dir: Path) -> dict:
     evaluation = cfg.eval.run(engine.module, tok, run_dir)
     engine.clear_state()
     best = manifest.best_index
-    return finish_run(rd, train={**stats, "n_checkpoints": len(manifest), "best_index": best,
-                                 "checkpoint_steps": [c.step for c in manifest.checkpoints]},
-                      artifacts={"manifest": str(manifest.root / "manifest.json"),
-                                 "model": str(manifest.resolve(manifest.final_index)),
-                                 "best_model": str(manifest.resolve(best)) if best is not None else None},
-                      **evaluation)
+    return rd.finish(train={**stats, "n_checkpoints": len(manifest), "best_index": best,
+                            "checkpoint_steps": [c.step for c in manifest.checkpoints]},
+                     artifacts={"manifest": str(manifest.root / "manifest.json"),
+                                "model": str(manifest.resolve(manifest.final_index)),
+                                "best_model": str(manifest.resolve(best)) if best is not None else None},
+                     **evaluation)
 
 
 def _checkpoint_row(entry) -> dict:

@@ -69,7 +69,7 @@ def runs(tmp_path_factory):
 # ----------------------------------------------------------------------------- loss math
 def test_kl_direction_and_values_hand_computed():
     """One target token, vocab 2: p_S = (1/2, 1/2), p_T = (3/4, 1/4), gold label 0."""
-    from scd.distill import LossConfig, token_terms
+    from scd.distill import DistillLossConfig as LossConfig, token_terms
 
     s = torch.log(torch.tensor([[[0.5, 0.5], [0.3, 0.7]]]))  # [B=1, T=2, V=2]; position 0 predicts token 1
     t = torch.log(torch.tensor([[[0.75, 0.25], [0.1, 0.9]]]))
@@ -91,7 +91,7 @@ def test_kl_direction_and_values_hand_computed():
 
 
 def test_aw_weight_limits_through_the_recipe():
-    from scd.distill import WeightingConfig, micro_batch_loss, sample_weights
+    from scd.distill import WeightingConfig, kd_weights as sample_weights, micro_batch_loss
 
     aw = WeightingConfig(name="aw", anchor_run_dir="unused")
     anchor = torch.tensor([1e-4, 5.0, 2.0, 0.0])  # L_S: student anchor far better / far worse / equal / perfect

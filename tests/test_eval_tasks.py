@@ -409,7 +409,8 @@ def test_batched_generation_equals_unbatched(lively_model, smol_tokenizer):
 def test_generation_stops_at_stop_token(lively_model, smol_tokenizer):
     import torch
 
-    from benchmarks.tasks.generate import encode, greedy_generate
+    from benchmarks.tasks.generate import greedy_generate
+    from scd.tokens import encode
 
     tok = smol_tokenizer
     prompt = _prompts(tok, (2,))[0]
@@ -470,7 +471,7 @@ def test_calibrated_scoring_matches_slow_reference(lively_model, smol_tokenizer)
 
 
 def test_label_words_verbalize_and_back():
-    from benchmarks.tasks.classification import LabelWords, unverbalize, verbalize
+    from scd.data.label_words import LabelWords, unverbalize, verbalize
 
     lw = LabelWords(label_words={"fresh": "positive", "rotten": "negative"})
     ex = {**_cls(0, "rotten", ("fresh", "rotten")),
@@ -501,7 +502,7 @@ def test_label_words_scoring_matches_slow_reference(lively_model, smol_tokenizer
     """evaluate_task with label words = argmax over the words' log-likelihoods given the reworded prompt,
     recomputed one string at a time; predictions and metrics come back in the task's labels."""
     from benchmarks.evaluate import evaluate_task
-    from benchmarks.tasks.classification import LabelWords
+    from scd.data.label_words import LabelWords
     from benchmarks.tasks.generate import loglik_reference
     from scd.data.prompts import render_prompt, render_target
 

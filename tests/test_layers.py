@@ -3,8 +3,9 @@
 * Layers, lowest first (DESIGN.md): core -> data/models -> losses/schedule/weighting ->
   evaluation library -> recipes -> orchestration.  A module imports only its own layer
   or lower ones, and the module import graph has no cycle.
-* Imports sit at module top: in-function imports of the suite's own modules are at most
-  5% of its imports (lazy imports are for heavy optional packages only).
+* Imports sit at module top: no in-function import of the suite's own modules, except
+  the ones listed in ``INNER_ALLOWED`` with a reason (lazy imports are for heavy optional
+  packages only).
 * One training loop: ``.backward(`` appears in exactly one module (the engine).
 * Size: no file over 600 lines, no function over 80 lines.
 """
@@ -24,12 +25,15 @@ LAYERS = [
     (0, r"^scd\.core(\.|$)"),
     (0, r"^(scd|unisd|benchmarks)$"),  # package __init__ files
     (0, r"^scd\.recipes$"),  # name -> module table, imports by string on demand
-    (1, r"^scd\.(data|models|heads|data_config)(\.|$)"),
+    (1, r"^scd\.(data|models|tokens|heads|data_config)(\.|$)"),
     (2, r"^scd\.(losses|completion_loss|schedule|weighting|teacher_cache)(\.|$)"),
     (3, r"^benchmarks\.(tasks|evaluate|cka|stats|lmeval_bridge|eval_config)(\.|$)"),
     (4, r"^scd\.(sft|teacher|distill)(\.|$)"),
     (4, r"^unisd\."),
 ]
+# "path:line imports module inside a function" -> why it must stay lazy.  Keep it empty if you can.
+INNER_ALLOWED: dict[str, str] = {}
+
 NAMES = {0: "core", 1: "data/models", 2: "losses/schedule/weighting", 3: "evaluation library", 4: "recipes",
          5: "orchestration"}
 
@@ -177,9 +181,11 @@ def test_no_import_cycle():
 
 def test_imports_at_module_top():
     _, inner, total = scan()
-    share = len(inner) / max(total, 1)
-    assert share <= 0.05, f"{len(inner)} of {total} imports ({share:.1%}) import the suite inside a function:\n" \
-        + "\n".join(inner)
+    bad = [i for i in inner if i not in INNER_ALLOWED]
+    stale = sorted(set(INNER_ALLOWED) - set(inner))
+    assert not bad, f"{len(bad)} of {total} imports import the suite inside a function (move them to the " \
+        "module top; fix a cycle by moving code to its layer):\n" + "\n".join(bad)
+    assert not stale, "INNER_ALLOWED entries that no longer exist:\n" + "\n".join(stale)
 
 
 def test_one_training_loop():

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from scd.core.registry import RegistryError, registry
-from scd.distill import LossConfig as DistillLossConfig
+from scd.distill import DistillLossConfig
 from scd.losses import (DIVERGENCES, LOGP_FLOOR, TopKTeacher, ce_per_token, chunked_divergence,
                         divergence_names, jsd, kl_divergence, per_token_divergence, reduce_sequences,
                         reduce_tokens, resolve_divergence, seq_mean, teacher_topk, token_mask,
                         topk_divergence)
-from unisd.train import LossConfig as UnisdLossConfig
+from unisd.train import UniSDLossConfig as UnisdLossConfig
 
 D = torch.float64
 P_T = [0.7, 0.2, 0.1]  # teacher

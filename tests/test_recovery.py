@@ -123,7 +123,7 @@ def test_recovery_reduces_kl_to_original_on_held_out(degradation):
 def test_probe_cka_skips_the_first_tokens():
     """The recovery probe's CKA leaves the attention-sink position out (probe.skip_first, default 1)."""
     from benchmarks.cka import model_cka
-    from unisd.recovery import ProbeConfig, cka_to_original
+    from unisd.recovery import RecoveryProbeConfig as ProbeConfig, cka_to_original
 
     a, b = _teacher(), _teacher(seed=3)
     for k in (0, 1, 3):
@@ -334,7 +334,7 @@ def _write_run(root, i, *, deg, strength, method, before, after, orig, cka, budg
 def test_study_correlation_on_synthetic_runs(tmp_path):
     from scipy import stats
 
-    from benchmarks.recovery_study import correlation, main, primary_score, study
+    from benchmarks.recovery_study import correlation, main, mean_primary_metric as primary_score, study
 
     # known values: score = 2 * cka - 1 exactly (Pearson 1, Spearman 1) for 6 runs
     ckas = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]

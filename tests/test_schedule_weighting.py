@@ -9,7 +9,7 @@ from scd.core.registry import RegistryError, registry
 from scd.losses import kl_divergence
 from scd.schedule import (CheckpointEntry, Manifest, ManifestError, dev_loss_milestones, even_steps,
                           hash_checkpoint, read_manifest, save_steps, scd_scores, select_checkpoint,
-                          should_save, verify, write_manifest)
+                          should_save, verify_manifest as verify, write_manifest)
 from scd.weighting import adaptive_weight, combine, sample_weights
 
 

@@ -18,7 +18,7 @@ def plain_self_distillation_reference(student, teacher, tok, examples, completio
     l_t = forward KL (alpha 0), reverse KL (alpha 1) or alpha KL(p_T||M) + (1-alpha) KL(p_S||M), M = (1-alpha) p_S + alpha p_T,
     with logits / temperature; loss = mean over sequences of the token mean.
     """
-    from benchmarks.tasks.generate import encode
+    from scd.tokens import encode
     from scd.data.prompts import render_prompt
     from unisd.prompts import teacher_prompt
 

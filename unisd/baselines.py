@@ -42,7 +42,7 @@ from benchmarks.tasks import scorer_for
 from benchmarks.tasks.generate import greedy_generate
 from scd.core.engine import Engine, barrier, init_distributed
 from scd.core.results import RunDir, atomic_write_text
-from scd.core.train import finish_run, seed_everything, start_run
+from scd.core.train import seed_everything
 from scd.data.prompts import render_prompt, render_target
 from scd.data_config import load_examples, load_training_pairs
 from scd.models import build_model, save_model
@@ -123,7 +123,7 @@ def run_baseline(cfg, run_dir: Path, hparams: dict) -> dict:
     dist = init_distributed(cfg.train, cfg.deepspeed)
     rd = RunDir(run_dir)
     if dist.rank == 0:
-        rd = start_run(cfg, run_dir, recipe="unisd", components=components_table({}), hparams=hparams)
+        rd.start(cfg, recipe="unisd", components=components_table({}), hparams=hparams)
     seed_everything(cfg.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -145,4 +145,4 @@ def run_baseline(cfg, run_dir: Path, hparams: dict) -> dict:
         artifacts["model"] = str(save_model(model, tok, run_dir / "model"))
     evaluation = cfg.eval.run(model, tok, run_dir)
     engine.clear_state()
-    return finish_run(rd, train=stats, artifacts=artifacts, **evaluation)
+    return rd.finish(train=stats, artifacts=artifacts, **evaluation)

@@ -11,6 +11,7 @@ teacher prompts (reference answer, few-shot demonstrations) cost no [P, V] buffe
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -21,7 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from scd.data.load import load_split
+from scd.data.prompts import render_prompt
+from scd.tokens import encode, left_pad, right_pad, stop_token_ids
 from unisd.components.base import sequence_mean
+from unisd.sampling import sample_completions
 
 
 @dataclasses.dataclass
@@ -41,31 +45,6 @@ class Batch:
     completion_mask: torch.Tensor | None = None  # [B, L] 1 on completion tokens
     loss_mask: torch.Tensor | None = None  # [B, L] completion tokens that enter the loss
     on_policy: bool = True  # completions sampled from the student (False: the reference answers)
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> (ids [B, P], mask [B, P]) left-padded."""
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), P), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if not s:
-            raise ValueError("empty prompt: every prompt needs at least one token")
-        ids[r, P - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[r, P - len(s):] = 1
-    return ids, mask
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> (ids [B, L], mask [B, L]) right-padded (L >= 1)."""
-    L = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if s:
-            ids[r, :len(s)] = torch.tensor(list(s), dtype=torch.long)
-            mask[r, :len(s)] = 1
-    return ids, mask
 
 
 def completion_forward(model, prompt_ids: Sequence[Sequence[int]], completion_ids: torch.Tensor,
@@ -131,8 +110,6 @@ class Context:
 
     def __init__(self, *, model, tokenizer, examples: list[dict], device, seed: int, needs: set[str],
                  max_prompt_len: int = 512, autocast=None, config: Any = None, shots: dict | None = None):
-        import contextlib
-
         self.model, self.tokenizer, self.examples = model, tokenizer, examples
         self.device, self.seed, self.needs = device, seed, set(needs)
         self.max_prompt_len = max_prompt_len
@@ -157,8 +134,6 @@ class Context:
     # ------------------------------------------------------------------ text -> ids
     def encode(self, texts: Sequence[str], max_len: int | None = None) -> list[list[int]]:
         """Prompt texts -> token ids, left-truncated to ``max_len`` (default max_prompt_len)."""
-        from benchmarks.tasks.generate import encode
-
         n = max_len or self.max_prompt_len
         out = []
         for t in texts:
@@ -174,8 +149,6 @@ class Context:
         return tuple(self.shots.get(example.get("task"), ()))
 
     def begin_micro(self, micro: int, indices: list[int]) -> None:
-        from scd.data.prompts import render_prompt
-
         self.micro = micro
         exs = [self.examples[i] for i in indices]
         texts = [render_prompt(ex, self.tokenizer, shots=self.shots_for(ex)) for ex in exs]
@@ -198,16 +171,12 @@ class Context:
         return stable_seed(self.seed, self.step, self.micro, *tag)
 
     def sample_completions(self, *, temperature: float, max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
-        from unisd.sampling import sample_completions
-
         return sample_completions(self.model, self.batch.prompt_ids, max_new_tokens=max_new_tokens,
                                   temperature=temperature, seed=self.sample_seed("sample"), pad_id=self.pad_id,
                                   stop_ids=self.stop_ids(), batch_size=batch_size)
 
     def stop_ids(self) -> list[int]:
         if self._stop_ids is None:
-            from benchmarks.tasks.generate import stop_token_ids
-
             self._stop_ids = stop_token_ids(self.tokenizer)
         return self._stop_ids
 

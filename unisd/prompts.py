@@ -23,6 +23,8 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+from scd.data.prompts import render_prompt
+
 REFERENCE_TEMPLATE = ("{input}\n\nA reference answer to this request:\n{reference}\n\n"
                       "Study the reference answer, then answer the request above yourself.")
 
@@ -42,8 +44,6 @@ def with_reference(example: dict, reference: str, template: str = REFERENCE_TEMP
 def teacher_prompt(example: dict, tokenizer, *, reference: str | None = None, shots: Sequence[dict] = (),
                    template: str = REFERENCE_TEMPLATE) -> str:
     """The teacher's prompt text: the example with ``reference`` (default its own target) and shots."""
-    from scd.data.prompts import render_prompt
-
     ref = example["target"] if reference is None else reference
     return render_prompt(with_reference(example, ref, template), tokenizer, shots=tuple(shots))
 

@@ -55,11 +55,10 @@ from safetensors.torch import load_file, save_file
 from benchmarks.cka import model_cka, plot_cka_heatmap
 from benchmarks.evaluate import EvalSpec
 from scd.core.config import added_field, register_recipe, to_dict
-from scd.core.engine import Dist, Engine, Terms, barrier, init_distributed, trainable_state
+from scd.core.engine import Engine, Placement, Terms, barrier, init_distributed, trainable_state
 from scd.core.registry import RegistryError
 from scd.core.results import RunDir, atomic_write_json, config_hash, read_json
-from scd.core.train import (TrainConfig, collate, finish_run, peak_memory, rank_batches, seed_everything,
-                            start_run, tokenize_sft)
+from scd.core.train import TrainConfig, collate, peak_memory, rank_batches, seed_everything, tokenize_sft
 from scd.data.load import load_split
 from scd.data.prompts import render_prompt, render_target
 from scd.data_config import DataConfig, load_training_pairs
@@ -112,7 +111,7 @@ class RecoverySpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProbeConfig:
+class RecoveryProbeConfig:
     """Fixed probe set for the KL-to-original and per-layer CKA measurements."""
 
     tasks: tuple[str, ...] = ()  # default: data.tasks
@@ -150,7 +149,7 @@ class RecoveryConfig:
     eval: EvalSpec = EvalSpec()
     degradation: DegradationConfig = DegradationConfig()
     recovery: RecoverySpec = RecoverySpec()
-    probe: ProbeConfig = ProbeConfig()
+    probe: RecoveryProbeConfig = RecoveryProbeConfig()
     eval_original: bool = True  # also evaluate the undegraded model (the ceiling)
     share_cache: bool = True  # share "original" and "before" results between runs of one grid (see run())
     save_model: bool = False
@@ -269,7 +268,7 @@ class RecoveryRecipe:
 def recover(student, teacher, encoded: list[dict], train: TrainConfig, *, method: str = "sd", constraint=None,
             loss: str = "forward_kl", loss_params: dict | None = None, temperature: float = 1.0,
             kl_tokens: str = "all", pad_id: int = 0, seed: int = 0, run_dir: Path | None = None,
-            metrics=None, device=None, dist: Dist | None = None, deepspeed: str | None = None) -> dict:
+            metrics=None, device=None, dist: Placement | None = None, deepspeed: str | None = None) -> dict:
     """``train.max_steps`` optimiser steps of :class:`RecoveryRecipe` on an :class:`Engine`.
 
     Resumes from ``run_dir/ckpt`` when given.  ``dist``/``deepspeed``: the engine's backend
@@ -277,7 +276,7 @@ def recover(student, teacher, encoded: list[dict], train: TrainConfig, *, method
     """
     if dist is None:
         dev = torch.device(device) if device is not None else next(student.parameters()).device
-        dist = Dist(0, 1, 0, dev)
+        dist = Placement(0, 1, 0, dev)
     engine = Engine(student, train, run_dir=run_dir, metrics=metrics, dist=dist, deepspeed=deepspeed, name="recovery")
     if getattr(engine.backend, "stage", 0) >= 3:
         raise ValueError("recovery: the constraint and the measurements need full weights on every rank; use "
@@ -343,7 +342,7 @@ def load_probe(cfg: RecoveryConfig, tokenizer) -> list[dict]:
 
 
 # ======================================================================= measurements
-def cka_to_original(student, teacher, batches: list[dict], probe: ProbeConfig) -> dict:
+def cka_to_original(student, teacher, batches: list[dict], probe: RecoveryProbeConfig) -> dict:
     """Per-layer CKA(student layer l, original layer l) on the probe batches -> run.json["cka"]."""
     layers = list(probe.layers) if probe.layers is not None else None
     res = model_cka(student, teacher, batches, layers_a=layers, layers_b=layers, estimator=probe.estimator,
@@ -354,7 +353,7 @@ def cka_to_original(student, teacher, batches: list[dict], probe: ProbeConfig) -
             "skip_first": probe.skip_first}
 
 
-def measure(student, teacher, batches: list[dict], cfg: RecoveryConfig) -> dict:
+def measure_drift(student, teacher, batches: list[dict], cfg: RecoveryConfig) -> dict:
     """{"kl": mean per-token forward KL(original || model), "cka": per-layer CKA} on the probe set."""
     res = {"kl": token_kl(student, teacher, batches, "forward_kl", "all")}
     if cfg.probe.cka:
@@ -435,7 +434,7 @@ def _under(evaluation: dict, sub: str) -> dict:
     return {**evaluation, "eval_info": info} if info else evaluation
 
 
-def degraded_student(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, pairs, dist: Dist):
+def degraded_student(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, pairs, dist: Placement):
     """Degrade ``student`` in place (or restore the degraded state of a resumed run) -> its constraint.
 
     Rank 0 degrades and saves ``run_dir/degraded``; the other ranks restore from it.
@@ -472,7 +471,7 @@ def degraded_student(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, 
 def measure_before(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, probe: list[dict]):
     """(probe measurements, evaluation) of the degraded model and the original's evaluation (cached)."""
     cache, orig_key, before_key = cache_keys(cfg, run_dir)
-    before = _cached(cache / f"measure_before-{before_key}.json", lambda: measure(student, teacher, probe, cfg))
+    before = _cached(cache / f"measure_before-{before_key}.json", lambda: measure_drift(student, teacher, probe, cfg))
     eval_before = _cached(cache / f"eval_before-{before_key}.json",
                           lambda: cfg.eval.run(student, tok, run_dir / "before"))
     eval_orig = (_cached(cache / f"eval_original-{orig_key}.json",
@@ -480,7 +479,7 @@ def measure_before(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, pr
     return before, eval_before, eval_orig
 
 
-def train_recovery(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, pairs, constraint, dist: Dist,
+def train_recovery(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, pairs, constraint, dist: Placement,
                    metrics) -> dict:
     """The recovery sequences (reference or the original's continuations), then :func:`recover`."""
     rcfg = cfg.recovery
@@ -507,7 +506,7 @@ def after_fields(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, prob
     if rcfg.method == "none":  # the degraded model is the result; its predictions are under before/
         after, evaluation = before, _under(eval_before, "before")
     else:
-        after = measure(student, teacher, probe, cfg)
+        after = measure_drift(student, teacher, probe, cfg)
         evaluation = cfg.eval.run(student, tok, run_dir)
     if cfg.probe.cka and cfg.probe.heatmap:
         before = {**before, "cka": write_heatmap(before["cka"], run_dir / "cka_before.png",
@@ -549,9 +548,9 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
     dist = init_distributed(cfg.train, cfg.deepspeed)
     rd = RunDir(run_dir)
     if dist.rank == 0:
-        rd = start_run(cfg, run_dir, recipe="recovery",
-                       hparams={"degradation": dcfg.name, "strength": dcfg.strength, "recovery": rcfg.method,
-                                "budget_steps": budget, "lr": cfg.train.lr if budget else None})
+        rd.start(cfg, recipe="recovery",
+                 hparams={"degradation": dcfg.name, "strength": dcfg.strength, "recovery": rcfg.method,
+                          "budget_steps": budget, "lr": cfg.train.lr if budget else None})
     seed_everything(cfg.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -580,7 +579,7 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
     shutil.rmtree(run_dir / "ckpt", ignore_errors=True)  # training state (the run is complete)
     if not cfg.keep_degraded:
         shutil.rmtree(run_dir / "degraded", ignore_errors=True)
-    return finish_run(rd, **fields)
+    return rd.finish(**fields)
 
 
 register_recipe("recovery", RecoveryConfig, run)

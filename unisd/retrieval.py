@@ -9,10 +9,15 @@ normalisation, ``2_Normalize``).  Embeddings are cached on disk under
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from transformers import AutoModel, AutoTokenizer
+
+from scd.core.assets import cache_root, raw_dir, require
+from scd.core.results import atomic_write_bytes
 
 
 def mean_pool(last_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -22,8 +27,6 @@ def mean_pool(last_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def default_encoder_path() -> Path:
-    from scd.core.assets import raw_dir, require
-
     return require(raw_dir("minilm") / "model", "the MiniLM sentence encoder (run `make assets`)")
 
 
@@ -31,11 +34,6 @@ def default_encoder_path() -> Path:
 def encode_texts(texts: Sequence[str], path: str | Path | None = None, *, batch_size: int = 64,
                  max_length: int = 256, cache: bool = True, device=None) -> torch.Tensor:
     """L2-normalised sentence embeddings.  N texts -> [N, 384] float32 (CPU)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from scd.core.assets import cache_root
-    from scd.core.results import atomic_write_bytes
-
     path = Path(path) if path is not None else default_encoder_path()
     key = hashlib.sha256(("\x00".join([str(path.name), str(max_length), *texts])).encode("utf-8")).hexdigest()[:24]
     cache_file = cache_root() / "embeddings" / f"minilm-{key}.pt"
@@ -54,8 +52,6 @@ def encode_texts(texts: Sequence[str], path: str | Path | None = None, *, batch_
         out.append(torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1).cpu())
     emb = torch.cat(out) if out else torch.zeros((0, model.config.hidden_size))
     if cache:
-        import io
-
         buf = io.BytesIO()
         torch.save(emb, buf)
         atomic_write_bytes(cache_file, buf.getvalue())

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+from transformers import GenerationConfig
+
+from scd.tokens import left_pad
+
 
 def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     """Tokens up to and including the first stop token (the student learns to stop)."""
@@ -24,11 +29,6 @@ def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
 def sample_completions(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
                        seed: int, pad_id: int, stop_ids: Sequence[int], batch_size: int = 16) -> list[list[int]]:
     """One sampled completion per prompt (input order); ``temperature <= 0`` decodes greedily."""
-    import torch
-    from transformers import GenerationConfig
-
-    from unisd.context import left_pad
-
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device

@@ -44,11 +44,11 @@ import torch
 
 from benchmarks.evaluate import EvalSpec
 from scd.core.config import added_field, register_recipe
-from scd.core.engine import Dist, Engine, Terms, autocast, init_distributed
+from scd.core.engine import Engine, Placement, Terms, autocast, init_distributed
 from scd.core.results import RunDir
-from scd.core.train import TrainConfig, finish_run, rank_batches, seed_everything, start_run
+from scd.core.train import TrainConfig, rank_batches, seed_everything
 from scd.data_config import DataConfig, load_examples
-from scd.losses import per_token_divergence
+from scd.losses import per_token_divergence, resolve_divergence
 from scd.models import ModelConfig, build_model, save_model
 import unisd.components  # noqa: F401  (registers the built-in components)
 from unisd.baselines import run_baseline
@@ -58,7 +58,7 @@ from unisd.context import Context, frozen_copy, shots_by_task
 OBJECTIVES = ("self_distill", "sft", "sdft_rewrite")
 
 
-def divergence_spec(cfg: "LossConfig") -> tuple[str, dict]:
+def divergence_spec(cfg: "UniSDLossConfig") -> tuple[str, dict]:
     """(registered divergence name, params) of a loss config (UniSD's alpha mapping)."""
     if cfg.divergence != "alpha":
         return cfg.divergence, dict(cfg.params)
@@ -70,7 +70,7 @@ def divergence_spec(cfg: "LossConfig") -> tuple[str, dict]:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
+class UniSDLossConfig:
     """The per-token divergence between student and teacher (logits / the provider's temperature).
 
     ``divergence: alpha`` is UniSD's parameterisation: alpha 0 = forward KL(p_T||p_S),
@@ -92,8 +92,6 @@ class LossConfig:
         if self.divergence == "alpha" and self.params:
             raise ValueError("loss.params is for a named divergence; with divergence: alpha set loss.alpha")
         name, params = divergence_spec(self)
-        from scd.losses import resolve_divergence
-
         try:
             resolve_divergence(name, params)
         except (KeyError, ValueError) as e:
@@ -121,7 +119,7 @@ class UniSDConfig:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalSpec = EvalSpec()
-    loss: LossConfig = LossConfig()
+    loss: UniSDLossConfig = UniSDLossConfig()
     components: dict = dataclasses.field(default_factory=lambda: {"in_context_teacher": {}})
     plugins: tuple[str, ...] = ()  # modules or .py files that register components
     rewrite: RewriteConfig = RewriteConfig()
@@ -141,7 +139,7 @@ class UniSDConfig:
                                  f"have no effect there: set {', '.join(f'components.{n}: false' for n in on)}")
 
 
-def make_divergence(cfg: LossConfig):
+def make_divergence(cfg: UniSDLossConfig):
     """student logits, teacher logits [B, L, V], temperature -> per-token divergence l_t [B, L]."""
     name, params = divergence_spec(cfg)
 
@@ -211,7 +209,7 @@ class UniSDRecipe:
 
     @classmethod
     def build(cls, cfg: UniSDConfig, *, tokenizer=None, examples: list[dict] | None = None,
-              run_dir: Path | None = None, metrics=None, dist: Dist | None = None) -> tuple[Engine, "UniSDRecipe"]:
+              run_dir: Path | None = None, metrics=None, dist: Placement | None = None) -> tuple[Engine, "UniSDRecipe"]:
         """Model, data, components, context and engine of ``cfg`` -> (engine, recipe).
 
         ``tokenizer``/``examples`` replace the configured ones (tests); without ``run_dir``
@@ -282,8 +280,8 @@ def run(cfg: UniSDConfig, run_dir: Path) -> dict:
     dist = init_distributed(cfg.train, cfg.deepspeed)
     rd = RunDir(run_dir)
     if dist.rank == 0:
-        rd = start_run(cfg, run_dir, recipe="unisd", components=components_table(cfg.components),
-                       hparams=hparams(cfg))
+        rd.start(cfg, recipe="unisd", components=components_table(cfg.components),
+                 hparams=hparams(cfg))
     engine, recipe = UniSDRecipe.build(cfg, run_dir=run_dir, metrics=rd.metrics(enabled=dist.rank == 0), dist=dist)
     stats = engine.fit(recipe, cfg.train.max_steps)
     stats.update(teacher_passes=recipe.ctx.teacher_passes, world_size=dist.world)
@@ -296,7 +294,7 @@ def run(cfg: UniSDConfig, run_dir: Path) -> dict:
     recipe.ctx.teacher = None  # free the teacher before evaluation
     evaluation = cfg.eval.run(model, tok, run_dir)
     engine.clear_state()
-    return finish_run(rd, train=stats, artifacts=artifacts, **evaluation)
+    return rd.finish(train=stats, artifacts=artifacts, **evaluation)
 
 
 register_recipe("unisd", UniSDConfig, run)

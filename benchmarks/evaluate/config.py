@@ -9,9 +9,9 @@ from typing import Literal
 
 from benchmarks.evaluate.model_eval import evaluate_model
 from benchmarks.evaluate.probe import CKAOptions
-from benchmarks.tasks.classification import LabelWords
 from benchmarks.tasks.suite import check_prompts, expand_tasks
 from scd.core.config import added_field
+from scd.data.label_words import LabelWords
 
 
 @dataclasses.dataclass(frozen=True)

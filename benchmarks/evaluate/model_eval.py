@@ -10,10 +10,11 @@ from typing import Any, Sequence
 from benchmarks.evaluate.model_io import task_file
 from benchmarks.evaluate.probe import CKAOptions, run_cka
 from benchmarks.lmeval_bridge import evaluate_lm_eval
-from benchmarks.tasks.base import scorer_for, task_max_new_tokens
-from benchmarks.tasks.classification import LabelWords, unverbalize, verbalize
+from benchmarks.tasks import scorer_for
+from benchmarks.tasks.base import task_max_new_tokens
 from benchmarks.tasks.suite import check_prompts, expand_tasks, few_shot_examples, task_examples
 from scd.core.results import atomic_write_text, dumps
+from scd.data.label_words import LabelWords, unverbalize, verbalize
 
 
 def _split_entry(entry: dict) -> tuple[dict, dict, Any]:
@@ -29,7 +30,7 @@ def evaluate_task(model, tokenizer, task: str, *, split: str = "test", limit: in
     """Predict + score one task.  Returns {metrics, meta, info, rows} (see evaluate_model).
 
     ``prompt``: a classification prompt variant; the model sees and is scored on its label words,
-    predictions are mapped back to the task's labels before scoring (see benchmarks.tasks.classification)."""
+    predictions are mapped back to the task's labels before scoring (see scd.data.label_words)."""
     t0 = time.time()
     examples = list(examples) if examples is not None else task_examples(task, split, limit)
     family = examples[0]["family"]

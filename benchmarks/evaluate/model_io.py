@@ -1,19 +1,11 @@
-"""Models and files of an evaluation: device, the saved model of a run directory, loading, file-name slugs."""
+"""Models and files of an evaluation: the saved model of a run directory, loading, file-name slugs."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import torch
-
 from scd.core.results import read_json
 from scd.models import ModelConfig, build_model
-
-
-def resolve_device(device: str | None) -> str:
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_model_path(run_dir: Path) -> Path:

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from benchmarks.evaluate.model_eval import _split_entry
 from benchmarks.evaluate.model_io import task_file
-from benchmarks.tasks.base import scorer_for
+from benchmarks.tasks import scorer_for
 from benchmarks.tasks.suite import task_examples
 from scd.core.assets import AssetError
 from scd.core.results import RunDir, read_json

@@ -1,4 +1,9 @@
-"""Evaluate a run directory or a model into run.json; the ``evaluate`` recipe entry (``scd run``)."""
+"""Evaluate a run directory or a model into run.json; the ``evaluate`` recipe entry (``scd run``).
+
+run.json is written through :class:`scd.core.results.RunDir` only: an evaluation of a run directory
+merges its sections into that run's record; an evaluation of a model gets a record of its own
+(begin -> finish, or fail).
+"""
 from __future__ import annotations
 
 import time
@@ -8,9 +13,10 @@ import torch
 
 from benchmarks.evaluate.config import EvalConfig
 from benchmarks.evaluate.model_eval import evaluate_model
-from benchmarks.evaluate.model_io import load_model, resolve_device, run_model_path, slug
+from benchmarks.evaluate.model_io import load_model, run_model_path, slug
 from scd.core.config import ConfigError, register_recipe, to_dict
-from scd.core.results import atomic_write_json, config_hash, new_run_record, read_json, validate_run_record
+from scd.core.results import RunDir, config_hash, new_run_record
+from scd.core.train import resolve_device
 from scd.models import resolve
 
 DEFAULT_ROOT = Path("results") / "eval"
@@ -18,15 +24,8 @@ DEFAULT_ROOT = Path("results") / "eval"
 
 def merge_into_run(run_json: Path, result: dict) -> dict:
     """Merge eval/metric_meta/eval_info/cka into an existing run.json, atomically."""
-    rec = read_json(run_json)
-    for key in ("eval", "metric_meta", "eval_info", "cka"):
-        if key in result:
-            cur = rec.get(key) or {}
-            cur.update(result[key])
-            rec[key] = cur
-    validate_run_record(rec, str(run_json))
-    atomic_write_json(run_json, rec)
-    return rec
+    return RunDir(Path(run_json).parent).merge({k: result[k] for k in ("eval", "metric_meta", "eval_info", "cka")
+                                                if k in result})
 
 
 def _fresh_record(cfg: EvalConfig, target: str, model_path: str) -> dict:
@@ -45,9 +44,9 @@ def evaluate(cfg: EvalConfig, target: str | None = None, run_dir: str | Path | N
         raise ConfigError("no tasks: pass --tasks (or set `tasks:` / `lm_eval_tasks:` in the config)")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = str(resolve_device(cfg.device or "auto"))  # recorded in eval_info
     tpath = Path(target).expanduser()
-    if (tpath / "run.json").exists():
+    if RunDir(tpath).exists():
         if cfg.out or run_dir:
             out = Path(run_dir or cfg.out)
             if out.resolve() != tpath.resolve():
@@ -59,12 +58,12 @@ def evaluate(cfg: EvalConfig, target: str | None = None, run_dir: str | Path | N
     else:
         model_path = resolve(target)
         out = Path(run_dir or cfg.out or DEFAULT_ROOT / f"{slug(target)}-{config_hash({'model': target}, 8)}")
-        fresh = None if (out / "run.json").exists() else _fresh_record(cfg, target, model_path)
+        fresh = None if RunDir(out).exists() else _fresh_record(cfg, target, model_path)
     model, tok = load_model(model_path, cfg.dtype, device)
     out.mkdir(parents=True, exist_ok=True)
+    rd = RunDir(out)
     if fresh is not None:
-        fresh["status"] = "running"
-        atomic_write_json(out / "run.json", fresh)
+        rd.begin(fresh)
     t0 = time.time()
     try:
         result = evaluate_model(model, tok, tasks=cfg.tasks, split=cfg.split, limit=cfg.limit, shots=cfg.shots,
@@ -74,21 +73,14 @@ def evaluate(cfg: EvalConfig, target: str | None = None, run_dir: str | Path | N
                                 progress=cfg.progress, cka=cfg.cka, prompts=cfg.prompts)
     except BaseException as e:
         if fresh is not None:  # our own run.json: record the failure (a trained run's status is left alone)
-            rec = read_json(out / "run.json")
-            rec.update(status="failed", error=f"{type(e).__name__}: {e}",
-                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            atomic_write_json(out / "run.json", rec)
+            rd.fail(e)
         raise
     for info in result["eval_info"].values():
         info.setdefault("device", device)
         info.setdefault("threads", torch.get_num_threads() if device == "cpu" else None)
-    rec = merge_into_run(out / "run.json", result)
+    rec = merge_into_run(rd.run_json, result)
     if fresh is not None:
-        rec["status"] = "ok"
-        rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        rec.setdefault("train", {})
-        rec["eval_wall_s"] = round(time.time() - t0, 2)
-        atomic_write_json(out / "run.json", rec)
+        rd.finish(eval_wall_s=round(time.time() - t0, 2), train=rec.get("train") or {})
     return out
 
 
@@ -100,7 +92,7 @@ def run(cfg: EvalConfig, run_dir: Path) -> dict:
         out = evaluate(cfg, str(run_dir))
     else:
         out = evaluate(cfg, cfg.model, run_dir=run_dir)
-    return read_json(out / "run.json")
+    return RunDir(out).read()
 
 
 register_recipe("evaluate", EvalConfig, run)

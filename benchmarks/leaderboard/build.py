@@ -12,7 +12,7 @@ from benchmarks.leaderboard.groups import Group, choose_best, compute, make_grou
 from benchmarks.leaderboard.index import update_index
 from benchmarks.leaderboard.load import TaskMetric, load_records, primary_metrics, secondary_metrics
 from benchmarks.leaderboard.plots import plot_cka, plot_component_deltas, plot_recovery_vs_cka, plot_tasks
-from benchmarks.leaderboard.render import (STATUSES, companions, csv_text, leaderboard_rows, r6, render_markdown,
+from benchmarks.leaderboard.render import (STATUS_ORDER, companions, csv_text, leaderboard_rows, r6, render_markdown,
                                            runs_table)
 from scd.core.faults import fault_point
 from scd.core.results import read_json
@@ -60,7 +60,7 @@ def summary(grid: str, meta: dict, baseline: str | None, records: list[dict], gr
         "grid": grid, "description": meta.get("description") or "",
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "baseline": baseline,
         "n_runs": len(records), "n_configs": len(rows),
-        **{f"n_{s}": sum(r["status"] == s for r in records) for s in STATUSES},
+        **{f"n_{s}": sum(r["status"] == s for r in records) for s in STATUS_ORDER},
         "n_constant": sum(bool(g.constant) for g in rows),
         "n_skipped_files": n_problems, "tasks": [tm.key for tm in tms],
         "best": ({"label": best.label, "avg_norm": r6(best.avg.mean),

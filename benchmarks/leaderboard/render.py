@@ -12,7 +12,7 @@ from benchmarks.leaderboard.statistics import delta_vs_baseline, finite
 
 # chance-corrected companions of a classification task's accuracy, shown next to it
 COMPANIONS = ("balanced_accuracy", "cohen_kappa")
-STATUSES = ("ok", "failed", "diverged", "running")
+STATUS_ORDER = ("ok", "failed", "diverged", "running")  # display order of scd.core.results.STATUSES
 
 
 def r6(v: float | None, nd: int = 6) -> float | None:
@@ -125,7 +125,7 @@ def leaderboard_rows(groups: list[Group], tms: list[TaskMetric], baseline: str |
         row["cka_mean_matched"] = r6(g.cka)
         row["n_seeds"] = len(g.seeds)
         row["seeds"] = " ".join(str(s) for s in g.seeds)
-        for s in STATUSES:
+        for s in STATUS_ORDER:
             row[f"n_{s}"] = g.count(s)
         rows.append(row)
     return rows
@@ -173,7 +173,7 @@ def _floor_lines(groups: list[Group], tms: list[TaskMetric]) -> list[str]:
 def _md_header(grid: str, desc: str, groups: list[Group], tms: list[TaskMetric], baseline: str | None,
                records: list[dict]) -> list[str]:
     seeds = sorted({r["seed"] for r in records if r["status"] == "ok"})
-    counts = {s: sum(r["status"] == s for r in records) for s in STATUSES}
+    counts = {s: sum(r["status"] == s for r in records) for s in STATUS_ORDER}
     status = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     L = [f"# Leaderboard: {grid}", ""] + ([desc, ""] if desc else [])
     L += [f"{len(records)} runs{f' ({status})' if status else ''}, {len(ordered(groups))} "
@@ -219,7 +219,7 @@ def _md_main_table(groups: list[Group], tms: list[TaskMetric], baseline: str | N
             cells.append("(baseline)" if g.is_baseline else "—" if d is None else
                          f"{fmt(d.value, sign=True)} [{fmt(d.lo, sign=True)}, {fmt(d.hi, sign=True)}]")
         cells += ([fmt(g.cka)] if has_cka else []) + [str(len(g.seeds))]
-        cells.append(", ".join(f"{g.count(s)} {s}" for s in STATUSES if g.count(s)))
+        cells.append(", ".join(f"{g.count(s)} {s}" for s in STATUS_ORDER if g.count(s)))
         L.append("| " + " | ".join(cells) + " |")
     return L + [""]
 

@@ -34,6 +34,7 @@ import time
 import torch
 
 from benchmarks.cka import CKAMatrix, cka_from_hsic, center_gram, linear_gram
+from scd.core.results import atomic_write_json
 
 F64 = torch.float64
 CPU_DEFAULT_N = [256, 1024, 2048]
@@ -229,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t0
     print(f"total {total:.1f} s; stream memory does not depend on n, gram memory grows as n^2")
     if args.out:
-        from scd.core.results import atomic_write_json
-
         atomic_write_json(args.out, {
             "benchmark": "cka_layer_pair_matrix", "device": name, "torch": torch.__version__,
             "command": "python -m benchmarks.perf.bench_cka " + " ".join(sys.argv[1:] if argv is None else argv),

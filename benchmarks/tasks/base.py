@@ -18,8 +18,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from benchmarks.stats import bootstrap_ci, metric_entry
+from benchmarks.tasks.generate import greedy_generate
 from scd.core.registry import registry
+from scd.data.prompts import render_prompt
+from scd.data.tasks import TASKS
 
 SCORERS = registry("scorer")
 META_KEYS = ("higher_is_better", "chance", "primary")
@@ -34,14 +39,10 @@ class Scorer:
 
     # ------------------------------------------------------------------ prompts
     def prompts(self, examples: Sequence[dict], tokenizer, shots: Sequence[dict] = ()) -> list[str]:
-        from scd.data.prompts import render_prompt
-
         return [render_prompt(ex, tokenizer, shots=tuple(shots)) for ex in examples]
 
     def generate(self, model, tokenizer, examples: Sequence[dict], *, shots: Sequence[dict] = (),
                  batch_size: int = 8, max_new_tokens: int | None = None, progress: bool = True) -> list[str]:
-        from benchmarks.tasks.generate import greedy_generate
-
         if not examples:
             return []
         budget = max_new_tokens or task_max_new_tokens(examples[0]["task"])
@@ -88,8 +89,6 @@ class Scorer:
 
     def mean_metric(self, values, *, higher_is_better: bool, chance: float, primary: bool) -> dict:
         """A metric that is the mean of per-example values, with its bootstrap CI."""
-        import numpy as np
-
         v = np.asarray(values, dtype=np.float64)
         value = float(v.mean()) if v.size else float("nan")
         ci = bootstrap_ci(v, n_boot=self.n_boot, seed=self.seed)
@@ -99,18 +98,9 @@ class Scorer:
 
 def task_max_new_tokens(task: str, default: int = 32) -> int:
     try:
-        from scd.data.tasks import TASKS
-
         return int(TASKS.get(task).max_new_tokens)
-    except (ImportError, KeyError):
+    except KeyError:
         return default
-
-
-def scorer_for(family: str, **kw: Any) -> Scorer:
-    """The registered scorer of a task family (imports the built-in scorers first)."""
-    import benchmarks.tasks  # noqa: F401  (registers qa, ner, classification)
-
-    return SCORERS.build(family, **kw)
 
 
 def first_line(text: str) -> str:

@@ -39,21 +39,14 @@ floor leaderboards normalise accuracy against), ``max_label_share`` and ``most_p
 (the share of all predictions on the most predicted label, and that label) and
 ``constant`` (max_label_share >= 0.95: a constant predictor, whatever its accuracy).
 
-Label words (a verbalizer, as in PET, Schick & Schuetze 2021): :class:`LabelWords` shows
-and scores the model on other words for the task's labels (rotten_tomatoes' ``fresh`` /
-``rotten`` as ``positive`` / ``negative``).  :func:`verbalize` rewrites an example (label
-set, label, target, instruction) into the words; :func:`unverbalize` maps a prediction
-(label, log-likelihoods, calibration) back, so metrics, gold labels and saved predictions
-stay in the task's own label space.  Without an explicit ``instruction`` the task's own
-instruction is kept with its closing "Answer with exactly one of: ..." rebuilt from the words.
+Label words (a verbalizer: :class:`scd.data.label_words.LabelWords`) are applied by the
+evaluation (:mod:`benchmarks.evaluate.model_eval`): examples are verbalized before scoring and
+predictions unverbalized after, so this module only ever sees one label space.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
-import unicodedata
 import warnings
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score
@@ -61,68 +54,12 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa
 from benchmarks.stats import balanced_accuracy_sums, bootstrap_ci, kappa_sums, macro_f1_sums, metric_entry
 from benchmarks.tasks.base import SCORERS, Scorer
 from benchmarks.tasks.generate import loglik_choices
+from scd.data.label_words import normalize_label
 from scd.data.prompts import render_target
 
 INVALID = None
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021, section 5
 CONSTANT_SHARE = 0.95  # a run with at least this share of its predictions on one label is a constant predictor
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelWords:
-    """A classification prompt variant: ``label_words`` maps every task label to the word the
-    model sees and is scored on; ``instruction`` replaces the task's instruction (None: the
-    task's own, with its "Answer with exactly one of: ..." sentence rebuilt from the words)."""
-
-    label_words: dict[str, str] = dataclasses.field(default_factory=dict)
-    instruction: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.label_words:
-            raise ValueError("label_words must map each label of the task to a word")
-        words = list(self.label_words.values())
-        if any(not isinstance(w, str) or not w.strip() for w in words):
-            raise ValueError(f"label_words: every word must be a non-empty string, got {words}")
-        normed = [_norm(w) for w in words]
-        if len(set(normed)) != len(normed):
-            raise ValueError(f"label_words: two labels share a word (after normalisation): {words}")
-
-
-_ANSWER_WITH = re.compile(r"Answer with exactly one of: [^\n]*$")
-
-
-def verbalize(example: dict, variant: LabelWords) -> dict:
-    """The example as the model sees it under ``variant`` (label set, label, target, instruction)."""
-    labels = list(example["label_set"])
-    missing = [lab for lab in labels if lab not in variant.label_words]
-    unknown = [k for k in variant.label_words if k not in labels]
-    if missing or unknown:
-        raise ValueError(f"label_words for task '{example.get('task')}' must name exactly its labels {labels}"
-                         + (f"; missing {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else ""))
-    words = [variant.label_words[lab] for lab in labels]
-    instruction = variant.instruction
-    if instruction is None:
-        own = example.get("instruction") or ""
-        if not _ANSWER_WITH.search(own):
-            raise ValueError(f"task '{example.get('task')}': its instruction has no 'Answer with exactly one of: "
-                             "...' sentence to rebuild from the label words; give `instruction` explicitly")
-        instruction = _ANSWER_WITH.sub(f"Answer with exactly one of: {', '.join(words)}.", own)
-    out = {**example, "label_set": words, "instruction": instruction}
-    if example.get("label") in variant.label_words:
-        out["label"] = out["target"] = variant.label_words[example["label"]]
-    return out
-
-
-def unverbalize(prediction: dict, variant: LabelWords) -> dict:
-    """A prediction made on verbalized examples, mapped back to the task's labels."""
-    inverse = {w: lab for lab, w in variant.label_words.items()}
-    out = dict(prediction)
-    if out.get("prediction") is not None:
-        out["prediction"] = inverse[out["prediction"]]
-    for key in ("logliks", "calibrated", "calibration"):
-        if isinstance(out.get(key), Mapping):
-            out[key] = {inverse[w]: v for w, v in out[key].items()}
-    return out
 
 
 def content_free_distribution(logliks: Sequence[Sequence[float]]) -> np.ndarray:
@@ -141,26 +78,20 @@ def calibrate(logliks: Sequence[float], p_cf: Sequence[float]) -> np.ndarray:
     return log_p - np.log(np.clip(np.asarray(p_cf, dtype=np.float64), 1e-300, None))
 
 
-def _norm(text: str) -> str:
-    s = unicodedata.normalize("NFKC", text or "").casefold()
-    s = "".join(" " if unicodedata.category(ch).startswith(("P", "S")) else ch for ch in s)
-    return " ".join(s.split())
-
-
 def map_label(output: str, label_set: Sequence[str]) -> tuple[str | None, str]:
     """(label or None, rule) for a generation; rule in exact|normalised|word|invalid."""
     text = (output or "").strip()
     for lab in label_set:
         if text == lab:
             return lab, "exact"
-    norm = _norm(text)
+    norm = normalize_label(text)
     for lab in label_set:
-        if norm == _norm(lab):
+        if norm == normalize_label(lab):
             return lab, "normalised"
     words = norm.split()
     best: tuple[int, int, str] | None = None  # (position, -len, label)
     for lab in label_set:
-        lw = _norm(lab).split()
+        lw = normalize_label(lab).split()
         if not lw:
             continue
         for i in range(len(words) - len(lw) + 1):

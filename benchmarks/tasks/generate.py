@@ -13,22 +13,22 @@
   so both paths score the same token sequences.  Each context is run once and its
   KV cache shared by all its candidates.
 
-Text is tokenised without adding special tokens when it already starts with the
-tokenizer's BOS text (chat templates usually write it), as lm-eval does.
+Text is tokenised with :func:`scd.tokens.encode` (no special tokens added when it already
+starts with the tokenizer's BOS text, as lm-eval does); stop tokens are
+:func:`scd.tokens.stop_token_ids`.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Sequence
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                      "<|end_of_text|>", "</s>")
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
-
-def encode(tokenizer, text: str) -> list[int]:
-    bos = getattr(tokenizer, "bos_token", None)
-    add = not (bos and text.startswith(bos))
-    return list(tokenizer(text, add_special_tokens=add)["input_ids"])
+from scd.tokens import encode, stop_token_ids
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -44,24 +44,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """eos plus every end-of-turn token the tokenizer knows as a special token."""
-    ids = []
-    eos = tokenizer.eos_token_id
-    if isinstance(eos, int):
-        ids.append(eos)
-    elif eos:
-        ids.extend(eos)
-    special = set(getattr(tokenizer, "all_special_tokens", ()))
-    special |= {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
-    for t in END_OF_TURN_TOKENS:
-        if t in special:
-            i = tokenizer.convert_tokens_to_ids(t)
-            if isinstance(i, int) and i >= 0 and i not in ids:
-                ids.append(i)
-    return ids
-
-
 def model_max_length(model) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
@@ -71,8 +53,6 @@ def _device(model):
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
@@ -80,9 +60,6 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
                     stop_ids: Sequence[int] | None = None, progress: bool = True,
                     desc: str = "generate") -> list[str]:
     """Greedy continuations of ``prompts`` (input order; special tokens stripped)."""
-    import torch
-    from transformers import GenerationConfig
-
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -138,8 +115,6 @@ def loglik_choices(model, tokenizer, contexts: Sequence[str], choices: Sequence[
     repeats their KV cache for every candidate and scores the right-padded
     candidates in a second forward pass.
     """
-    import torch
-
     if len(contexts) != len(choices):
         raise ValueError(f"{len(contexts)} contexts but {len(choices)} choice lists")
     device = _device(model)
@@ -181,9 +156,6 @@ def loglik_choices(model, tokenizer, contexts: Sequence[str], choices: Sequence[
 
 
 def _score_batch(model, batch, pad: int, device) -> list[list[float]]:
-    import torch
-    import torch.nn.functional as F
-
     B = len(batch)
     width = max(len(ctx) for ctx, _ in batch)
     ids = torch.full((B, width), pad, dtype=torch.long)  # (B, L) left-padded contexts
@@ -229,8 +201,6 @@ def _score_batch(model, batch, pad: int, device) -> list[list[float]]:
 
 
 def _accepts(model, name: str) -> bool:
-    import inspect
-
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -239,9 +209,6 @@ def _accepts(model, name: str) -> bool:
 
 def loglik_reference(model, tokenizer, context: str, continuation: str) -> float:
     """Slow, obviously-correct reference: one unpadded forward of context + continuation."""
-    import torch
-    import torch.nn.functional as F
-
     ctx, cont = encode_pair(tokenizer, context, continuation)
     ids = torch.tensor([ctx + cont], device=_device(model))
     with torch.inference_mode():

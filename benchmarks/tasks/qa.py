@@ -33,8 +33,7 @@ from collections import Counter
 from typing import Sequence
 
 from benchmarks.tasks.base import SCORERS, Scorer, first_line
-
-UNANSWERABLE = "unanswerable"
+from scd.data.records import UNANSWERABLE
 
 _CHAR_MAP = {
     "\u064a": "\u06cc",  # ARABIC LETTER YEH -> ARABIC LETTER FARSI YEH

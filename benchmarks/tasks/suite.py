@@ -12,9 +12,8 @@ from scd.core.config import ConfigError
 from scd.core.registry import did_you_mean
 from scd.data.load import is_spec, load_split
 from scd.data.prompts import select_shots as seeded_order
+from scd.data.records import FAMILIES
 from scd.data.tasks import TASKS
-
-FAMILIES = ("qa", "ner", "classification")
 
 
 def expand_tasks(names: Sequence[str]) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from scd import recipes
 from scd.core.registry import did_you_mean, registry
 
 RECIPES = registry("recipe")  # name -> RecipeSpec
@@ -287,8 +288,6 @@ def register_recipe(name: str, config_cls: type, run: typing.Callable | None = N
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
                 recipe: str | None = None) -> Any:
     """Load a config file into its recipe's dataclass (``recipe:`` key picks it)."""
-    from scd import recipes
-
     data, source = load_yaml(path)
     data = apply_overrides(data, overrides, inplace=True)
     name = recipe or data.get("recipe")

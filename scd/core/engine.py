@@ -349,14 +349,16 @@ def deepspeed_config(path: str, train: TrainConfig, world: int) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class Dist:
+class Placement:
+    """Where this process trains: its rank, the world size, its local rank and its device."""
+
     rank: int
     world: int
     local_rank: int
     device: Any
 
 
-def init_distributed(train: TrainConfig, deepspeed_json: str | None) -> Dist:
+def init_distributed(train: TrainConfig, deepspeed_json: str | None) -> Placement:
     """Rank, world and device; initialises DeepSpeed's process group when a DeepSpeed config is given.
 
     Without a launcher (no RANK/WORLD_SIZE), DeepSpeed runs as a single process of world 1.
@@ -367,7 +369,7 @@ def init_distributed(train: TrainConfig, deepspeed_json: str | None) -> Dist:
         if world > 1:
             raise ValueError(f"WORLD_SIZE={world} but no deepspeed config: multi-process training runs through "
                              "DeepSpeed (add deepspeed=configs/deepspeed/zero2.json)")
-        return Dist(rank, world, local, resolve_device(train.device))
+        return Placement(rank, world, local, resolve_device(train.device))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ.get("SCD_CACHE", "~/.cache/scd"))
                                                       .expanduser() / "torch_extensions"))
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
@@ -379,7 +381,7 @@ def init_distributed(train: TrainConfig, deepspeed_json: str | None) -> Dist:
     if use_cuda:
         torch.cuda.set_device(local)
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local, torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu"))
+    return Placement(rank, world, local, torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu"))
 
 
 def barrier() -> None:
@@ -400,10 +402,10 @@ class Engine:
     unless a recipe calls :meth:`new_schedule` (per-stage resets).
     """
 
-    def __init__(self, module, train: TrainConfig, *, run_dir: Path | None, metrics=None, dist: Dist | None = None,
+    def __init__(self, module, train: TrainConfig, *, run_dir: Path | None, metrics=None, dist: Placement | None = None,
                  deepspeed: str | None = None, name: str = "train"):
         self.train_cfg, self.run_dir, self.metrics, self.name = train, run_dir, metrics, name
-        self.dist = dist or Dist(0, 1, 0, resolve_device(train.device))
+        self.dist = dist or Placement(0, 1, 0, resolve_device(train.device))
         self.device = self.dist.device
         if train.gradient_checkpointing and hasattr(module, "gradient_checkpointing_enable"):
             module.gradient_checkpointing_enable()

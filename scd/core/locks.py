@@ -1,7 +1,8 @@
-"""Process and file-lock primitives shared by the orchestration layer.
+"""Process and file-lock primitives shared by the orchestration layer and the recipes.
 
 * :func:`file_lock`    exclusive advisory ``flock`` on a lock file (serialises writers on a host:
-                       leaderboard and index writers, stale-claim reclaimers)
+                       leaderboard and index writers, stale-claim reclaimers, a teacher/anchor
+                       run trained on demand by the distill recipe)
 * :func:`proc_stat`    state, parent, process group, session and start time of a pid (Linux /proc)
 * :func:`pid_alive`    is a pid running (not a zombie, and not a reused pid)?
 * :func:`kill_session` SIGKILL what is left of a dead process's session

@@ -8,17 +8,16 @@ Recipes stay readable top to bottom and call these helpers:
                                       so a resumed run sees exactly the same batches
 * :func:`collate_sft`                 prompt + target -> input_ids / labels (prompt masked)
 * :func:`rank_batches`                this rank's micro-batches of a step
-* :func:`start_run` / :func:`finish_run`  transitional aliases of ``RunDir.start`` / ``RunDir.finish``
+
+A run's record (run.json) is written by :class:`scd.core.results.RunDir` only.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import random
-from pathlib import Path
-from typing import Any
 
-from scd.core.results import DivergedError, RunDir
+from scd.core.results import DivergedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,20 +138,6 @@ def check_finite(value: float, step: int, term: str) -> float:
     if not math.isfinite(value):
         raise DivergedError(step=step, term=term, value=value)
     return value
-
-
-# ---------------------------------------------------------------- run life cycle
-def start_run(cfg, run_dir: Path, *, recipe: str, components: dict | None = None,
-              hparams: dict | None = None) -> RunDir:  # transitional alias
-    return RunDir(run_dir).start(cfg, recipe=recipe, components=components, hparams=hparams)
-
-
-def finish_run(rd: RunDir, **fields: Any) -> dict:  # transitional alias
-    return rd.finish(**fields)
-
-
-def record_failure(run_dir: Path, exc: BaseException, log_tail: str | None = None) -> bool:  # transitional alias
-    return RunDir(run_dir).fail(exc, log_tail)
 
 
 def peak_memory(device) -> int | None:

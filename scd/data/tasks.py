@@ -23,13 +23,12 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from scd.core.assets import AssetError, missing_hint, raw_dir
+from scd.core.assets import MULTIEMO_LANGS, AssetError, missing_hint, raw_dir
 from scd.core.registry import registry
 from scd.data.records import (DataError, UNANSWERABLE, find_span, labels_to_bio, make_record)
 
 TASKS = registry("task")
 
-MULTIEMO_LANGS = ("en", "de", "es", "fr", "it", "ja", "nl", "pl", "pt", "ru", "zh")
 LANG_NAMES = {"en": "English", "de": "German", "es": "Spanish", "fr": "French", "it": "Italian",
               "ja": "Japanese", "nl": "Dutch", "pl": "Polish", "pt": "Portuguese", "ru": "Russian",
               "zh": "Chinese", "hi": "Hindi", "fa": "Persian"}

@@ -27,7 +27,7 @@ computed once per checkpoint and cached under ``run_dir/cache``).
 The package, read in this order:
 
     config.py        DistillConfig and its blocks (teacher, stages, loss, weighting, probe)
-    loss.py          token_terms, sample_weights, micro_batch_loss (pure tensor math)
+    loss.py          token_terms, kd_weights, micro_batch_loss (pure tensor math)
     teacher_slot.py  TeacherSlot (in-place switches), manifests, dependency runs, AW caches
     probe.py         select_stage and scd_select's probe KLs
     recipe.py        DistillRecipe (driven by scd.core.engine.Engine) and run():
@@ -41,15 +41,15 @@ and later checkpoints are copied into its existing tensors (``load_weights_in_pl
 every switch is timed and logged to metrics.jsonl.  The teacher runs in eval mode
 under ``torch.no_grad``.
 """
-from scd.distill.config import (DistillConfig, LossConfig, ProbeConfig, StagesConfig, TeacherSource,
+from scd.distill.config import (DistillConfig, DistillLossConfig, SelectionProbeConfig, StagesConfig, TeacherSource,
                                 WeightingConfig)
-from scd.distill.loss import micro_batch_loss, sample_weights, token_terms
+from scd.distill.loss import kd_weights, micro_batch_loss, token_terms
 from scd.distill.probe import probe_encoded, probe_kl, probe_logprobs, select_stage
 from scd.distill.recipe import DistillRecipe, run
 from scd.distill.teacher_slot import (TeacherSlot, anchor_model_dir, cached_per_sample_ce, data_hash,
                                       ensure_dependency, find_manifest, load_weights_in_place)
 
-__all__ = ["DistillConfig", "DistillRecipe", "LossConfig", "ProbeConfig", "StagesConfig", "TeacherSlot",
+__all__ = ["DistillConfig", "DistillLossConfig", "DistillRecipe", "SelectionProbeConfig", "StagesConfig", "TeacherSlot",
            "TeacherSource", "WeightingConfig", "anchor_model_dir", "cached_per_sample_ce", "data_hash",
-           "ensure_dependency", "find_manifest", "load_weights_in_place", "micro_batch_loss", "probe_encoded",
-           "probe_kl", "probe_logprobs", "run", "sample_weights", "select_stage", "token_terms"]
+           "ensure_dependency", "find_manifest", "kd_weights", "load_weights_in_place", "micro_batch_loss",
+           "probe_encoded", "probe_kl", "probe_logprobs", "run", "select_stage", "token_terms"]

@@ -65,7 +65,7 @@ class StagesConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
+class DistillLossConfig:
     divergence: str = "forward_kl"  # registry "loss": forward_kl | reverse_kl | jsd | skew_kl | skew_rkl
     temperature: float = 1.0  # logits / tau, loss * tau^2
     params: dict = dataclasses.field(default_factory=dict)  # e.g. {beta: 0.5} for jsd, {lam: 0.1} for skew_kl
@@ -108,7 +108,7 @@ class WeightingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProbeConfig:
+class SelectionProbeConfig:
     """Held-out probe set for scd_select's KLs."""
 
     split: str = "dev"
@@ -126,9 +126,9 @@ class DistillConfig:
     model: ModelConfig = ModelConfig()  # the student
     teacher: TeacherSource = TeacherSource()
     stages: StagesConfig = StagesConfig()
-    loss: LossConfig = LossConfig()
+    loss: DistillLossConfig = DistillLossConfig()
     weighting: WeightingConfig = WeightingConfig()
-    probe: ProbeConfig = ProbeConfig()
+    probe: SelectionProbeConfig = SelectionProbeConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalSpec = EvalSpec()

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from scd.distill.config import LossConfig, WeightingConfig
+from scd.distill.config import DistillLossConfig, WeightingConfig
 from scd.losses import ce_per_token, per_token_divergence, reduce_tokens
-from scd.weighting import combine
-from scd.weighting import sample_weights as weight_rule
+from scd.weighting import combine, sample_weights
 
 
-def token_terms(student_logits, teacher_logits, labels, loss: LossConfig, vocab: int | None = None):
+def token_terms(student_logits, teacher_logits, labels, loss: DistillLossConfig, vocab: int | None = None):
     """Per-target-token KD and CE terms of one micro-batch.
 
     student_logits [B, T, Vs], teacher_logits [B, T, Vt] or None, labels [B, T] (-100 =
@@ -34,13 +33,12 @@ def token_terms(student_logits, teacher_logits, labels, loss: LossConfig, vocab:
     return kd, ce, rows
 
 
-def sample_weights(weighting: WeightingConfig, batch_size: int, *, anchor_loss=None, teacher_loss=None,
-                   device=None):
+def kd_weights(weighting: WeightingConfig, batch_size: int, *, anchor_loss=None, teacher_loss=None, device=None):
     """Per-sample weight w of the KD term [B] (see scd.weighting)."""
     dummy = torch.zeros(batch_size, device=device)
     if not weighting.needs_losses:
-        return weight_rule(weighting.name, dummy, alpha=weighting.alpha)
-    return weight_rule(weighting.name, dummy, student_anchor_loss=anchor_loss, teacher_ckpt_loss=teacher_loss)
+        return sample_weights(weighting.name, dummy, alpha=weighting.alpha)
+    return sample_weights(weighting.name, dummy, student_anchor_loss=anchor_loss, teacher_ckpt_loss=teacher_loss)
 
 
 def micro_batch_loss(kd, ce, rows, w, n_tokens_total):

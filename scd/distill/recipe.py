@@ -20,11 +20,10 @@ from transformers import AutoModelForCausalLM
 from scd.core.config import register_recipe
 from scd.core.engine import Engine, Terms, init_distributed
 from scd.core.results import RunDir, read_metrics
-from scd.core.train import (check_finite, collate, finish_run, rank_batches, seed_everything, start_run,
-                            tokenize_sft)
+from scd.core.train import check_finite, collate, rank_batches, seed_everything, tokenize_sft
 from scd.data_config import load_training_pairs
 from scd.distill.config import DistillConfig
-from scd.distill.loss import micro_batch_loss, sample_weights, token_terms
+from scd.distill.loss import kd_weights, micro_batch_loss, token_terms
 from scd.distill.probe import probe_encoded, select_stage, student_logits
 from scd.distill.teacher_slot import (TeacherSlot, anchor_losses, anchor_model_dir, data_hash, ensure_dependency,
                                       find_manifest, rank0_cached)
@@ -95,7 +94,7 @@ class DistillRecipe:
         with no_autocast(device):
             kd, ce, rows = token_terms(s_logits, t_logits, b["labels"], cfg.loss, self.vocab)  # [N] each
             teacher_loss = self.teacher_losses.get(self.selections[self.stage]) if self.slot is not None else None
-            w = sample_weights(cfg.weighting, len(idx), device=device,
+            w = kd_weights(cfg.weighting, len(idx), device=device,
                                anchor_loss=None if self.anchor_loss is None else self.anchor_loss[idx],
                                teacher_loss=None if teacher_loss is None else teacher_loss[idx])  # [B]
             loss = micro_batch_loss(kd, ce, rows, w, denom)
@@ -181,7 +180,7 @@ def _start(cfg: DistillConfig, run_dir: Path, use_teacher: bool) -> RunDir:
     hparams = {"lr": cfg.train.lr, "max_steps": cfg.train.max_steps, "n_stages": cfg.stages.n_stages,
                "selection": cfg.stages.selection, "divergence": cfg.loss.divergence,
                "temperature": cfg.loss.temperature, "weighting": cfg.weighting.name, "alpha": cfg.weighting.alpha}
-    return start_run(cfg, run_dir, recipe="distill", hparams=hparams, components=components)
+    return RunDir(run_dir).start(cfg, recipe="distill", hparams=hparams, components=components)
 
 
 def _dependencies(cfg: DistillConfig, use_teacher: bool, rank: int) -> tuple[Path | None, Path | None]:
@@ -258,7 +257,7 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
     engine.clear_state()
     if manifest is not None:
         artifacts["teacher_manifest"] = str(manifest.root / "manifest.json")
-    return finish_run(rd, train=recipe.train_record(stats, rd.metrics_path), artifacts=artifacts, **evaluation)
+    return rd.finish(train=recipe.train_record(stats, rd.metrics_path), artifacts=artifacts, **evaluation)
 
 
 def _eval_teacher(cfg: DistillConfig, rd: RunDir, manifest, device, rank: int) -> dict:
@@ -271,9 +270,9 @@ def _eval_teacher(cfg: DistillConfig, rd: RunDir, manifest, device, rank: int) -
                                                  use_safetensors=True).to(device).eval()
     tok = load_tokenizer(str(path))
     evaluation = cfg.eval.run(model, tok, rd.path)
-    return finish_run(rd, train={"selections": [choice], "selection_steps": [manifest[choice].step]},
-                      artifacts={"model": str(path), "teacher_manifest": str(manifest.root / "manifest.json")},
-                      **evaluation)
+    return rd.finish(train={"selections": [choice], "selection_steps": [manifest[choice].step]},
+                     artifacts={"model": str(path), "teacher_manifest": str(manifest.root / "manifest.json")},
+                     **evaluation)
 
 
 register_recipe("distill", DistillConfig, run)

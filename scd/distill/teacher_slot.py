@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -24,8 +23,8 @@ from transformers import AutoModelForCausalLM
 
 from scd.core.config import RECIPES, load_config
 from scd.core.engine import barrier
+from scd.core.locks import file_lock
 from scd.core.results import RunDir, default_run_dir, read_json, safe_join
-from scd.core.train import record_failure
 from scd.models import torch_dtype
 from scd.schedule import hash_checkpoint
 from scd.teacher import per_sample_ce
@@ -156,16 +155,14 @@ def ensure_dependency(config_path: str, seed: int, results_dir: str, what: str, 
                 raise RuntimeError(f"{what} run {run_dir} {rd.status()} (see its run.json)")
             time.sleep(5)
         return run_dir
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.parent / f".{run_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(run_dir.parent / f".{run_dir.name}.lock"):
         if not rd.is_finished():
             print(f"[distill] {what} run missing: training it -> {run_dir}", flush=True)
             try:
                 with _single_process():
                     RECIPES.get(cfg.recipe).run(cfg, run_dir)
             except Exception as e:
-                record_failure(run_dir, e)
+                rd.fail(e)
                 raise RuntimeError(f"{what} run {run_dir} ({config_path}) failed: {type(e).__name__}: {e}") from e
     return run_dir
 

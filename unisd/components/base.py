@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
-from scd.core.config import ConfigError, from_dict
+from scd.core.config import ConfigError, Source, from_dict
 from scd.core.registry import did_you_mean, registry
 
 COMPONENTS = registry("component")
@@ -203,8 +203,6 @@ def component_enabled(raw: Any) -> bool:
 
 def build_component(name: str, raw: Any, source: str | None = None) -> Component | None:
     """One config entry -> a component instance (None when disabled)."""
-    import scd.core.config as cfgmod
-
     if name not in COMPONENTS:
         known = ", ".join(COMPONENTS.names())
         raise ConfigError(f"{_where(source)}components.{name}: unknown component '{name}'"
@@ -217,7 +215,7 @@ def build_component(name: str, raw: Any, source: str | None = None) -> Component
                           f"true or false, got {raw!r}")
     cls = COMPONENTS.get(name)
     try:
-        params = from_dict(cls.Params, {} if raw is True else dict(raw), cfgmod.Source())
+        params = from_dict(cls.Params, {} if raw is True else dict(raw), Source())
     except ConfigError as e:
         raise ConfigError(f"{_where(source)}components.{name}: {e}") from None
     return cls(params)

@@ -22,6 +22,7 @@ import dataclasses
 import random
 
 from benchmarks.tasks.base import task_max_new_tokens
+from scd.data.prompts import render_target
 from unisd.components.base import Component, Targets, register_component
 from unisd.prompts import REFERENCE_TEMPLATE, check_template, teacher_prompt
 
@@ -61,8 +62,6 @@ class InContextTeacher(Component):
             completions = ctx.sample_completions(temperature=p.temperature, max_new_tokens=max(budgets),
                                                  batch_size=p.generation_batch_size)
         else:
-            from scd.data.prompts import render_target
-
             completions = [ctx.encode_target(render_target(ex, ctx.tokenizer)) for ex in b.examples]
         completions = [c[:n] for c, n in zip(completions, budgets)]
         ctx.set_completions(completions, skip_first=p.skip_first_tokens, on_policy=on_policy)

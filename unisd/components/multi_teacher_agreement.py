@@ -30,6 +30,7 @@ import torch
 
 from unisd.components.base import Component, register_component
 from unisd.prompts import REFERENCE_TEMPLATE, check_template, teacher_prompt
+from unisd.retrieval import encode_texts, nearest
 
 
 def token_agreement_weights(logps: torch.Tensor, mask: torch.Tensor, gamma: float, quantile: float = 0.95,
@@ -111,8 +112,6 @@ class MultiTeacherAgreement(Component):
         exs = ctx.examples
         neighbours = None
         if p.demos == "retrieval":
-            from unisd.retrieval import encode_texts, nearest
-
             emb = encode_texts([f"{e['instruction']}\n{e['input']}" for e in exs], p.encoder, device=ctx.device)
             neighbours = nearest(emb, p.k * p.shots, groups=[e.get("task") for e in exs])
         by_task: dict = {}

@@ -5,7 +5,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from scd.core.engine import Dist, Engine
+from scd.core.engine import Engine, Placement
 from scd.core.results import MetricsWriter
 from scd.core.train import TrainConfig, resolve_device
 from scd.sft import train_sft
@@ -48,7 +48,7 @@ def _apply_forget(model, strength: float, opts: ForgetOptions, ctx: DegradeConte
     if not (run_dir / "ckpt" / "last" / "state.pt").exists():  # fresh start: drop rows of a killed attempt
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     engine = Engine(model, tcfg, run_dir=run_dir, metrics=MetricsWriter(run_dir / "metrics.jsonl"),
-                    dist=Dist(0, 1, 0, device), name="forget")
+                    dist=Placement(0, 1, 0, device), name="forget")
     train_sft(engine, ctx.tokenizer, pairs, seed=ctx.seed)
     model.eval()
     return NoConstraint()
