@@ -26,7 +26,8 @@ from tests.conftest import ROOT, dotted, load_shipped, shipped_data, shipped_yam
 STEPS, LIMIT, EVAL_LIMIT = 3, 8, 4
 TRAINING = ("sft", "teacher", "distill", "unisd", "recovery")  # recipes with a training loop
 SLOW = {"configs/recovery/forget_tiny.yaml", "configs/recovery/prune_tiny.yaml",  # 2 SmolLM2 layers: a 49k x 576
-        "configs/recovery/quantize_tiny.yaml"}                                     # embedding, several evaluations
+        "configs/recovery/quantize_tiny.yaml",                                     # embedding, several evaluations
+        "configs/recovery/prune_budget_tiny.yaml"}
 NOT_TRAINED = {  # tiny configs of other recipes, and where they are exercised
     "configs/grids/recovery_study_tiny.yaml": "expanded by test_tiny_grid_expands below",
 }

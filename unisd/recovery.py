@@ -16,12 +16,14 @@ Reads top to bottom:
             frozen original, on the recovery sequences (below);
    ``sft``  plain cross-entropy on the continuation tokens of the same sequences;
    ``none`` no training (budget 0);
+   with ``recovery.budget`` (:mod:`unisd.budget`) the probe KL before recovery decides:
+   skipped below ``kl_min``, the lr scaled with it, early stop when the probe KL stops falling;
    after every optimiser step the constraint is re-applied (quantization grid or
    sparsity masks), so the recovered model stays compressed (``constraint_violation``
    in run.json is 0);
 5. evaluate, KL and CKA again ("after") -> run.json.
 
-Recovery data (our choice, documented in docs/recovery.md): the training prompts of
+Recovery data (our choice, documented in docs/recovery.md; :mod:`unisd.recovery_data`): the training prompts of
 ``data.tasks`` (a mixed set: every task family of the study), each followed by a
 continuation: ``recovery.continuation: reference`` (default: the gold target, no
 generation needed) or ``teacher`` (the original model's greedy continuation, cached in
@@ -34,7 +36,8 @@ tasks, disjoint from the training prompts.
 run.json: ``eval`` (after), ``eval_before``, ``eval_original``, ``cka`` (after:
 mean_matched, per_layer, matrix, estimator, unit, n), ``cka_before``,
 ``kl_to_original`` {before, after}, ``degradation`` {name, strength, options, summary},
-``recovery`` {method, budget_steps, tokens, loss, continuation, kl_tokens},
+``recovery`` {method, budget_steps, tokens, loss, continuation, kl_tokens, budget (with
+``recovery.budget``: kl_before, kl_min, skipped, reason, lr_factor, lr, steps_trained, early_stop)},
 ``constraint_violation``; heatmaps ``cka_before.png`` / ``cka.png``.  Resumable: the
 degradation's result is kept under ``run_dir/degraded`` and training checkpoints under
 ``run_dir/ckpt`` until the run ends.  Runs of one grid that share the degraded model
@@ -58,13 +61,13 @@ from scd.core.config import added_field, register_recipe, to_dict
 from scd.core.engine import Engine, Placement, Terms, barrier, init_distributed, trainable_state
 from scd.core.registry import RegistryError
 from scd.core.results import RunDir, atomic_write_json, config_hash, read_json
-from scd.core.train import TrainConfig, collate, peak_memory, rank_batches, seed_everything, tokenize_sft
-from scd.data.load import load_split
-from scd.data.prompts import render_prompt, render_target
+from scd.core.train import TrainConfig, collate, peak_memory, rank_batches, seed_everything
 from scd.data_config import DataConfig, load_training_pairs
 from scd.losses import ce_per_token, per_token_divergence, resolve_divergence
 from scd.models import ModelConfig, build_model, save_model
 from scd.sft import target_count
+from unisd.budget import BudgetConfig, KLEarlyStop, decide, shared_value
+from unisd.recovery_data import encode_reference, load_probe, probe_batches, teacher_continuations
 from unisd.degrade import (DEGRADATIONS, DegradeContext, MaskConstraint, NoConstraint, QuantConstraint,
                            degradation_summary, fake_quant)
 
@@ -96,6 +99,7 @@ class RecoverySpec:
     kl_tokens: str = "all"  # all (prompt + continuation) | completion
     max_new_tokens: int = 64  # teacher continuations
     gen_batch_size: int = 16
+    budget: BudgetConfig | None = added_field(default=None)  # KL-aware budget (unisd.budget); None: off
 
     def __post_init__(self) -> None:
         if self.method not in RECOVERY_METHODS:
@@ -224,17 +228,18 @@ class RecoveryRecipe:
     tokens, sd: the ``kl_tokens`` positions) over all ranks.  After every optimiser step
     ``constraint.project`` puts the weights back on the quantization grid / sparsity
     pattern; its latent weights travel in the checkpoint.  Logged term: ``method``.
+    ``stopper``: a :class:`~unisd.budget.KLEarlyStop` (probe KL every k steps; its state is checkpointed).
     """
 
     def __init__(self, engine: Engine, teacher, encoded: list[dict], *, method: str = "sd", constraint=None,
                  loss: str = "forward_kl", loss_params: dict | None = None, temperature: float = 1.0,
-                 kl_tokens: str = "all", pad_id: int = 0, seed: int = 0):
+                 kl_tokens: str = "all", pad_id: int = 0, seed: int = 0, stopper: KLEarlyStop | None = None):
         if method not in ("sd", "sft"):
             raise ValueError(f"recovery trains with sd or sft, got {method!r}")
         self.engine, self.teacher, self.encoded, self.method = engine, teacher, encoded, method
         self.constraint = constraint or NoConstraint()
         self.loss, self.loss_params, self.temperature = loss, dict(loss_params or {}), temperature
-        self.kl_tokens, self.pad_id, self.seed = kl_tokens, pad_id, seed
+        self.kl_tokens, self.pad_id, self.seed, self.stopper = kl_tokens, pad_id, seed, stopper
         teacher.to(engine.device).eval()
 
     def micro_batches(self, step: int, world: int, rank: int) -> list[dict]:
@@ -257,19 +262,27 @@ class RecoveryRecipe:
         if self.constraint.name != "none":
             self.constraint.project(engine.module)  # keep the model compressed
             engine.weights_changed()
+        if self.stopper is not None:
+            self.stopper.observe(step)  # probe KL every k steps (after the projection)
+
+    def should_stop(self, step: int) -> bool:
+        return self.stopper is not None and self.stopper.stopped
 
     def state(self) -> dict:
-        return {"constraint": self.constraint.state()}
+        return {"constraint": self.constraint.state(), **({"early_stop": self.stopper.state()} if self.stopper else {})}
 
     def load_state(self, state: dict) -> None:
         self.constraint.load_state({k: v.to(self.engine.device) for k, v in (state.get("constraint") or {}).items()})
+        if self.stopper is not None:
+            self.stopper.load_state(state.get("early_stop") or {})
 
 
 def recover(student, teacher, encoded: list[dict], train: TrainConfig, *, method: str = "sd", constraint=None,
             loss: str = "forward_kl", loss_params: dict | None = None, temperature: float = 1.0,
             kl_tokens: str = "all", pad_id: int = 0, seed: int = 0, run_dir: Path | None = None,
-            metrics=None, device=None, dist: Placement | None = None, deepspeed: str | None = None) -> dict:
-    """``train.max_steps`` optimiser steps of :class:`RecoveryRecipe` on an :class:`Engine`.
+            metrics=None, device=None, dist: Placement | None = None, deepspeed: str | None = None,
+            stopper: KLEarlyStop | None = None) -> dict:
+    """``train.max_steps`` optimiser steps (fewer when ``stopper`` stops early) of :class:`RecoveryRecipe`.
 
     Resumes from ``run_dir/ckpt`` when given.  ``dist``/``deepspeed``: the engine's backend
     (default: one process on ``device``, else the student's device).  Returns train stats.
@@ -283,62 +296,9 @@ def recover(student, teacher, encoded: list[dict], train: TrainConfig, *, method
                          "ZeRO-2 (configs/deepspeed/zero2.json), not ZeRO-3")
     recipe = RecoveryRecipe(engine, teacher, encoded, method=method, constraint=constraint, loss=loss,
                             loss_params=loss_params, temperature=temperature, kl_tokens=kl_tokens, pad_id=pad_id,
-                            seed=seed)
+                            seed=seed, stopper=stopper)
     stats = engine.fit(recipe, train.max_steps)
     return {**stats, "final_loss": engine.last_stats.get("loss")}
-
-
-# ============================================================================ data
-def encode_reference(pairs: list[tuple[str, str]], tokenizer, max_len: int) -> list[dict]:
-    return [tokenize_sft(tokenizer, p, t, max_len) for p, t in pairs]
-
-
-def teacher_continuations(teacher, tokenizer, prompts: list[str], *, max_new_tokens: int, max_len: int,
-                          batch_size: int, device) -> list[dict]:
-    """Prompt + the original model's greedy continuation (cut after eos), labels on the continuation."""
-    eos = tokenizer.eos_token_id
-    out: list[dict] = []
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            enc = tokenizer(chunk, add_special_tokens=False, return_tensors="pt", padding=True, truncation=True,
-                            max_length=max(8, max_len - max_new_tokens))
-            with torch.no_grad():
-                gen = teacher.generate(input_ids=enc["input_ids"].to(device),
-                                       attention_mask=enc["attention_mask"].to(device), do_sample=False,
-                                       max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:].tolist()
-            for row, ids, am in zip(new, enc["input_ids"].tolist(), enc["attention_mask"].tolist()):
-                p = [t for t, m in zip(ids, am) if m]
-                c = row[: row.index(eos) + 1] if eos in row else row
-                c = c or [eos]
-                out.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
-    finally:
-        tokenizer.padding_side = old
-    return out
-
-
-def probe_batches(encoded: list[dict], batch_size: int, pad_id: int) -> list[dict]:
-    return [collate(encoded[i:i + batch_size], pad_id) for i in range(0, len(encoded), batch_size)]
-
-
-def load_probe(cfg: RecoveryConfig, tokenizer) -> list[dict]:
-    tasks = list(cfg.probe.tasks) or list(cfg.data.tasks)
-    per_task = -(-cfg.probe.n_examples // len(tasks))
-    items = []
-    for task in tasks:
-        for ex in load_split(task, cfg.probe.split, limit=per_task):
-            p = render_prompt(ex, tokenizer)
-            if cfg.probe.with_target:
-                items.append(tokenize_sft(tokenizer, p, render_target(ex, tokenizer), cfg.probe.max_len))
-            else:
-                ids = tokenizer(p, add_special_tokens=False)["input_ids"][-cfg.probe.max_len:]
-                items.append({"input_ids": ids, "labels": [-100] * len(ids)})
-    if not items:
-        raise ValueError(f"probe set is empty (tasks {tasks}, split {cfg.probe.split})")
-    return items[: cfg.probe.n_examples]
 
 
 # ======================================================================= measurements
@@ -480,30 +440,45 @@ def measure_before(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, pr
 
 
 def train_recovery(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, pairs, constraint, dist: Placement,
-                   metrics) -> dict:
-    """The recovery sequences (reference or the original's continuations), then :func:`recover`."""
+                   metrics, decision: dict | None = None, stopper: KLEarlyStop | None = None) -> dict:
+    """The recovery sequences (reference or the original's continuations), then :func:`recover`
+    (at the budget's learning rate when ``decision`` is given)."""
     rcfg = cfg.recovery
+    train = dataclasses.replace(cfg.train, lr=decision["lr"]) if decision else cfg.train
     if rcfg.continuation == "teacher":
         encoded = _cached(run_dir / "degraded" / "continuations.json", lambda: teacher_continuations(
             teacher, tok, [p for p, _ in pairs], max_new_tokens=rcfg.max_new_tokens,
             max_len=cfg.train.max_len, batch_size=rcfg.gen_batch_size, device=dist.device))
     else:
         encoded = encode_reference(pairs, tok, cfg.train.max_len)
-    return recover(student, teacher, encoded, cfg.train, method=rcfg.method, constraint=constraint,
+    return recover(student, teacher, encoded, train, method=rcfg.method, constraint=constraint,
                    loss=rcfg.loss, loss_params=rcfg.loss_params, temperature=rcfg.temperature,
                    kl_tokens=rcfg.kl_tokens, pad_id=tok.pad_token_id, seed=cfg.seed, run_dir=run_dir,
-                   metrics=metrics, dist=dist, deepspeed=cfg.deepspeed)
+                   metrics=metrics, dist=dist, deepspeed=cfg.deepspeed, stopper=stopper)
+
+
+def plan_budget(cfg: RecoveryConfig, measured, student, teacher, probe) -> tuple[dict | None, KLEarlyStop | None]:
+    """``recovery.budget``'s decision from the probe KL before recovery (rank 0's, on every rank) and its
+    early stopper (probe KL of ``student``) -> (None, None) without a budget."""
+    budget = cfg.recovery.budget
+    if budget is None or cfg.recovery.method == "none":
+        return None, None
+    decision = decide(budget, shared_value(measured[0]["kl"] if measured else None), cfg.train.lr)
+    if budget.early_stop is None or decision["skipped"]:
+        return decision, None
+    return decision, KLEarlyStop(budget.early_stop, decision["kl_before"],
+                                 lambda: shared_value(token_kl(student, teacher, probe)))
 
 
 def after_fields(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, probe, constraint, measured,
-                 stats: dict) -> dict:
+                 stats: dict, budget_record: dict | None = None) -> dict:
     """Measure the recovered model and assemble run.json's fields (see the module doc)."""
     rcfg, dcfg = cfg.recovery, cfg.degradation
     before, eval_before, eval_orig = measured
     budget = 0 if rcfg.method == "none" else cfg.train.max_steps
     student.eval()
     violation = constraint.violation(student)
-    if rcfg.method == "none":  # the degraded model is the result; its predictions are under before/
+    if rcfg.method == "none" or (budget_record or {}).get("skipped"):  # the degraded model is the result
         after, evaluation = before, _under(eval_before, "before")
     else:
         after = measure_drift(student, teacher, probe, cfg)
@@ -530,7 +505,8 @@ def after_fields(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, prob
         "recovery": {"method": rcfg.method, "budget_steps": budget, "tokens": stats["tokens"],
                      "loss": rcfg.loss if rcfg.method == "sd" else ("ce" if rcfg.method == "sft" else None),
                      "continuation": rcfg.continuation if budget else None,
-                     "kl_tokens": rcfg.kl_tokens if rcfg.method == "sd" else None},
+                     "kl_tokens": rcfg.kl_tokens if rcfg.method == "sd" else None,
+                     **({"budget": budget_record} if budget_record is not None else {})},
         "constraint_violation": violation,
     }
     if "metric_meta" not in evaluation and eval_before.get("metric_meta"):
@@ -566,16 +542,19 @@ def run(cfg: RecoveryConfig, run_dir: Path) -> dict:
     # 3. before: task scores, KL and CKA to the original on the probe set (rank 0)
     probe = probe_batches(load_probe(cfg, tok), cfg.probe.batch_size, tok.pad_token_id)
     measured = measure_before(cfg, run_dir, student, teacher, tok, probe) if dist.rank == 0 else None
-    # 4. recover
+    # 4. recover (recovery.budget: skipped below kl_min, lr scaled, early stop on the probe KL)
+    decision, stopper = plan_budget(cfg, measured, student, teacher, probe)
     stats: dict[str, Any] = {"tokens": 0, "steps": 0, "wall_s": 0.0, "peak_mem": peak_memory(dist.device)}
-    if rcfg.method != "none":
+    if rcfg.method != "none" and not (decision or {}).get("skipped"):
         stats = train_recovery(cfg, run_dir, student, teacher, tok, pairs, constraint, dist,
-                               rd.metrics(enabled=dist.rank == 0))
+                               rd.metrics(enabled=dist.rank == 0), decision, stopper)
         stats["world_size"] = dist.world
     if dist.rank != 0:
         return {}
     # 5. after
-    fields = after_fields(cfg, run_dir, student, teacher, tok, probe, constraint, measured, stats)
+    record = {**decision, "steps_trained": stats["steps"],
+              "early_stop": stopper.summary() if stopper else None} if decision else None
+    fields = after_fields(cfg, run_dir, student, teacher, tok, probe, constraint, measured, stats, record)
     shutil.rmtree(run_dir / "ckpt", ignore_errors=True)  # training state (the run is complete)
     if not cfg.keep_degraded:
         shutil.rmtree(run_dir / "degraded", ignore_errors=True)

@@ -8,7 +8,9 @@ baselines, recovery) is a small object that the :class:`Engine` drives:
         def count(self, micro) -> int:                # normalisation units in one micro-batch
         def loss_terms(self, micro, denom) -> Terms:  # differentiable terms, already / denom
         # optional hooks: on_step_start(engine, step), on_step_end(engine, step),
-        #                 state() -> dict, load_state(dict), log_extra() -> dict
+        #                 state() -> dict, load_state(dict), log_extra() -> dict,
+        #                 should_stop(step) -> bool (asked after on_step_end: stop early; keep
+        #                 what it depends on in state(), so a resumed run stops at the same step)
 
     engine = Engine(module, cfg.train, run_dir=run_dir, metrics=metrics, device=device)
     stats = engine.fit(recipe, total_steps)
@@ -535,7 +537,7 @@ class Engine:
         tc = self.train_cfg
         start = self.resume(recipe, total_steps)
         t0 = time.time()
-        bar = None
+        bar, stopped = None, None
         if tqdm is not None and self.dist.rank == 0:
             bar = tqdm(total=total_steps, initial=start, desc=self.name, mininterval=5, disable=None)
         for step in range(start, total_steps):
@@ -550,18 +552,23 @@ class Engine:
                 recipe.on_step_end(self, done)  # e.g. EMA update, projection, a scheduled checkpoint
             # a recipe with stages (distill) saves its own state at each stage start, after the selection
             boundary = recipe.is_boundary(done) if hasattr(recipe, "is_boundary") else False
-            if self.metrics is not None and (done % tc.log_every == 0 or boundary or done == total_steps):
+            stop = bool(recipe.should_stop(done)) if hasattr(recipe, "should_stop") else False
+            if self.metrics is not None and (done % tc.log_every == 0 or boundary or done == total_steps or stop):
                 extra = recipe.log_extra() if hasattr(recipe, "log_extra") else {}
                 self.metrics.log({"step": done, **extra, **stats, "lr": self.backend.lr(), "tokens": self.tokens})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}")
-            if tc.save_every and done % tc.save_every == 0 and done < total_steps and not boundary:
+            if tc.save_every and done % tc.save_every == 0 and done < total_steps and not boundary and not stop:
                 self.save(done, recipe)
             fault_point("step")
             if boundary:
                 fault_point("stage")  # reliability tests: killed between stages
+            if stop:
+                stopped = done  # early stop: the recipe's should_stop said so
+                break
         if bar is not None:
             bar.close()
-        return {"tokens": self.tokens, "steps": total_steps, "wall_s": round(time.time() - t0, 2),
+        steps = total_steps if stopped is None else stopped
+        return {"tokens": self.tokens, "steps": steps, "wall_s": round(time.time() - t0, 2),
                 "peak_mem": peak_memory(self.device)}
