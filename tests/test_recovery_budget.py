@@ -16,7 +16,8 @@ from scd.models import build_model
 from tests.test_recovery import HELD, TRAIN, _recipe_cfg, _teacher, _train_cfg
 from unisd.budget import BudgetConfig, EarlyStopConfig, KLEarlyStop, decide, lr_factor
 from unisd.degrade import prune_model
-from unisd.recovery import RecoveryConfig, RecoverySpec, recover, token_kl
+import unisd.recovery as R
+from unisd.recovery import RecoveryConfig, RecoveryRecipe, RecoverySpec, recover, token_kl
 
 
 # ------------------------------------------------------------------------------ config
@@ -136,7 +137,6 @@ def test_engine_should_stop_is_checked_after_every_step(tmp_path):
     """Engine.fit asks recipe.should_stop(step) after on_step_end: the stop step is logged, not checkpointed."""
     teacher = _teacher()
     student = copy.deepcopy(teacher).requires_grad_(True)
-    from unisd.recovery import RecoveryRecipe
 
     class StopAt3(RecoveryRecipe):
         def should_stop(self, step):
@@ -152,8 +152,6 @@ def test_engine_should_stop_is_checked_after_every_step(tmp_path):
 
 # ------------------------------------------------------------------------ the recipe
 def test_recipe_skips_an_intact_model_and_leaves_it_bit_identical(tmp_path):
-    import unisd.recovery as R
-
     cfg = _recipe_cfg(tmp_path, degradation={"name": "prune", "strength": 0.0, "options": {"method": "magnitude"}},
                       recovery={"method": "sd", "budget": {"kl_min": 1e-6}}, save_model=True)
     rec = R.run(cfg, tmp_path / "run")
@@ -170,8 +168,6 @@ def test_recipe_skips_an_intact_model_and_leaves_it_bit_identical(tmp_path):
 
 
 def test_recipe_with_budget_still_recovers_a_degraded_model(tmp_path):
-    import unisd.recovery as R
-
     budget = {"kl_min": 1e-5, "lr_scale": "sqrt", "kl_ref": 4e-4, "early_stop": {"every": 1, "patience": 3,
                                                                                    "min_rel_drop": 0.0}}
     cfg = _recipe_cfg(tmp_path, recovery={"method": "sd", "budget": budget},
