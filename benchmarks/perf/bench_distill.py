@@ -387,7 +387,10 @@ def readme_text(res: dict) -> str:
     out += ["`ours_cached` excludes the one-time cache build (`cache_build_s` in the JSON).  Load average "
             f"(1 min) at start / end: {la['start'][0]:.1f} / {la['end'][0]:.1f} on {la['cpus']} CPUs"
             + (" -- the machine was shared while this ran: rerun on an idle machine for final numbers."
-               if max(la["start"][0], la["end"][0]) > 1.5 * la["cpus"] else "."), ""]
+               if max(la["start"][0], la["end"][0]) > 1.5 * la["cpus"] else "."), "",
+            "End to end (the demo's KD row before / after the fast path, `benchmarks/perf/e2e_kd.py`): "
+            "`e2e_kd_demo.md` in this folder.  GPU: `make bench-gpu` writes `distill_step_gpu.md` and "
+            "`cka_gpu.md` here (not run yet: no GPU lent so far).", ""]
     return "\n".join(out)
 
 
