@@ -9,13 +9,16 @@ PYTEST_ARGS ?=
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup assets test test-fast demo ablate leaderboard bench clean-venv
+.PHONY: help setup assets test test-fast demo ablate leaderboard bench bench-gpu clean-venv
 help:
 	@echo "make demo          set up, fetch assets, run the CPU demo grid, print the leaderboard path"
 	@echo "make test          set up, fetch assets, run the test suite (CPU)"
 	@echo "make ablate GRID=configs/grids/<grid>.yaml   run a grid (multi-GPU aware) + leaderboard"
 	@echo "make leaderboard   rebuild every leaderboard under results/"
-	@echo "make bench         CKA layer-pair benchmark vs the Gram baseline (small on CPU)"
+	@echo "make bench         CPU: CKA layer-pair benchmark vs the Gram baseline, and one distillation step"
+	@echo "                   (ours naive / fast / cached vs TRL, tiny shapes) -> /tmp/scd-bench"
+	@echo "make bench-gpu     one CUDA GPU (< 8 min on an H100/H200): distillation step at full shapes vs TRL"
+	@echo "                   and the CKA benchmark GPU-sized -> results/perf/*_gpu.json + .md"
 
 # Virtualenv with the pinned stack; re-done only when pyproject/requirements.lock change.
 $(STAMP)/venv: pyproject.toml requirements.lock
@@ -48,8 +51,20 @@ ablate: assets
 leaderboard: setup
 	$(BIN)/python -m benchmarks.leaderboard
 
+# `make bench` is quick (CPU, tiny distillation shapes; the committed CPU table comes from
+# `python -m benchmarks.perf.bench_distill`, see results/perf/README.md).
+BENCH_OUT ?= /tmp/scd-bench
 bench: setup
-	$(BIN)/python -m benchmarks.perf.bench_cka
+	$(BIN)/python -m benchmarks.perf.bench_cka --out $(BENCH_OUT)/cka_cpu.json
+	$(BIN)/python -m benchmarks.perf.bench_distill --quick --out $(BENCH_OUT)/distill_step_cpu_quick.json
+
+$(STAMP)/bench: $(STAMP)/venv
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[bench]"   # trl, for the trl row
+	@touch $@
+
+bench-gpu: $(STAMP)/bench
+	$(BIN)/python -m benchmarks.perf.bench_distill --device cuda --repeats 5 --out results/perf/distill_step_gpu.json
+	$(BIN)/python -m benchmarks.perf.bench_cka --device cuda --out results/perf/cka_gpu.json
 
 clean-venv:
 	rm -rf $(VENV) $(STAMP)

@@ -124,6 +124,32 @@ class _ChunkedKdCe(torch.autograd.Function):
         return (dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None, None)
 
 
+def _teacher_head(teacher, teacher_weight, teacher_bias, vocab, V: int):
+    """(vocab compared by KD, teacher head weight, bias) detached and in the teacher's dtype."""
+    if isinstance(teacher, Tensor):
+        v_t = teacher_weight.shape[0] if teacher_weight is not None else teacher.shape[1]
+        vocab = vocab or min(V, v_t)
+        if teacher_weight is not None:
+            teacher_weight = teacher_weight.detach().to(teacher.dtype)
+            teacher_bias = None if teacher_bias is None else teacher_bias.detach().to(teacher.dtype)
+    return vocab or V, teacher_weight, teacher_bias
+
+
+def logit_kd_ce(student_logits: Tensor, *, labels: Tensor | None = None, teacher: Tensor | TopKTeacher | None = None,
+                teacher_weight: Tensor | None = None, teacher_bias: Tensor | None = None, name: str = "forward_kl",
+                temperature: float = 1.0, scale_by_t2: bool = True, vocab: int | None = None,
+                **params: Any) -> tuple[Tensor, Tensor]:
+    """``fused_kd_ce`` for student logits [N, V] already computed (an adapted or partitioned head, or
+    the full-logit reference path): per-token (kd [N], ce [N]), the same teacher forms and numerics."""
+    resolve_divergence(name, params)
+    vocab, teacher_weight, teacher_bias = _teacher_head(teacher, teacher_weight, teacher_bias, vocab,
+                                                        student_logits.shape[-1])
+    spec = _KdCeSpec(teacher, teacher_weight, teacher_bias, labels, vocab, name, params, temperature, scale_by_t2,
+                     max(student_logits.shape[0], 1))
+    out = spec.terms(student_logits, slice(0, student_logits.shape[0]))  # [N, 2]
+    return out[:, 0], out[:, 1]
+
+
 def fused_kd_ce(student_hidden: Tensor, weight: Tensor, *, labels: Tensor | None = None,
                 teacher: Tensor | TopKTeacher | None = None, bias: Tensor | None = None,
                 teacher_weight: Tensor | None = None, teacher_bias: Tensor | None = None,
@@ -167,13 +193,7 @@ def fused_kd_ce(student_hidden: Tensor, weight: Tensor, *, labels: Tensor | None
     if isinstance(teacher, Tensor) and teacher_weight is not None and teacher_weight.shape[1] != teacher.shape[1]:
         raise ValueError(f"teacher lm-head weight {tuple(teacher_weight.shape)} does not match teacher hidden "
                          f"size {teacher.shape[1]}")
-    if isinstance(teacher, Tensor):
-        v_t = teacher_weight.shape[0] if teacher_weight is not None else teacher.shape[1]
-        vocab = vocab or min(V, v_t)
-        if teacher_weight is not None:
-            teacher_weight = teacher_weight.detach().to(teacher.dtype)
-            teacher_bias = None if teacher_bias is None else teacher_bias.detach().to(teacher.dtype)
-    vocab = vocab or V
+    vocab, teacher_weight, teacher_bias = _teacher_head(teacher, teacher_weight, teacher_bias, vocab, V)
     h, w, b = student_hidden, weight, bias
     if head_dtype is not None:
         h, w = h.to(head_dtype), w.to(head_dtype)

@@ -132,6 +132,17 @@ def head_weight(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     return w, head.bias
 
 
+def fusable_head(model: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """(weight [V, H], bias [V] or None) when the lm-head is a plain, whole ``nn.Linear`` (the fused
+    losses can take it); None for an adapted / custom head or a ZeRO-3 partitioned weight (call
+    ``head_module(model)`` on the target hidden states instead)."""
+    head = head_module(model)
+    w = getattr(head, "weight", None)
+    if type(head) is not nn.Linear or (getattr(w, "ds_numel", None) is not None and w.numel() != w.ds_numel):
+        return None
+    return w, head.bias
+
+
 def target_logits(model: nn.Module, batch: dict) -> Tensor:
     """[N, V] logits at the target positions only: head(hidden[rows, cols]).
 

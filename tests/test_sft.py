@@ -72,9 +72,9 @@ def test_nan_loss_marks_run_diverged(tmp_path, monkeypatch, capsys):
     real = sft.sft_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, **kw):
         calls["n"] += 1
-        loss, n = real(model, batch)
+        loss, n = real(model, batch, **kw)
         return (loss * float("nan") if calls["n"] == 2 else loss), n
 
     monkeypatch.setattr(sft, "sft_loss_sum", poisoned)

@@ -9,18 +9,21 @@ hidden 576, 9 heads / 3 kv heads, MLP 1536, vocab 49,152, tied head) and a 6-lay
 student of the same width.  Data: random token ids, batch 8 x sequence 128, the last
 ``completion`` tokens of each sequence are the targets (shape ``short``: 8, ``long``: 64).
 Loss: forward KL(teacher || student) averaged over target tokens (TRL's GKD with
-lmbda 0, beta 0), temperature 1.  Rows:
+lmbda 0, beta 0), temperature 1.  Every row's step runs through the suite's training engine
+(``scd.core.engine.Engine.train_step``: autocast, backward, gradient clipping, AdamW): each
+row is a one-micro-batch recipe whose ``loss_terms`` computes that row's loss.  Rows:
 
 * ours_naive   today's recipe path: full logits of teacher and student at every
                position, then [:, :-1][mask] and ``scd.losses.per_token_divergence``.
-* ours_fast    completion-only: backbone hidden states (``scd.heads``), the head only at
-               target positions, fused and chunked (``scd.completion_loss.fused_kd_ce``);
-               live teacher forward of its backbone, its head fused too.
+* ours_fast    completion-only, the recipes' path (``scd.sft.completion_terms``): backbone
+               hidden states (``scd.heads``), the head only at target positions, fused and
+               chunked (``scd.completion_loss.fused_kd_ce``); live teacher forward of its
+               backbone, its head fused too.
 * ours_cached  as ours_fast, teacher targets from ``scd.teacher_cache`` (k = 64, built
                once before timing; build time reported): no teacher forward.
 * trl          TRL's own ``GKDTrainer.compute_loss`` (trl.experimental.gkd, unbound, on
                a shim holding ``teacher_model`` and ``beta = 0``: student + teacher full
-               forward, ``generalized_jsd_loss``), then the same backward + AdamW step.
+               forward, ``generalized_jsd_loss``), then the same engine backward + step.
                The Trainer loop itself (accelerate, dataloader, logging) is not driven.
 
 dtype: table ``fp32``: all float32.  Table ``bf16``: student float32 master weights and
@@ -56,10 +59,12 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.perf.bench_cka import PeakRSS, device_name
-from scd.completion_loss import fused_kd_ce
+from scd.core.engine import Engine, Terms
 from scd.core.results import atomic_write_json, atomic_write_text
+from scd.core.train import TrainConfig
 from scd.heads import head_weight, num_targets, target_hidden
 from scd.losses import per_token_divergence
+from scd.sft import completion_terms
 from scd.teacher_cache import TeacherLogitCache
 
 ROWS = ("ours_naive", "ours_fast", "ours_cached", "trl")
@@ -162,75 +167,105 @@ class Clock:
         self.t = now
 
 
-def loss_naive(ctx, b, clock):
+def loss_naive(ctx, b, clock, denom):
     with torch.no_grad():
         t = ctx.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     clock.tick("teacher")
     s = ctx.student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     m = b["labels"][:, 1:] != -100
-    return per_token_divergence("forward_kl", s[:, :-1][m], t[:, :-1][m]).mean()
+    return per_token_divergence("forward_kl", s[:, :-1][m], t[:, :-1][m]).sum() / denom
 
 
-def loss_fast(ctx, b, clock):
+def loss_fast(ctx, b, clock, denom):
     with torch.no_grad():
         th = target_hidden(ctx.teacher, b)  # [N, H] teacher backbone only
     clock.tick("teacher")
-    kd, _ = fused_kd_ce(target_hidden(ctx.student, b), head_weight(ctx.student)[0], teacher=th,
-                        teacher_weight=head_weight(ctx.teacher)[0], head_dtype=ctx.head_dtype, chunk_size=256)
-    return kd.mean()
+    kd, _ = completion_terms(ctx.student, b, head_dtype=ctx.head_dtype, teacher=th,
+                             teacher_weight=head_weight(ctx.teacher)[0])
+    return kd.sum() / denom
 
 
-def loss_cached(ctx, b, clock):
+def loss_cached(ctx, b, clock, denom):
     targets = ctx.cache.targets(range(b["input_ids"].shape[0]), device=ctx.device)  # no teacher forward
     clock.tick("teacher")
-    kd, _ = fused_kd_ce(target_hidden(ctx.student, b), head_weight(ctx.student)[0], teacher=targets,
-                        head_dtype=ctx.head_dtype, chunk_size=256)
-    return kd.mean()
+    kd, _ = completion_terms(ctx.student, b, head_dtype=ctx.head_dtype, teacher=targets)
+    return kd.sum() / denom
 
 
-def loss_trl(ctx, b, clock):
+def loss_trl(ctx, b, clock, denom):
     shim = types.SimpleNamespace(teacher_model=ctx.teacher, beta=0.0,
                                  generalized_jsd_loss=ctx.gkd.generalized_jsd_loss)
     clock.tick("teacher")  # TRL runs both forwards inside compute_loss: reported as student fwd + loss
-    return ctx.gkd.compute_loss(shim, ctx.student, b)
+    return ctx.gkd.compute_loss(shim, ctx.student, b)  # TRL's own normalisation (batchmean)
 
 
 LOSSES = {"ours_naive": loss_naive, "ours_fast": loss_fast, "ours_cached": loss_cached, "trl": loss_trl}
 
 
+class RowRecipe:
+    """One benchmark row as a recipe of the training engine: one micro-batch (the benchmark batch),
+    ``loss_terms`` = the row's loss; phases are ticked on ``clock`` (set before each step)."""
+
+    def __init__(self, engine: Engine, ctx, row: str, batch: dict):
+        self.engine, self.ctx, self.row, self.batch, self.clock = engine, ctx, row, batch, None
+
+    def micro_batches(self, step: int, world: int, rank: int) -> list[dict]:
+        return [self.batch]
+
+    def count(self, b: dict) -> int:
+        return num_targets(b["labels"])
+
+    def loss_terms(self, b: dict, denom: float) -> Terms:
+        loss = LOSSES[self.row](self.ctx, b, self.clock, denom)
+        self.clock.tick("student_fwd_loss")
+        return Terms({"kd": loss})
+
+
+def timed_step(engine: Engine, ctx) -> None:
+    """Tick the clock between the engine's backward and its optimiser step (clip + AdamW)."""
+    step = engine.backend.step
+
+    def run():
+        ctx.clock.tick("backward")
+        out = step()
+        ctx.clock.tick("optimizer")
+        return out
+
+    engine.backend.step = run
+
+
 def one_step(ctx, row: str, b: dict) -> tuple[float, int, dict]:
-    """(seconds, peak extra bytes, phase seconds) of forward + backward + AdamW step."""
+    """(seconds, peak extra bytes, phase seconds) of one engine step (forward + backward + clip + AdamW)."""
     dev = ctx.device
+    recipe = ctx.recipes.setdefault((row, id(b)), RowRecipe(ctx.engine, ctx, row, b))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        clock = Clock(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-            loss = LOSSES[row](ctx, b, clock)
-        clock.tick("student_fwd_loss")
-        loss.backward()
-        clock.tick("backward")
-        ctx.opt.step()
-        ctx.opt.zero_grad(set_to_none=True)
-        clock.tick("optimizer")
+        ctx.clock = recipe.clock = Clock(dev)
+        ctx.engine.train_step(recipe, ctx.steps)  # the engine checks every term is finite
+        ctx.steps += 1
         secs = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(dev) - base if dev.type == "cuda" else mem.extra
-    if not torch.isfinite(loss.detach()):
-        raise RuntimeError(f"{row}: non-finite loss")
-    return secs, peak, clock.phases
+    return secs, peak, ctx.clock.phases
 
 
 # ------------------------------------------------------------------ one table (dtype x shape)
 def build_ctx(models: dict, dtype: str, device: torch.device, gkd) -> types.SimpleNamespace:
+    """The student's engine for one dtype (fp32 master weights and AdamW state; bf16 autocast)."""
     bf16 = dtype == "bf16"
     student = models["student"]
     teacher = models["teacher_bf16"] if bf16 else models["teacher"]
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
-    return types.SimpleNamespace(student=student, teacher=teacher, opt=opt, device=device, bf16=bf16,
-                                 head_dtype=torch.bfloat16 if bf16 else None, gkd=gkd, cache=None)
+    train = TrainConfig(lr=1e-5, schedule="constant", warmup_ratio=0.0, device=str(device), dtype=dtype)
+    engine = Engine(student, train, run_dir=None, name="bench")
+    engine.new_schedule(10 ** 6)
+    ctx = types.SimpleNamespace(student=engine.model, teacher=teacher, engine=engine, device=device, bf16=bf16,
+                                head_dtype=torch.bfloat16 if bf16 else None, gkd=gkd, cache=None, recipes={},
+                                steps=0, clock=None)
+    timed_step(engine, ctx)
+    return ctx
 
 
 def run_table(ctx, s: Shapes, completion: int, rows: list[str], repeats: int, cache_root: str,
@@ -352,7 +387,10 @@ def readme_text(res: dict) -> str:
     out += ["`ours_cached` excludes the one-time cache build (`cache_build_s` in the JSON).  Load average "
             f"(1 min) at start / end: {la['start'][0]:.1f} / {la['end'][0]:.1f} on {la['cpus']} CPUs"
             + (" -- the machine was shared while this ran: rerun on an idle machine for final numbers."
-               if max(la["start"][0], la["end"][0]) > 1.5 * la["cpus"] else "."), ""]
+               if max(la["start"][0], la["end"][0]) > 1.5 * la["cpus"] else "."), "",
+            "End to end (the demo's KD row before / after the fast path, `benchmarks/perf/e2e_kd.py`): "
+            "`e2e_kd_demo.md` in this folder.  GPU: `make bench-gpu` writes `distill_step_gpu.md` and "
+            "`cka_gpu.md` here (not run yet: no GPU lent so far).", ""]
     return "\n".join(out)
 
 

@@ -143,6 +143,9 @@ def _check(value: Any, tp: Any, key: str, err, root_err) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        blocks = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(blocks) == 1:  # an optional block: report what is wrong inside it
+            return _check(value, blocks[0], key, err, root_err)
         errors = []
         for arg in args:
             if arg is type(None):

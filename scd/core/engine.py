@@ -77,8 +77,9 @@ class Recipe(Protocol):
 
 
 def autocast(train: TrainConfig, device):
-    """bf16 autocast (fp32 master weights and optimiser state) when ``train.bf16``."""
-    if train.bf16:
+    """bf16 autocast (fp32 master weights and optimiser state) when ``train.dtype`` is bf16
+    (or its alias ``train.bf16``); the recipes' loss math runs in fp32 (scd.losses upcasts)."""
+    if train.use_bf16:
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -341,7 +342,7 @@ def deepspeed_config(path: str, train: TrainConfig, world: int) -> dict:
         elif ds[key] != value:
             raise ValueError(f"deepspeed: {path}: '{key}' is {ds[key]} but train.* gives {value}; "
                              "set it to \"auto\"")
-    for key, on in (("bf16", train.bf16), ("fp16", False)):
+    for key, on in (("bf16", train.use_bf16), ("fp16", False)):
         block = ds.setdefault(key, {"enabled": on})
         if block.get("enabled") == "auto":
             block["enabled"] = on

@@ -17,7 +17,10 @@ import dataclasses
 import math
 import random
 
+from scd.core.config import added_field
 from scd.core.results import DivergedError
+
+DTYPES = ("fp32", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +37,17 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_every: int = 10
     save_every: int = 50  # resumable checkpoint every k optimiser steps (0: only at the end)
-    bf16: bool = False  # autocast to bfloat16 (GPU); CPU tests run float32
+    bf16: bool = False  # alias of dtype: bf16 (kept for existing configs)
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int = 0  # torch CPU threads (0: leave torch's default)
+    # fp32 | bf16: bf16 autocast of the forward with fp32 master weights, optimiser state and loss math.
+    # null: fp32, or bf16 when the alias `bf16: true` is set.  bf16 helps on GPUs and on CPUs with
+    # AVX512-BF16 / AMX only (README, "bf16").
+    dtype: str | None = added_field(default=None)
+    # the output layer (lm-head) only at the target positions (scd.heads, scd.completion_loss); false:
+    # full logits at every position (the reference path; same loss and gradients to float tolerance)
+    completion_only: bool = added_field(default=True)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -48,6 +58,16 @@ class TrainConfig:
             raise ValueError(f"train.schedule must be cosine or constant, got {self.schedule!r}")
         if len(self.betas) != 2:
             raise ValueError("train.betas must have two values")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.bf16 and self.dtype == "fp32":
+            raise ValueError("train.dtype is fp32 but train.bf16 is true (an alias of train.dtype: bf16): "
+                             "set one of them")
+
+    @property
+    def use_bf16(self) -> bool:
+        """bf16 autocast (``dtype: bf16`` or the alias ``bf16: true``)."""
+        return self.dtype == "bf16" or (self.dtype is None and self.bf16)
 
 
 def seed_everything(seed: int) -> None:

@@ -12,6 +12,7 @@ from typing import Literal
 import scd.schedule  # noqa: F401  (registers selection rules)
 import scd.weighting  # noqa: F401  (registers weighting rules)
 from benchmarks.evaluate import EvalSpec
+from scd.core.config import added_field
 from scd.core.registry import RegistryError, registry
 from scd.core.train import TrainConfig
 from scd.data_config import DataConfig
@@ -27,6 +28,22 @@ def _check_registered(kind: str, name: str, key: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherCacheConfig:
+    """Teacher-logit cache (``scd.teacher_cache``): each teacher checkpoint's outputs at the training
+    set's target positions, computed once and shared by every method, seed and grid using it."""
+
+    k: int | str = 64  # top-k log-probs + the log-mass of the rest; "full": all logits (exact)
+    root: str | None = None  # shared cache root (None: $SCD_CACHE/teacher_logits)
+    dtype: str = "float32"  # storage dtype: float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        if self.k != "full" and not (isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1):
+            raise ValueError(f"teacher.cache.k must be a positive integer or 'full', got {self.k!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"teacher.cache.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TeacherSource:
     """Where the teacher's checkpoints come from: an existing run, or a config to run first."""
 
@@ -36,6 +53,8 @@ class TeacherSource:
     results_dir: str = "results"  # root for `config` teachers (same path `python -m scd run` would use)
     allow_vocab_prefix: bool = False  # accept a teacher vocab that extends the student's (logits sliced)
     dtype: str = "float32"  # teacher weights on the device (bfloat16 on GPUs)
+    # teacher-logit cache ({k: 64} | {k: full}); None: the live teacher runs at every step
+    cache: TeacherCacheConfig | None = added_field(default=None)
 
     def __post_init__(self) -> None:
         if self.run_dir and self.config:

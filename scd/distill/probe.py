@@ -55,12 +55,13 @@ def probe_kl(p_batches: list, q_batches: list) -> float:
 
 
 def _probe_kls(engine, slot: TeacherSlot, manifest, probe, cfg: DistillConfig, tok, vocab: int,
-               kl_best: dict) -> tuple[dict, float]:
+               kl_best: dict, teacher_lp=None) -> tuple[dict, float]:
     """KL(student || c) for every checkpoint c (and KL(best || c) once per run) on the probe set.
 
     One teacher is resident at a time: the best checkpoint's probe log-probs are kept
     on the CPU, then each checkpoint is switched in and compared with them and with
-    the student's.
+    the student's.  ``teacher_lp(c)`` (the recipe's teacher-logit cache) gives checkpoint
+    c's probe log-probs in the batches of :func:`probe_logprobs`, instead of a live forward.
     """
     t0 = time.time()
     bs, pad, device = cfg.probe.batch_size, tok.pad_token_id, engine.device
@@ -73,15 +74,15 @@ def _probe_kls(engine, slot: TeacherSlot, manifest, probe, cfg: DistillConfig, t
     if best is None:
         raise ValueError("selection scd_select needs the teacher's best checkpoint, but no checkpoint in the "
                          "manifest has a dev loss or dev score")
-    best_lp = None
-    if set(kl_best) != set(manifest.indices):
-        slot.ensure(best)
-        best_lp = probe_logprobs(slot.logits, probe, pad, bs, device, vocab)
+    if teacher_lp is None:
+        def teacher_lp(c):
+            slot.ensure(c)
+            return probe_logprobs(slot.logits, probe, pad, bs, device, vocab)
+    best_lp = teacher_lp(best) if set(kl_best) != set(manifest.indices) else None
     kl_student = {}
     order = sorted(manifest.indices, key=lambda i: (i != slot.index, i))  # the resident one first
     for c in order:
-        slot.ensure(c)
-        c_lp = probe_logprobs(slot.logits, probe, pad, bs, device, vocab)
+        c_lp = teacher_lp(c)
         kl_student[c] = probe_kl(student_lp, c_lp)
         if c not in kl_best:
             kl_best[c] = probe_kl(best_lp, c_lp)
@@ -89,14 +90,14 @@ def _probe_kls(engine, slot: TeacherSlot, manifest, probe, cfg: DistillConfig, t
 
 
 def select_stage(stage: int, n_stages: int, g0: int, cfg: DistillConfig, manifest, slot: TeacherSlot, engine,
-                 probe, tok, vocab: int, kl_best: dict, metrics) -> int:
+                 probe, tok, vocab: int, kl_best: dict, metrics, teacher_lp=None) -> int:
     """The checkpoint index for ``stage`` under ``stages.selection``; logs a ``select`` row.
 
     scd_select first measures KL(best || c) (once per run, kept in ``kl_best``) and
     KL(student || c) for every checkpoint c on the probe set."""
     kl_student, n_loads, probe_s = None, len(slot.loads), 0.0
     if probe is not None:
-        kl_student, probe_s = _probe_kls(engine, slot, manifest, probe, cfg, tok, vocab, kl_best)
+        kl_student, probe_s = _probe_kls(engine, slot, manifest, probe, cfg, tok, vocab, kl_best, teacher_lp)
     choice = int(select_checkpoint(cfg.stages.selection, stage, n_stages, manifest,
                                    kl_best_to=kl_best if probe is not None else None, kl_student_to=kl_student))
     row = {"step": g0, "event": "select", "stage": stage, "checkpoint": choice,

@@ -12,24 +12,28 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
+from scd.completion_loss import logit_kd_ce
 from scd.core.config import register_recipe
 from scd.core.engine import Engine, Terms, init_distributed
 from scd.core.results import RunDir, read_metrics
 from scd.core.train import check_finite, collate, rank_batches, seed_everything, tokenize_sft
 from scd.data_config import load_training_pairs
+from scd.distill.cached import CachedTeacher
 from scd.distill.config import DistillConfig
-from scd.distill.loss import kd_weights, micro_batch_loss, token_terms
+from scd.distill.loss import kd_weights, micro_batch_loss
 from scd.distill.probe import probe_encoded, select_stage, student_logits
 from scd.distill.teacher_slot import (TeacherSlot, anchor_losses, anchor_model_dir, data_hash, ensure_dependency,
                                       find_manifest, rank0_cached)
+from scd.heads import fusable_head, target_hidden, target_labels, target_logits, target_positions
 from scd.models import build_model, check_same_tokenizer, load_tokenizer, save_model, torch_dtype
 from scd.schedule import SELECTIONS, Manifest, select_checkpoint
-from scd.sft import target_count
+from scd.sft import completion_terms, head_dtype, target_count
 from scd.teacher import per_sample_ce, savable
 
 
@@ -67,6 +71,12 @@ class DistillRecipe:
         self.slot = TeacherSlot(manifest, cfg.teacher.dtype, engine.device) if manifest is not None else None
         needs_probe = self.slot is not None and getattr(SELECTIONS.get(cfg.stages.selection), "needs_probe_kl", False)
         self.probe = probe_encoded(cfg, tok) if needs_probe else None
+        self.cached = None  # the teacher-logit cache (teacher.cache), else the live teacher
+        if self.slot is not None and cfg.teacher.cache is not None:
+            self.cached = CachedTeacher(cfg, self.slot, encoded, tok, vocab, engine.device, engine.dist.rank,
+                                        self.probe if self.probe is not None else probe_encoded(cfg, tok))
+        self.targets = None  # the resident stage's cache (TeacherLogitCache) when cached
+        self.live_forwards = 0  # live teacher forwards on training batches (0 with a cache)
         self.selections: list[int] = []
         self.kl_best: dict[int, float] = {}
         self.teacher_losses: dict[int, torch.Tensor] = {}  # AW: per-example CE of each selected checkpoint
@@ -88,11 +98,9 @@ class DistillRecipe:
         idx, b = micro
         device, cfg = self.engine.device, self.cfg
         b = {k: v.to(device) for k, v in b.items()}
+        kd, ce = self._token_terms(idx, b)  # [N] each
+        rows = target_positions(b["labels"])[0]  # [N] batch row of each target token
         with no_autocast(device):
-            t_logits = self.slot.logits(b) if self.slot is not None else None
-        s_logits = student_logits(self.engine, b)
-        with no_autocast(device):
-            kd, ce, rows = token_terms(s_logits, t_logits, b["labels"], cfg.loss, self.vocab)  # [N] each
             teacher_loss = self.teacher_losses.get(self.selections[self.stage]) if self.slot is not None else None
             w = kd_weights(cfg.weighting, len(idx), device=device,
                                anchor_loss=None if self.anchor_loss is None else self.anchor_loss[idx],
@@ -103,6 +111,37 @@ class DistillRecipe:
             check_finite(kd_sum, self.engine.step + 1, f"kd:{cfg.loss.divergence}")
         check_finite(ce_sum, self.engine.step + 1, "ce")
         return Terms({"loss": loss}, {"kd": kd_sum, "ce": ce_sum, "w_mean": float(w[rows].sum())})
+
+    def _teacher(self, idx: list[int], b: dict) -> dict:
+        """The teacher side of the KD term at the N target positions, as keyword arguments of
+        ``completion_terms`` / ``logit_kd_ce``: {} (gold labels only), cached targets (TopKTeacher or
+        logits [N, V]), the live teacher's hidden states [N, H] + its head, or its logits [N, V]."""
+        if self.slot is None:
+            return {}
+        if self.targets is not None:
+            return {"teacher": self.targets.targets(idx, device=self.engine.device)}
+        self.live_forwards += 1
+        model = self.slot.model
+        with torch.no_grad(), no_autocast(self.engine.device):
+            if not self.cfg.train.completion_only:  # the full-logit reference path
+                return {"teacher": self.slot.logits(b)[:, :-1][b["labels"][:, 1:] != -100]}
+            head = fusable_head(model)
+            if head is None:
+                return {"teacher": target_logits(model, b)}
+            return {"teacher": target_hidden(model, b), "teacher_weight": head[0], "teacher_bias": head[1]}
+
+    def _token_terms(self, idx: list[int], b: dict):
+        """Per-target-token (kd [N], ce [N]): the student's head only at the targets (fused with the
+        loss; ``train.completion_only``), or its full logits at every position (the reference)."""
+        cfg = self.cfg
+        teacher = self._teacher(idx, b)
+        kd_kw = dict(name=cfg.loss.divergence, temperature=cfg.loss.temperature, vocab=self.vocab,
+                     **cfg.loss.params) if teacher else {}
+        if cfg.train.completion_only:
+            return completion_terms(self.engine.model, b, head_dtype=head_dtype(cfg.train), **teacher, **kd_kw)
+        s = student_logits(self.engine, b)[:, :-1][b["labels"][:, 1:] != -100]  # [N, V]
+        with no_autocast(self.engine.device):
+            return logit_kd_ce(s, labels=target_labels(b["labels"]), **teacher, **kd_kw)
 
     # -- stages (engine hooks)
     def is_boundary(self, step: int) -> bool:
@@ -127,19 +166,31 @@ class DistillRecipe:
             engine.save(g0, self)
 
     def _switch_teacher(self, stage: int, g0: int, log: bool) -> None:
-        """Select this stage's checkpoint (logged with its probe KLs) and make it resident."""
-        metrics, manifest, slot = self.engine.metrics, self.manifest, self.slot
+        """Select this stage's checkpoint (logged with its probe KLs) and make it resident (its cache
+        with ``teacher.cache``, else its weights in the slot)."""
+        metrics, manifest, slot, cached = self.engine.metrics, self.manifest, self.slot, self.cached
         if len(self.selections) <= stage:
+            lp = None if cached is None else (lambda c: cached.probe_logprobs(c, self.probe, self.cfg.probe.batch_size))
             self.selections.append(select_stage(stage, self.n_stages, g0, self.cfg, manifest, slot, self.engine,
-                                                self.probe, self.tok, self.vocab, self.kl_best, metrics))
+                                                self.probe, self.tok, self.vocab, self.kl_best, metrics, lp))
         choice = self.selections[stage]
         resident = slot.index == choice  # e.g. the last checkpoint the probe loaded
-        secs, in_place = slot.ensure(choice)
+        row = {}
+        if cached is None:
+            secs, in_place = slot.ensure(choice)
+        else:
+            t0, self.targets = time.perf_counter(), None
+            self.targets = cached.open(choice)
+            secs, in_place = time.perf_counter() - t0, False
+            row = {"cache": self.targets.id, "built_shards": self.targets.built_shards}
         if log:
             metrics.log({"step": g0, "event": "teacher_switch", "stage": stage, "checkpoint": choice,
                          "checkpoint_step": manifest[choice].step, "switch_s": round(secs, 4),
-                         "in_place": in_place, "already_resident": resident})
+                         "in_place": in_place, "already_resident": resident, **row})
         if self.anchor_loss is not None and choice not in self.teacher_losses:
+            if cached is not None:
+                self.teacher_losses[choice] = cached.per_sample_ce(choice, self.dhash)
+                return
             bs, pad = 2 * self.cfg.train.batch_size, self.tok.pad_token_id
             self.teacher_losses[choice] = rank0_cached(
                 self.cache_dir, manifest[choice].sha256, self.dhash,
@@ -167,7 +218,18 @@ class DistillRecipe:
         return {**stats, "steps": self.total_steps, "steps_per_stage": self.sps, "stages": self.n_stages,
                 "world_size": self.engine.dist.world, "selections": self.selections,
                 "selection_steps": [self.manifest[c].step for c in self.selections] if self.manifest else [],
-                "switch_s_total": round(sum(r["switch_s"] for r in switches), 4), "deepspeed": self.cfg.deepspeed}
+                "switch_s_total": round(sum(r["switch_s"] for r in switches), 4), "deepspeed": self.cfg.deepspeed,
+                **self.teacher_record()}
+
+    def teacher_record(self) -> dict:
+        """How the teacher was run: forwards over training batches, checkpoint loads, the cache."""
+        if self.slot is None:
+            return {}
+        out = {"teacher_forwards_train": self.live_forwards, "teacher_loads": len(self.slot.loads)}
+        if self.cached is not None:
+            out["teacher_cache"] = self.cached.record()
+            out["teacher_forwards_train"] += self.cached.forwards
+        return out
 
 
 # ------------------------------------------------------------------------------ the run
