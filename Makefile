@@ -17,7 +17,7 @@ help:
 	@echo "make leaderboard   rebuild every leaderboard under results/"
 	@echo "make bench         CPU: CKA layer-pair benchmark vs the Gram baseline, and one distillation step"
 	@echo "                   (ours naive / fast / cached vs TRL, tiny shapes) -> /tmp/scd-bench"
-	@echo "make bench-gpu     one CUDA GPU (< 8 min on an H100/H200): distillation step at full shapes vs TRL"
+	@echo "make bench-gpu     one CUDA GPU (sized for < 8 min on an H100/H200; not run yet): distillation step vs TRL"
 	@echo "                   and the CKA benchmark GPU-sized -> results/perf/*_gpu.json + .md"
 
 # Virtualenv with the pinned stack; re-done only when pyproject/requirements.lock change.
