@@ -58,8 +58,10 @@ eval: {{tasks: []}}
 """
 
 # Keys whose values are wall-clock measurements (differ between any two runs).
+# Counters of the work an attempt did (a resumed run loads its teacher and runs its forwards again) are
+# execution facts too, not results: they are left out of the comparison like the timings.
 TIMING_KEYS = {"time", "wall_s", "peak_mem", "switch_s", "switch_s_total", "save_s", "probe_s", "started",
-               "finished"}
+               "finished", "teacher_loads", "teacher_forwards_train"}
 
 
 def write_configs(d: Path) -> dict[str, Path]:
