@@ -131,8 +131,11 @@ def max_diffs(case: str, a: Path, b: Path) -> dict[str, float]:
 # student and teacher are the same random model, so its float32 KL is mostly cancellation); a wrong
 # normalisation over ranks would move them by their own size.  DeepSpeed sums the gradient norm over its flat
 # partitions (another order).  Weights: Adam divides by sqrt(v), so a weight whose gradient is rounding noise
-# moves by up to lr (1e-3 here) in either run.
-TOL = {"loss_rel": 1e-4, "loss_abs": 1e-7, "grad_norm_rel": 1e-3, "weight_abs": 2e-5}
+# moves by up to lr (1e-3 here) in either run.  With the completion-only head (train.completion_only, the
+# default since the fast path) the sft case measured weight_abs 2.5e-05 (loss 9.5e-07 abs, grad norm 1.3e-05
+# rel): the head rows of tokens that are never a target get rounding-noise gradients, summed in another order
+# by the fused chunked head, and Adam scales them up; 1e-4 (a tenth of lr) still fails any real mismatch.
+TOL = {"loss_rel": 1e-4, "loss_abs": 1e-7, "grad_norm_rel": 1e-3, "weight_abs": 1e-4}
 
 
 @pytest.mark.parametrize("case", ["sft", "teacher", "unisd", "unisd_sft", "recovery"])
