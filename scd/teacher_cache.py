@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from scd.core.assets import cache_root
 from scd.core.results import atomic_write_json, read_json, sha256_file
+from scd.core.train import collate
 from scd.heads import target_logits
 from scd.losses import TopKTeacher, kl_divergence, teacher_topk
 
@@ -70,20 +71,6 @@ def data_hash(encoded: Sequence[dict]) -> str:
 def targets_per_example(encoded: Sequence[dict]) -> list[int]:
     """Number of next-token targets of each example (labels[1:] != -100)."""
     return [sum(1 for x in e["labels"][1:] if x != -100) for e in encoded]
-
-
-def pad_batch(items: Sequence[dict], pad_id: int) -> dict:
-    """Right-pad {input_ids, labels} lists into [B, T] tensors (the collate order of the recipes)."""
-    T = max(len(it["input_ids"]) for it in items)
-    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), T), dtype=torch.long)
-    for i, it in enumerate(items):
-        n = len(it["input_ids"])
-        ids[i, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
-        labels[i, :n] = torch.tensor(it["labels"], dtype=torch.long)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 @dataclass(frozen=True)
@@ -126,7 +113,7 @@ def teacher_target_outputs(teacher, items: Sequence[dict], key: CacheKey, pad_id
     Full: logits [M, V] in the storage dtype.  Top-k: logp [M, k], idx [M, k] int32,
     tail [M] float32 (log-mass of the rest).  M = the batch's target tokens, row-major.
     """
-    batch = {n: t.to(device) for n, t in pad_batch(items, pad_id).items()}
+    batch = {n: t.to(device) for n, t in collate(list(items), pad_id).items()}
     logits = target_logits(teacher, batch)  # [M, Vt]
     if key.vocab is not None:
         logits = logits[..., :key.vocab]
@@ -338,7 +325,7 @@ def measure_gap(cache: TeacherLogitCache, live_teacher, probe_encoded: Sequence[
     total, n = 0.0, 0
     for s in range(0, len(probe_encoded), batch_size):
         items = probe_encoded[s:s + batch_size]
-        batch = {k: v.to(device) for k, v in pad_batch(items, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(list(items), pad_id).items()}
         live = target_logits(live_teacher, batch).float()  # [M, Vt]
         if cache.key.vocab is not None:
             live = live[..., :cache.key.vocab]

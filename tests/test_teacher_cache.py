@@ -9,7 +9,8 @@ from scd.completion_loss import fused_kd_ce
 from scd.heads import head_weight, target_hidden, target_labels, target_logits
 from scd.losses import TopKTeacher
 from scd.models import TinyConfig, tiny_model
-from scd.teacher_cache import CacheKey, TeacherLogitCache, data_hash, measure_gap, pad_batch
+from scd.core.train import collate as pad_batch
+from scd.teacher_cache import CacheKey, TeacherLogitCache, data_hash, measure_gap
 
 V = 101
 SHAPE = TinyConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
