@@ -49,9 +49,6 @@ instruction is kept with its closing "Answer with exactly one of: ..." rebuilt f
 """
 from __future__ import annotations
 
-import dataclasses
-import re
-import unicodedata
 import warnings
 from typing import Mapping, Sequence
 
@@ -62,55 +59,12 @@ from benchmarks.stats import balanced_accuracy_sums, bootstrap_ci, kappa_sums, m
 from benchmarks.tasks.base import SCORERS, Scorer
 from benchmarks.tasks.generate import loglik_choices
 from scd.data.prompts import render_target
+from scd.data.verbalize import LabelWords, verbalize  # noqa: F401  (re-exported: defined in the data layer)
+from scd.data.verbalize import norm_label as _norm
 
 INVALID = None
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021, section 5
 CONSTANT_SHARE = 0.95  # a run with at least this share of its predictions on one label is a constant predictor
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelWords:
-    """A classification prompt variant: ``label_words`` maps every task label to the word the
-    model sees and is scored on; ``instruction`` replaces the task's instruction (None: the
-    task's own, with its "Answer with exactly one of: ..." sentence rebuilt from the words)."""
-
-    label_words: dict[str, str] = dataclasses.field(default_factory=dict)
-    instruction: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.label_words:
-            raise ValueError("label_words must map each label of the task to a word")
-        words = list(self.label_words.values())
-        if any(not isinstance(w, str) or not w.strip() for w in words):
-            raise ValueError(f"label_words: every word must be a non-empty string, got {words}")
-        normed = [_norm(w) for w in words]
-        if len(set(normed)) != len(normed):
-            raise ValueError(f"label_words: two labels share a word (after normalisation): {words}")
-
-
-_ANSWER_WITH = re.compile(r"Answer with exactly one of: [^\n]*$")
-
-
-def verbalize(example: dict, variant: LabelWords) -> dict:
-    """The example as the model sees it under ``variant`` (label set, label, target, instruction)."""
-    labels = list(example["label_set"])
-    missing = [lab for lab in labels if lab not in variant.label_words]
-    unknown = [k for k in variant.label_words if k not in labels]
-    if missing or unknown:
-        raise ValueError(f"label_words for task '{example.get('task')}' must name exactly its labels {labels}"
-                         + (f"; missing {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else ""))
-    words = [variant.label_words[lab] for lab in labels]
-    instruction = variant.instruction
-    if instruction is None:
-        own = example.get("instruction") or ""
-        if not _ANSWER_WITH.search(own):
-            raise ValueError(f"task '{example.get('task')}': its instruction has no 'Answer with exactly one of: "
-                             "...' sentence to rebuild from the label words; give `instruction` explicitly")
-        instruction = _ANSWER_WITH.sub(f"Answer with exactly one of: {', '.join(words)}.", own)
-    out = {**example, "label_set": words, "instruction": instruction}
-    if example.get("label") in variant.label_words:
-        out["label"] = out["target"] = variant.label_words[example["label"]]
-    return out
 
 
 def unverbalize(prediction: dict, variant: LabelWords) -> dict:
@@ -139,12 +93,6 @@ def calibrate(logliks: Sequence[float], p_cf: Sequence[float]) -> np.ndarray:
     ll = np.asarray(logliks, dtype=np.float64)
     log_p = ll - (ll.max() + np.log(np.exp(ll - ll.max()).sum()))
     return log_p - np.log(np.clip(np.asarray(p_cf, dtype=np.float64), 1e-300, None))
-
-
-def _norm(text: str) -> str:
-    s = unicodedata.normalize("NFKC", text or "").casefold()
-    s = "".join(" " if unicodedata.category(ch).startswith(("P", "S")) else ch for ch in s)
-    return " ".join(s.split())
 
 
 def map_label(output: str, label_set: Sequence[str]) -> tuple[str | None, str]:
