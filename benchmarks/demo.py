@@ -8,7 +8,9 @@
 ``runs/``), so every call trains the teacher and the students again; runs the grid (which writes the
 leaderboard); records the wall time of each phase in ``timing.json``; prints the leaderboard's ranking
 table and, beside it, the committed reference with a tolerance check.  Exit code 0 when every check
-passes, 1 otherwise (2 on a usage error).
+passes, 1 otherwise (2 on a usage error).  The teacher is trained on demand into ``teacher.results_dir``
+of the demo's base config (``runs/demo``, so the deletion covers it); with another ``--results-dir``
+set that key too, or the teacher of an earlier call is reused.
 
 Checks (pure functions on rows read from run.json, :func:`checks`):
 
