@@ -311,7 +311,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
         print(f"error: the runs of {gdir} come from several commits: {sorted(map(str, sha))}", file=sys.stderr)
         return 2
     timing = json.loads((gdir / "timing.json").read_text()) if (gdir / "timing.json").exists() else {}
-    ref = make_reference(rows, grid=json.loads((gdir / "plan.json").read_text())["name"], git_sha=sha.pop(),
+    ref = make_reference(rows, grid=json.loads((gdir / "plan.json").read_text())["grid"], git_sha=sha.pop(),
                          timing=timing)
     out = Path(args.out or gdir / "reference.json")
     atomic_write_text(out, json.dumps(ref, indent=1, ensure_ascii=False) + "\n")

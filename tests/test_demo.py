@@ -38,7 +38,7 @@ def _grid(tmp_path: Path, *, kd_share: float = 0.7, sft_share: float = 0.97, tea
               started="2026-12-01T09:57:50+0000", finished="2026-12-01T10:00:30+0000", manifest=manifest)
     _run_json(gdir, "s1", "sft", acc=0.56, ci=(0.49, 0.63), majority=0.55, share=sft_share)
     _run_json(gdir, "k1", "kd", acc=0.7, ci=(0.64, 0.76), majority=0.55, share=kd_share, manifest=manifest)
-    (gdir / "plan.json").write_text(json.dumps({"name": "demo", "runs": [
+    (gdir / "plan.json").write_text(json.dumps({"grid": "demo", "runs": [
         {"run_id": "t1", "method": "teacher"}, {"run_id": "s1", "method": "sft"}, {"run_id": "k1", "method": "kd"}]}))
     return gdir
 
