@@ -1,14 +1,20 @@
 """The recipes' data block: which task data to train on, and loading it as records or prompt pairs.
 
+``prompts`` shows classification tasks to the model in other label words (and instruction) while it
+trains, e.g. ``{rotten_tomatoes: {label_words: {fresh: positive, rotten: negative}}}``; give the eval
+block the same ``prompts`` so the model is scored on the words it was trained on.
+
 (The recipes' ``eval:`` block is :class:`benchmarks.evaluate.EvalSpec`, the one evaluation config.)"""
 from __future__ import annotations
 
 import dataclasses
 
+from scd.core.config import added_field
 from scd.core.registry import RegistryError
 from scd.data.load import is_spec, load_split
 from scd.data.prompts import render_prompt, render_target
 from scd.data.tasks import TASKS
+from scd.data.label_words import LabelWords, verbalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +24,8 @@ class DataConfig:
     limit_per_task: int | None = None  # cap on training examples per task (None: all)
     shots: int = 0  # few-shot demonstrations in each training prompt
     skip_malformed: bool = False  # skip (and count) malformed rows instead of failing
+    # per-task label words (and instruction) of classification tasks, as the eval block's `prompts`
+    prompts: dict[str, LabelWords] = added_field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -25,6 +33,12 @@ class DataConfig:
         if self.limit_per_task is not None and self.limit_per_task < 1:
             raise ValueError("data.limit_per_task must be >= 1")
         check_task_names(self.tasks, "data.tasks")
+        for name in self.prompts:
+            if name not in self.tasks:
+                raise ValueError(f"data.prompts.{name}: not among data.tasks {list(self.tasks)}")
+            if not is_spec(name) and TASKS.get(name).family != "classification":
+                raise ValueError(f"data.prompts.{name}: label words apply to classification tasks, "
+                                 f"'{name}' is {TASKS.get(name).family}")
 
 
 def check_task_names(tasks, key: str) -> None:
@@ -47,6 +61,8 @@ def load_examples(cfg: DataConfig, split: str | None = None) -> list[dict]:
                           skip_malformed=cfg.skip_malformed)
         if not rows:
             raise ValueError(f"task '{task}' split '{split or cfg.split}' is empty")
+        if task in cfg.prompts:
+            rows = [verbalize(r, cfg.prompts[task]) for r in rows]
         out.extend(rows)
     return out
 
@@ -57,6 +73,7 @@ def load_training_pairs(cfg: DataConfig, tokenizer, split: str | None = None) ->
     shots_by_task: dict[str, list[dict]] = {}
     if cfg.shots:
         for task in cfg.tasks:
-            shots_by_task[task] = load_split(task, "dev", limit=cfg.shots)
+            shots = load_split(task, "dev", limit=cfg.shots)
+            shots_by_task[task] = [verbalize(r, cfg.prompts[task]) for r in shots] if task in cfg.prompts else shots
     return [(render_prompt(r, tokenizer, shots=shots_by_task.get(r["task"], ())), render_target(r, tokenizer))
             for r in rows]
