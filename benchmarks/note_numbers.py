@@ -179,9 +179,26 @@ def recovery(root: Path) -> list[Entry]:
     return out
 
 
+def demo(root: Path) -> list[Entry]:
+    """``make demo``'s wall time in the README, from the reference run's ``results/demo/timing.json``."""
+    timing = json.loads((root / "results/demo/timing.json").read_text(encoding="utf-8"))
+    ph = timing["phases"]
+    out = [Entry(STATUS, "make demo wall seconds after setup (reference run)", timing["total_s"],
+                 f"{timing['total_s']:.0f} s after setup ({timing['total_s'] / 60:.1f} min)"),
+           Entry(STATUS, "make demo wall seconds (quick start)", timing["total_s"],
+                 f"({timing['total_s']:.0f} s measured after setup on 2 idle cores"),
+           Entry("Makefile", "make demo wall minutes (make help)", timing["total_s"] / 60,
+                 f"{timing['total_s'] / 60:.1f} min measured after setup")]
+    for key, label in (("train demo-teacher", "teacher training"), ("run teacher", "teacher scoring"),
+                       ("run sft", "SFT student"), ("run kd", "KD student"),
+                       ("other (start-up, leaderboard)", "start-up and leaderboard")):
+        out.append(Entry(STATUS, f"make demo phase: {key}", ph[key], f"{label} {ph[key]:.0f} s"))
+    return out
+
+
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
-    "recovery": recovery}
+    "recovery": recovery, "demo": demo}
 
 
 def entries(root: Path = REPO) -> list[Entry]:
