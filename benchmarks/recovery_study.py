@@ -11,10 +11,15 @@ status ``ok``; see :mod:`unisd.recovery`) and writes into it (or ``--out``):
                              original before/after (mean +- std over seeds); then the
                              correlation between recovered score and mean CKA;
 * ``recovery_study.csv``     the same table;  ``recovery_runs.csv``: one row per run;
-* ``recovery_correlation.json``  Pearson r and Spearman rho with p-values (scipy.stats), all
-                             runs and per degradation: ``score_vs_cka`` (recovered score vs mean
-                             CKA, the study's question) and ``kl_vs_cka`` (KL to the original
-                             vs mean CKA, which needs no task score);
+* ``recovery_correlation.json``  recovered score vs mean CKA (``score_vs_cka``, the study's question)
+                             and KL to the original vs mean CKA (``kl_vs_cka``, no task score
+                             needed), three views (all configurations, recovered only, per
+                             degradation family), each over configurations (mean over seeds first,
+                             bootstrap CIs over configurations) and over runs
+                             (:mod:`benchmarks.recovery_power`);
+* ``recovery_deltas.json``   per configuration, accuracy after − before paired by review and seed
+                             with bootstrap CIs, and whether it lost accuracy beyond the degraded
+                             model's CI (*harm*);
 * ``recovery_scatter.png``   recovered score vs mean CKA (colour = degradation, marker = method);
 * ``recovery_strength.png``  score (top) and KL to the original (bottom) vs strength per recovery
                              method, one column per degradation (x from mild to severe; dashed =
@@ -37,11 +42,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from benchmarks.recovery_power import correlation_markdown, correlation_views, deltas_markdown, paired_deltas
 from scd.core.results import atomic_write_bytes, atomic_write_json, atomic_write_text, iter_run_jsons, read_json
 
 # severity order: quantize -> fewer bits is more severe; others -> larger strength is more severe
 SEVERITY_DESCENDING = {"quantize"}
-METHOD_ORDER = ("none", "sft", "sd")
+METHOD_ORDER = ("none", "sft", "sd", "sd-kl")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -73,8 +79,9 @@ def _mean_cka(cka: dict | None) -> float:
     return sum(per) / len(per) if per else float("nan")
 
 
-def run_row(rec: dict) -> dict:
-    """One run.json (recovery recipe) -> a flat row."""
+def run_row(rec: dict, run_dir: str | Path | None = None) -> dict:
+    """One run.json (recovery recipe) -> a flat row.  ``method`` is the recovery method, with ``-kl`` when
+    the KL-aware budget (``recovery.budget``) decided the run."""
     meta = rec.get("metric_meta") or {}
     deg = rec.get("degradation") or {}
     recov = rec.get("recovery") or {}
@@ -83,12 +90,16 @@ def run_row(rec: dict) -> dict:
     after = mean_primary_metric(rec.get("eval") or {}, meta)
     orig = mean_primary_metric(rec.get("eval_original") or {}, meta)
     gap = orig - before
+    budget = recov.get("budget") or None
+    method = recov.get("method", rec.get("method"))
     return {
         "run_id": rec.get("run_id"),
         "degradation": deg.get("name"),
         "strength": deg.get("strength"),
-        "method": recov.get("method", rec.get("method")),
+        "method": f"{method}-kl" if budget is not None else method,
         "budget": int(recov.get("budget_steps") or 0),
+        "skipped": bool(budget and budget.get("skipped")),
+        "steps": (rec.get("train") or {}).get("steps"),
         "seed": rec.get("seed", 0),
         "score_original": orig,
         "score_before": before,
@@ -101,6 +112,8 @@ def run_row(rec: dict) -> dict:
         "kl_after": kl.get("after", float("nan")),
         "violation": rec.get("constraint_violation", float("nan")),
         "tasks_after": task_scores(rec.get("eval") or {}, meta),
+        "eval_info": rec.get("eval_info") or {},
+        "run_dir": str(run_dir) if run_dir is not None else None,
     }
 
 
@@ -115,42 +128,11 @@ def load_runs(root: str | Path) -> list[dict]:
             continue
         if rec.get("recipe") != "recovery" or rec.get("status") != "ok" or "degradation" not in rec:
             continue
-        rows.append(run_row(rec))
+        rows.append(run_row(rec, Path(path).parent))
     return rows
 
 
 # ------------------------------------------------------------------------- statistics
-def correlation(x: Sequence[float], y: Sequence[float]) -> dict:
-    """Pearson r and Spearman rho with two-sided p-values over the finite pairs (scipy.stats)."""
-    from scipy import stats
-
-    pairs = [(float(a), float(b)) for a, b in zip(x, y)
-             if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
-    out = {"n": len(pairs), "pearson_r": float("nan"), "pearson_p": float("nan"),
-           "spearman_rho": float("nan"), "spearman_p": float("nan")}
-    if len(pairs) < 3:
-        out["note"] = "fewer than 3 runs with both values"
-        return out
-    xs, ys = zip(*pairs)
-    if len(set(xs)) < 2 or len(set(ys)) < 2:
-        out["note"] = "a variable is constant across runs"
-        return out
-    pr = stats.pearsonr(xs, ys)
-    sr = stats.spearmanr(xs, ys)
-    out.update(pearson_r=float(pr.statistic), pearson_p=float(pr.pvalue),
-               spearman_rho=float(sr.statistic), spearman_p=float(sr.pvalue))
-    return out
-
-
-def correlations(rows: list[dict], x: str = "cka_after", y: str = "score_after") -> dict:
-    """{"all": corr over every run, "by_degradation": {name: corr}, "x", "y"}."""
-    out = {"x": x, "y": y, "all": correlation([r[x] for r in rows], [r[y] for r in rows]), "by_degradation": {}}
-    for name in sorted({r["degradation"] for r in rows}):
-        sub = [r for r in rows if r["degradation"] == name]
-        out["by_degradation"][name] = correlation([r[x] for r in sub], [r[y] for r in sub])
-    return out
-
-
 def _mean_std(vals: Iterable[float]) -> tuple[float, float]:
     v = [float(a) for a in vals if a is not None and math.isfinite(float(a))]
     if not v:
@@ -184,6 +166,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                                "seeds": len(rs)}
         for col in AGG_COLS:
             row[col], row[col + "_std"] = _mean_std(r[col] for r in rs)
+        row["skipped_share"] = sum(bool(r.get("skipped")) for r in rs) / len(rs)
         row["max_violation"] = max((float(r["violation"]) for r in rs if r["violation"] is not None
                                     and math.isfinite(float(r["violation"]))), default=float("nan"))
         out.append(row)
@@ -208,33 +191,33 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
-def markdown(agg: list[dict], corr: dict, root: Path, n_runs: int) -> str:
-    """corr: {"score_vs_cka": correlations(...), "kl_vs_cka": correlations(...)}."""
+def markdown(agg: list[dict], corr: dict, root: Path, n_runs: int, deltas: list[dict] | None = None,
+             task: str | None = None) -> str:
+    """corr: {"score_vs_cka": correlation_views(...), "kl_vs_cka": correlation_views(...)}."""
     lines = [f"# Recovery study: {root.name}", "",
              f"{n_runs} finished recovery runs read from `{root}/**/run.json`. Score = mean over tasks of "
              "each task's primary metric. *before* = degraded, *after* = after recovery, *recovered* = "
              "(after - before) / (original - before). CKA = mean over layers of CKA(model layer l, original "
              "layer l) on the probe set; KL = mean per-token KL(original || model) on the probe set. "
-             "Mean ± std over seeds.", "",
-             "| degradation | strength | method | budget | seeds | original | before | after | recovered | "
+             "Mean ± std over seeds. `sd-kl` = SD under the KL-aware budget (`recovery.budget`); *skipped* = "
+             "share of its seeds where the budget skipped recovery.", "",
+             "| degradation | strength | method | budget | seeds | skipped | original | before | after | recovered | "
              "CKA before | CKA after | KL before | KL after | violation |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in agg:
         lines.append(
             f"| {r['degradation']} | {r['strength']:g} | {r['method']} | {r['budget']} | {r['seeds']} | "
+            f"{_fmt(r['skipped_share'], digits=2)} | "
             f"{_fmt(r['score_original'])} | {_fmt(r['score_before'], r['score_before_std'])} | "
             f"{_fmt(r['score_after'], r['score_after_std'])} | {_fmt(r['recovered_frac'], digits=2)} | "
             f"{_fmt(r['cka_before'])} | {_fmt(r['cka_after'], r['cka_after_std'])} | {_fmt(r['kl_before'])} | "
             f"{_fmt(r['kl_after'], r['kl_after_std'])} | {_fmt(r['max_violation'], digits=1)} |")
-    titles = [("score_vs_cka", "recovered score vs mean CKA"),
-              ("kl_vs_cka", "KL to the original vs mean CKA (after; a score-free check of the same link)")]
-    for key, title in titles:
-        c_all = corr[key]
-        lines += ["", f"## Correlation: {title}, over runs", "",
-                  "| runs | n | Pearson r | p | Spearman rho | p | note |", "|---|---:|---:|---:|---:|---:|---|"]
-        for label, c in [("all", c_all["all"])] + list(c_all["by_degradation"].items()):
-            lines.append(f"| {label} | {c['n']} | {_fmt(c['pearson_r'])} | {_fmt_p(c['pearson_p'])} | "
-                         f"{_fmt(c['spearman_rho'])} | {_fmt_p(c['spearman_p'])} | {c.get('note', '')} |")
+    lines += correlation_markdown(corr["score_vs_cka"], "recovered score vs mean CKA")
+    lines += correlation_markdown(corr["kl_vs_cka"], "KL to the original vs mean CKA (after; a score-free check)")
+    if deltas:
+        lines += deltas_markdown(deltas, task or "?", order=lambda d: (
+            str(d["degradation"]), _severity_key(d["degradation"], d["strength"]), _method_key(d["method"]),
+            d["budget"]))
     lines += ["", "Figures: `recovery_scatter.png` (score vs CKA), `recovery_strength.png` (score vs strength), "
               "`recovery_cka_layers.png` (per-layer CKA).", ""]
     return "\n".join(lines)
@@ -266,10 +249,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-MARKERS = {"none": "x", "sft": "s", "sd": "o"}
+MARKERS = {"none": "x", "sft": "s", "sd": "o", "sd-kl": "D"}
 
 
 def plot_scatter(rows: list[dict], corr: dict, path: Path) -> Path:
+    """One point per run; ``corr``: the "all" view of :func:`correlation_views` (title)."""
     fig = _figure(6.4, 4.8)
     ax = fig.add_subplot(1, 1, 1)
     degs = sorted({r["degradation"] for r in rows})
@@ -283,9 +267,10 @@ def plot_scatter(rows: list[dict], corr: dict, path: Path) -> Path:
                    marker=MARKERS.get(r["method"], "^"), s=42, alpha=0.85,
                    label=None if label in seen else label)
         seen.add(label)
-    c = corr["all"]
-    ax.set_title(f"recovered score vs mean CKA (n={c['n']}, Pearson r={_fmt(c['pearson_r'], digits=2)}, "
-                 f"Spearman ρ={_fmt(c['spearman_rho'], digits=2)})", fontsize=9)
+    c, r = corr["configs"], corr["runs"]
+    ax.set_title(f"score vs mean CKA: {c['n']} configurations (mean over seeds) Pearson r="
+                 f"{_fmt(c['pearson_r'], digits=2)}, Spearman ρ={_fmt(c['spearman_rho'], digits=2)}; "
+                 f"{r['n']} runs ρ={_fmt(r['spearman_rho'], digits=2)}", fontsize=8)
     ax.set_xlabel("mean per-layer CKA to the original (after)")
     ax.set_ylabel("task score after recovery")
     ax.grid(alpha=0.3)
@@ -382,23 +367,28 @@ def study(root: str | Path, out: str | Path | None = None, plots: bool = True) -
     if not rows:
         raise ValueError(f"{root}: no finished recovery runs (run.json with recipe 'recovery', status ok)")
     agg = aggregate(rows)
-    corr = {"score_vs_cka": correlations(rows, "cka_after", "score_after"),
-            "kl_vs_cka": correlations(rows, "cka_after", "kl_after")}
+    corr = {"score_vs_cka": correlation_views(agg, rows, "cka_after", "score_after"),
+            "kl_vs_cka": correlation_views(agg, rows, "cka_after", "kl_after")}
+    task = next((t for r in rows for t in r["eval_info"]), None)  # the first scored task (paired deltas)
+    deltas = paired_deltas(rows, task) if task else []
     files = {
         "markdown": out / "recovery_study.md",
         "csv": out / "recovery_study.csv",
         "runs_csv": out / "recovery_runs.csv",
         "correlation": out / "recovery_correlation.json",
     }
-    atomic_write_text(files["markdown"], markdown(agg, corr, root, len(rows)))
+    atomic_write_text(files["markdown"], markdown(agg, corr, root, len(rows), deltas, task))
     atomic_write_text(files["csv"], to_csv(agg, AGG_CSV_COLS))
     atomic_write_text(files["runs_csv"], to_csv(rows, RUN_COLS))
     atomic_write_json(files["correlation"], corr)
+    files["deltas"] = out / "recovery_deltas.json"
+    atomic_write_json(files["deltas"], {"task": task, "deltas": deltas})
     if plots:
-        files["scatter"] = plot_scatter(rows, corr["score_vs_cka"], out / "recovery_scatter.png")
+        files["scatter"] = plot_scatter(rows, corr["score_vs_cka"][0], out / "recovery_scatter.png")
         files["strength"] = plot_strength(agg, out / "recovery_strength.png")
         files["cka_layers"] = plot_cka_layers(rows, out / "recovery_cka_layers.png")
-    return {"rows": rows, "table": agg, "correlation": corr, "files": {k: str(v) for k, v in files.items()}}
+    return {"rows": rows, "table": agg, "correlation": corr, "deltas": deltas,
+            "files": {k: str(v) for k, v in files.items()}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -413,9 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    c = res["correlation"]["score_vs_cka"]["all"]
-    print(f"[recovery_study] {len(res['rows'])} runs; score vs CKA: Pearson r={_fmt(c['pearson_r'])} "
-          f"(p={_fmt_p(c['pearson_p'])}), Spearman rho={_fmt(c['spearman_rho'])} (p={_fmt_p(c['spearman_p'])})")
+    for v in res["correlation"]["score_vs_cka"][:2]:
+        c = v["configs"]
+        print(f"[recovery_study] {len(res['rows'])} runs; score vs CKA, {v['view']} ({c['n']} configurations, "
+              f"mean over seeds): Pearson r={_fmt(c['pearson_r'])}, Spearman rho={_fmt(c['spearman_rho'])} "
+              f"(p={_fmt_p(c['spearman_p'])})")
     for name, path in res["files"].items():
         print(f"  {name}: {path}")
     return 0

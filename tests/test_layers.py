@@ -27,7 +27,7 @@ LAYERS = [
     (0, r"^scd\.recipes$"),  # name -> module table, imports by string on demand
     (1, r"^scd\.(data|models|tokens|heads|data_config)(\.|$)"),
     (2, r"^scd\.(losses|completion_loss|schedule|weighting|teacher_cache)(\.|$)"),
-    (3, r"^benchmarks\.(tasks|evaluate|cka|stats|lmeval_bridge|eval_config)(\.|$)"),
+    (3, r"^benchmarks\.(tasks|evaluate|cka|stats|recovery_power|lmeval_bridge|eval_config)(\.|$)"),
     (4, r"^scd\.(sft|teacher|distill)(\.|$)"),
     (4, r"^unisd\."),
 ]
