@@ -196,9 +196,22 @@ def demo(root: Path) -> list[Entry]:
     return out
 
 
+def perf(root: Path) -> list[Entry]:
+    """The README's fast-path ratios, from ``results/perf/distill_step.json`` (fp32 tables, target tokens/s)."""
+    tables = json.loads((root / "results/perf/distill_step.json").read_text(encoding="utf-8"))["tables"]["fp32"]
+    tps = {shape: {r["name"]: r["tokens_per_s"] for r in t["rows"]} for shape, t in tables.items()}
+    out = []
+    for a, b, label in (("ours_fast", "ours_naive", "fast vs naive"), ("ours_cached", "ours_fast", "cached vs fast"),
+                        ("ours_fast", "trl", "fast vs TRL")):
+        short, long = (tps[s][a] / tps[s][b] for s in ("short", "long"))
+        out.append(Entry(STATUS, f"{label} target tokens/s ratio (short, long)", short,
+                         f"{label} {short:.2f}x short / {long:.2f}x long"))
+    return out
+
+
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
-    "recovery": recovery, "demo": demo}
+    "recovery": recovery, "demo": demo, "perf": perf}
 
 
 def entries(root: Path = REPO) -> list[Entry]:

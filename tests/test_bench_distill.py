@@ -4,6 +4,7 @@ import json
 import pytest
 
 from benchmarks.perf import bench_distill
+from benchmarks.perf.e2e_kd import teacher_config
 
 ROW_KEYS = {"name", "tokens_per_s", "total_tokens_per_s", "peak_mem_mb", "tokens_per_s_min", "tokens_per_s_max",
             "step_s", "phases_s", "target_tokens", "total_tokens"}
@@ -41,3 +42,11 @@ def test_bf16_table_only_where_bf16_is_fast():
     dtypes, skipped = bench_distill.choose_dtypes(None, cpu, {"fp32": 20.0, "bf16": 0.5})
     assert dtypes == ["fp32"] and "0.5 GFLOP/s vs fp32 20.0" in skipped["bf16"]
     assert bench_distill.choose_dtypes(["bf16"], cpu, {"fp32": 20.0, "bf16": 0.5}) == (["fp32", "bf16"], {})
+
+
+def test_e2e_trains_the_teacher_the_kd_row_names():
+    """benchmarks.perf.e2e_kd trains the row's own teacher before the variants (no variant's wall time may
+    include teacher training): the demo grid's KD row names demo_teacher.yaml, the older kd_demo row
+    teacher_demo.yaml."""
+    assert teacher_config("configs/scd/demo_student.yaml") == "configs/scd/demo_teacher.yaml"
+    assert teacher_config("configs/scd/kd_demo.yaml") == "configs/scd/teacher_demo.yaml"

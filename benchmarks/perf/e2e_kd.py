@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from scd.core.results import atomic_write_json, atomic_write_text, read_json, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,9 +70,16 @@ def run_variant(name: str, args, cache_root: Path) -> dict:
                               for c in (train.get("teacher_cache") or {}).get("caches", [])]}
 
 
+def teacher_config(config: str) -> str:
+    """The teacher config the KD row names (``teacher.config``; the demo teacher when it names none)."""
+    data = yaml.safe_load((ROOT / config).read_text(encoding="utf-8")) or {}
+    return (data.get("teacher") or {}).get("config") or "configs/scd/teacher_demo.yaml"
+
+
 def ensure_teacher(args) -> float:
-    """Train the demo teacher once under --results-dir (reused when finished) -> seconds spent."""
-    teacher_cfg = "configs/scd/teacher_demo.yaml"
+    """Train the KD row's teacher once under --results-dir (reused when finished) -> seconds spent, so that
+    no variant's wall time includes teacher training."""
+    teacher_cfg = teacher_config(args.config)
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "scd", "run", teacher_cfg, f"seed={args.seed}", "--results-dir",
                         args.results_dir], cwd=ROOT, capture_output=True, text=True)
