@@ -130,25 +130,63 @@ def test_config_errors_are_one_line_with_hints(tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
-def test_batch8_accum1_equals_batch4_accum2(runs):
+@pytest.mark.parametrize("reduce", ["token", "sample"])
+def test_batch8_accum1_equals_batch4_accum2(runs, reduce):
     """Same parameters, loss, KD/CE means and gradient norm after one optimiser step: the loss is
-    normalised by the target tokens of the whole accumulated batch (a per-micro-batch mean would
-    change loss and gradient norm)."""
+    normalised by the target tokens (or samples, ``weighting.reduce: sample``) of the whole accumulated
+    batch (a per-micro-batch mean would change loss and gradient norm)."""
     from scd.distill import run
 
     tmp, teacher, _ = runs
     out = []
     for bs, accum in [(8, 1), (4, 2)]:
-        cfg = load(tmp, teacher, f"acc{bs}.yaml", sps=1, bs=bs, accum=accum, temperature=2.0,
-                   weighting={"name": "none", "alpha": 0.5})
-        run(cfg, tmp / f"acc{bs}")
-        row = [r for r in read_metrics(tmp / f"acc{bs}" / "metrics.jsonl") if "loss" in r][0]
-        out.append((row, load_file(str(tmp / f"acc{bs}" / "model" / "model.safetensors"))))
+        cfg = load(tmp, teacher, f"acc{bs}{reduce}.yaml", sps=1, bs=bs, accum=accum, temperature=2.0,
+                   weighting={"name": "none", "alpha": 0.5, "reduce": reduce})
+        run(cfg, tmp / f"acc{bs}{reduce}")
+        row = [r for r in read_metrics(tmp / f"acc{bs}{reduce}" / "metrics.jsonl") if "loss" in r][0]
+        out.append((row, load_file(str(tmp / f"acc{bs}{reduce}" / "model" / "model.safetensors"))))
     (r8, w8), (r4, w4) = out
     for key in ("loss", "kd", "ce", "grad_norm", "tokens"):
         assert r8[key] == pytest.approx(r4[key], rel=1e-5), key
     for k in w8:
         torch.testing.assert_close(w8[k], w4[k], rtol=1e-5, atol=1e-6)
+
+
+def test_sample_reduction_against_a_slow_loop():
+    """weighting.reduce: sample = mean over samples of w KD(x) + (1 - w) CE(x), KD(x) and CE(x) the means
+    over x's target tokens; token = the mean over target tokens (long answers weigh more)."""
+    from scd.distill.loss import micro_batch_loss, micro_batch_loss_by_sample, per_sample_means, samples_with_targets
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.tensor([0, 0, 0, 2, 3, 3])  # sample 1 has no target
+    kd, ce = torch.rand(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64)
+    w = torch.tensor([0.2, 0.9, 0.5, 1.0], dtype=torch.float64)
+    ref, n = 0.0, 0
+    for b in range(4):
+        toks = [i for i in range(6) if rows[i] == b]
+        if toks:
+            kd_b, ce_b = sum(kd[i] for i in toks) / len(toks), sum(ce[i] for i in toks) / len(toks)
+            ref, n = ref + w[b] * kd_b + (1 - w[b]) * ce_b, n + 1
+    loss, kd_b, ce_b = micro_batch_loss_by_sample(kd, ce, rows, w, n)
+    assert float(loss) == pytest.approx(float(ref / n), rel=1e-12)
+    assert float(kd_b[0]) == pytest.approx(float(kd[:3].mean())) and float(kd_b[1]) == 0.0
+    assert per_sample_means(ce, rows, 4)[3] == pytest.approx(float(ce[4:].mean()))
+    tok = micro_batch_loss(kd, ce, rows, w, 6)  # token mean: sample 0 (3 tokens) weighs 3x sample 2
+    assert float(tok) == pytest.approx(float(sum(w[rows[i]] * kd[i] + (1 - w[rows[i]]) * ce[i] for i in range(6)) / 6))
+    assert float(tok) != pytest.approx(float(loss))
+    labels = torch.tensor([[-100, 5, 6], [-100, -100, -100], [-100, -100, 7]])
+    assert samples_with_targets(labels) == 2
+
+
+def test_weighting_reduce_is_validated_and_keeps_run_ids(tmp_path):
+    from scd.core.config import ConfigError, to_dict
+
+    cfg = load(tmp_path, "t", weighting={"name": "none", "alpha": 1.0})
+    assert "reduce" not in to_dict(cfg)["weighting"]  # the default is left out of run ids (committed runs)
+    assert to_dict(load(tmp_path, "t", "s.yaml", weighting={"name": "none", "reduce": "sample"}))["weighting"][
+        "reduce"] == "sample"
+    with pytest.raises(ConfigError, match="weighting.reduce must be one of"):
+        load(tmp_path, "t", "bad.yaml", weighting={"name": "none", "reduce": "samples"})
 
 
 def _with_head(seed, head_seed, vocab, tok, head=None):

@@ -98,6 +98,9 @@ class DistillLossConfig:
             raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
 
 
+REDUCTIONS = ("token", "sample")
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightingConfig:
     name: str = "none"  # none (constant alpha) | aw (Adaptive Weighting)
@@ -105,9 +108,16 @@ class WeightingConfig:
     anchor_run_dir: str | None = None  # `aw`: an SFT student run (its model/) or an HF model folder
     anchor_config: str | None = None  # `aw`: or an SFT config, trained once at <teacher.results_dir>/runs/...
     anchor_seed: int | None = None  # seed of the `anchor_config` run (None: this run's seed)
+    # how w KD + (1 - w) CE is averaged: "sample" = the paper's mean over samples of each sample's
+    # per-token means; "token" = a sum over target tokens / target tokens (long answers weigh more).
+    # The default stays "token" so that every committed run id keeps meaning what it computed;
+    # SCD study configs set "sample" (docs/scd.md, "Loss reduction").
+    reduce: str = added_field(default="token")
 
     def __post_init__(self) -> None:
         _check_registered("weighting", self.name, "weighting.name")
+        if self.reduce not in REDUCTIONS:
+            raise ValueError(f"weighting.reduce must be one of {list(REDUCTIONS)}, got {self.reduce!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"weighting.alpha must be in [0, 1], got {self.alpha}")
         if self.anchor_run_dir and self.anchor_config:

@@ -1,7 +1,12 @@
 """Loss math of the distillation recipe (pure functions on tensors).
 
+``weighting.reduce: token``:
     loss = sum over target tokens t of  w(x_t) * D(p_T || p_S)_t + (1 - w(x_t)) * CE_t
            / (target tokens in the whole accumulated batch)
+``weighting.reduce: sample`` (the SCD paper's formula):
+    loss = sum over samples x of  w(x) * KD(x) + (1 - w(x)) * CE(x)
+           / (samples with a target in the whole accumulated batch),
+    KD(x), CE(x) = means over the target tokens of x
 """
 from __future__ import annotations
 
@@ -44,3 +49,23 @@ def kd_weights(weighting: WeightingConfig, batch_size: int, *, anchor_loss=None,
 def micro_batch_loss(kd, ce, rows, w, n_tokens_total):
     """sum_t [w kd_t + (1 - w) ce_t] / n_tokens_total.  kd, ce, rows [N]; w [B] -> scalar."""
     return reduce_tokens(combine(kd, ce, w[rows]), None, n_tokens_total)
+
+
+def per_sample_means(x, rows, batch_size: int):
+    """Mean of the per-token values x [N] over each sample's target tokens -> [B] (0 for a sample
+    without targets).  rows [N] = the batch row of each token."""
+    sums = torch.zeros(batch_size, dtype=x.dtype, device=x.device).index_add(0, rows, x)  # [B]
+    counts = torch.bincount(rows, minlength=batch_size).to(x.dtype)  # [B]
+    return sums / counts.clamp(min=1)
+
+
+def micro_batch_loss_by_sample(kd, ce, rows, w, n_samples_total):
+    """sum_b [w_b KD_b + (1 - w_b) CE_b] / n_samples_total with KD_b, CE_b the means over sample b's
+    target tokens.  kd, ce, rows [N]; w [B] -> (scalar loss, KD_b [B], CE_b [B])."""
+    kd_b, ce_b = per_sample_means(kd, rows, w.shape[0]), per_sample_means(ce, rows, w.shape[0])  # [B]
+    return combine(kd_b, ce_b, w).sum() / n_samples_total, kd_b, ce_b
+
+
+def samples_with_targets(labels) -> int:
+    """Samples of a collated batch with at least one next-token target (labels [B, T])."""
+    return int((labels[:, 1:] != -100).any(dim=1).sum())

@@ -26,7 +26,7 @@ from scd.core.train import check_finite, collate, rank_batches, seed_everything,
 from scd.data_config import load_training_pairs
 from scd.distill.cached import CachedTeacher
 from scd.distill.config import DistillConfig
-from scd.distill.loss import kd_weights, micro_batch_loss
+from scd.distill.loss import kd_weights, micro_batch_loss, micro_batch_loss_by_sample, samples_with_targets
 from scd.distill.probe import probe_encoded, select_stage, student_logits
 from scd.distill.teacher_slot import (TeacherSlot, anchor_losses, anchor_model_dir, data_hash, ensure_dependency,
                                       find_manifest, rank0_cached)
@@ -90,11 +90,15 @@ class DistillRecipe:
                 for idx in rank_batches(len(self.encoded), self.cfg.train, step, self.cfg.seed, world, rank)]
 
     def count(self, micro) -> int:
+        """The loss's normaliser: target tokens (``weighting.reduce: token``) or samples (``sample``)."""
+        if self.cfg.weighting.reduce == "sample":
+            return samples_with_targets(micro[1]["labels"])
         return target_count(micro[1])
 
     def loss_terms(self, micro, denom: float) -> Terms:
-        """w * KD + (1 - w) * CE summed over the target tokens / ``denom`` (the loss term); the KD, CE
-        and weight sums as stats (logged as means over the global batch's target tokens)."""
+        """w * KD + (1 - w) * CE summed over the target tokens (or, ``weighting.reduce: sample``, over
+        the samples' per-token means) / ``denom`` (the loss term); the KD, CE and weight sums as stats
+        (logged as means over the global batch's target tokens, or samples)."""
         idx, b = micro
         device, cfg = self.engine.device, self.cfg
         b = {k: v.to(device) for k, v in b.items()}
@@ -105,12 +109,18 @@ class DistillRecipe:
             w = kd_weights(cfg.weighting, len(idx), device=device,
                                anchor_loss=None if self.anchor_loss is None else self.anchor_loss[idx],
                                teacher_loss=None if teacher_loss is None else teacher_loss[idx])  # [B]
-            loss = micro_batch_loss(kd, ce, rows, w, denom)
-        kd_sum, ce_sum = float(kd.detach().sum()), float(ce.detach().sum())
+            if cfg.weighting.reduce == "sample":
+                loss, kd_b, ce_b = micro_batch_loss_by_sample(kd, ce, rows, w, denom)
+                has = torch.bincount(rows, minlength=len(idx)) > 0  # [B] samples with a target
+                kd_sum, ce_sum = float(kd_b.detach()[has].sum()), float(ce_b.detach()[has].sum())
+                w_sum = float(w[has].sum())
+            else:
+                loss = micro_batch_loss(kd, ce, rows, w, denom)
+                kd_sum, ce_sum, w_sum = float(kd.detach().sum()), float(ce.detach().sum()), float(w[rows].sum())
         if self.slot is not None:  # the divergence's name in the diverged record
             check_finite(kd_sum, self.engine.step + 1, f"kd:{cfg.loss.divergence}")
         check_finite(ce_sum, self.engine.step + 1, "ce")
-        return Terms({"loss": loss}, {"kd": kd_sum, "ce": ce_sum, "w_mean": float(w[rows].sum())})
+        return Terms({"loss": loss}, {"kd": kd_sum, "ce": ce_sum, "w_mean": w_sum})
 
     def _teacher(self, idx: list[int], b: dict) -> dict:
         """The teacher side of the KD term at the N target positions, as keyword arguments of
@@ -241,7 +251,8 @@ def _start(cfg: DistillConfig, run_dir: Path, use_teacher: bool) -> RunDir:
                   "aw": distilling and cfg.weighting.needs_losses} if distilling else {}
     hparams = {"lr": cfg.train.lr, "max_steps": cfg.train.max_steps, "n_stages": cfg.stages.n_stages,
                "selection": cfg.stages.selection, "divergence": cfg.loss.divergence,
-               "temperature": cfg.loss.temperature, "weighting": cfg.weighting.name, "alpha": cfg.weighting.alpha}
+               "temperature": cfg.loss.temperature, "weighting": cfg.weighting.name, "alpha": cfg.weighting.alpha,
+               "reduce": cfg.weighting.reduce}
     return RunDir(run_dir).start(cfg, recipe="distill", hparams=hparams, components=components)
 
 
