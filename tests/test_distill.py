@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from scd.cli import main as cli_main
-from scd.core.config import load_config
+from scd.core.config import ConfigError, load_config, to_dict
 from scd.core.results import read_metrics
 from tests.conftest import TINY_SHAPE, run_config, shipped_yaml, strip_time, tiny_config
 
@@ -112,8 +112,6 @@ def test_aw_weight_limits_through_the_recipe():
 
 
 def test_config_errors_are_one_line_with_hints(tmp_path):
-    from scd.core.config import ConfigError
-
     bad = {
         "aw": "needs a student anchor",
         "aww": "did you mean 'aw'",
@@ -179,14 +177,45 @@ def test_sample_reduction_against_a_slow_loop():
 
 
 def test_weighting_reduce_is_validated_and_keeps_run_ids(tmp_path):
-    from scd.core.config import ConfigError, to_dict
-
     cfg = load(tmp_path, "t", weighting={"name": "none", "alpha": 1.0})
     assert "reduce" not in to_dict(cfg)["weighting"]  # the default is left out of run ids (committed runs)
     assert to_dict(load(tmp_path, "t", "s.yaml", weighting={"name": "none", "reduce": "sample"}))["weighting"][
         "reduce"] == "sample"
     with pytest.raises(ConfigError, match="weighting.reduce must be one of"):
         load(tmp_path, "t", "bad.yaml", weighting={"name": "none", "reduce": "samples"})
+
+
+def test_kd_at_all_positions(runs):
+    """loss.positions: all = KD at every position with a next token (prompt included), CE at the targets:
+    the completion-only path equals the full-logit reference (loss, KD, CE, weights) and batch 8 x 1 equals
+    batch 4 x 2; its KD mean differs from KD at the targets only."""
+    from scd.distill import run
+    from scd.distill.loss import all_position_labels
+
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert all_position_labels(ids, mask).tolist() == [[-100, 5, 6, 7], [-100, 8, -100, -100]]
+    tmp, teacher, _ = runs
+    out = {}
+    for name, extra in {"fast": {}, "ref": {"train.completion_only": False}, "acc": {"bs": 4, "accum": 2},
+                        "target": {"loss.positions": "target"}}.items():
+        kw = {"bs": 8, "accum": 1, "loss.positions": "all", **extra}
+        cfg = load(tmp, teacher, f"all{name}.yaml", sps=1, temperature=2.0,
+                   weighting={"name": "none", "alpha": 0.5, "reduce": "sample"}, **kw)
+        run(cfg, tmp / f"all{name}")
+        row = [r for r in read_metrics(tmp / f"all{name}" / "metrics.jsonl") if "loss" in r][0]
+        out[name] = (row, load_file(str(tmp / f"all{name}" / "model" / "model.safetensors")))
+    for other in ("ref", "acc"):
+        for key in ("loss", "kd", "ce", "grad_norm"):
+            assert out[other][0][key] == pytest.approx(out["fast"][0][key], rel=1e-4), (other, key)
+        for k, v in out["fast"][1].items():
+            torch.testing.assert_close(out[other][1][k], v, rtol=1e-4, atol=1e-6)
+    assert out["target"][0]["ce"] == pytest.approx(out["fast"][0]["ce"], rel=1e-5)  # CE: the same targets
+    assert out["target"][0]["kd"] != pytest.approx(out["fast"][0]["kd"], rel=1e-3)  # KD: more positions
+    with pytest.raises(ConfigError, match="set weighting.reduce: sample"):
+        load(tmp, teacher, "bad1.yaml", **{"loss.positions": "all"})
+    with pytest.raises(ConfigError, match="loss.positions must be one of"):
+        load(tmp, teacher, "bad2.yaml", **{"loss.positions": "every"})
 
 
 def _with_head(seed, head_seed, vocab, tok, head=None):

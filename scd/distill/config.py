@@ -83,22 +83,28 @@ class StagesConfig:
         _check_registered("selection", self.selection, "stages.selection")
 
 
+REDUCTIONS = ("token", "sample")
+KD_POSITIONS = ("target", "all")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillLossConfig:
     divergence: str = "forward_kl"  # registry "loss": forward_kl | reverse_kl | jsd | skew_kl | skew_rkl
     temperature: float = 1.0  # logits / tau, loss * tau^2
     params: dict = dataclasses.field(default_factory=dict)  # e.g. {beta: 0.5} for jsd, {lam: 0.1} for skew_kl
+    # where the KD term is computed: "target" = the answer tokens (CE's positions); "all" = every
+    # position with a next token, prompt included (CE stays on the targets; needs weighting.reduce: sample)
+    positions: str = added_field(default="target")
 
     def __post_init__(self) -> None:
+        if self.positions not in KD_POSITIONS:
+            raise ValueError(f"loss.positions must be one of {list(KD_POSITIONS)}, got {self.positions!r}")
         try:
             resolve_divergence(self.divergence, self.params)
         except RegistryError as e:
             raise ValueError(f"loss.divergence: {e}") from None
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
-
-
-REDUCTIONS = ("token", "sample")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,3 +177,10 @@ class DistillConfig:
             raise ValueError("mode eval_teacher scores one checkpoint: stages.selection must be final or best")
         if self.deepspeed is not None and not self.deepspeed.endswith(".json"):
             raise ValueError(f"deepspeed: expected a DeepSpeed JSON file, got {self.deepspeed!r}")
+        if self.loss.positions == "all":
+            if self.weighting.reduce != "sample":
+                raise ValueError("loss.positions: all puts KD on every position and CE on the targets, so the two "
+                                 "terms have different token counts: set weighting.reduce: sample")
+            if self.teacher.cache is not None:
+                raise ValueError("loss.positions: all needs the teacher at every position; the teacher-logit cache "
+                                 "holds the target positions only: remove teacher.cache")

@@ -59,11 +59,21 @@ def per_sample_means(x, rows, batch_size: int):
     return sums / counts.clamp(min=1)
 
 
-def micro_batch_loss_by_sample(kd, ce, rows, w, n_samples_total):
+def micro_batch_loss_by_sample(kd, ce, rows, w, n_samples_total, kd_rows=None):
     """sum_b [w_b KD_b + (1 - w_b) CE_b] / n_samples_total with KD_b, CE_b the means over sample b's
-    target tokens.  kd, ce, rows [N]; w [B] -> (scalar loss, KD_b [B], CE_b [B])."""
-    kd_b, ce_b = per_sample_means(kd, rows, w.shape[0]), per_sample_means(ce, rows, w.shape[0])  # [B]
+    target tokens.  kd [M], ce [N], rows [N] (the batch row of each CE token), kd_rows [M] (of each KD
+    token; None: ``rows``, KD and CE at the same positions); w [B] -> (scalar loss, KD_b [B], CE_b [B])."""
+    kd_rows = rows if kd_rows is None else kd_rows
+    kd_b, ce_b = per_sample_means(kd, kd_rows, w.shape[0]), per_sample_means(ce, rows, w.shape[0])  # [B]
     return combine(kd_b, ce_b, w).sum() / n_samples_total, kd_b, ce_b
+
+
+def all_position_labels(input_ids, attention_mask, ignore_index: int = -100):
+    """Labels [B, T] that make every attended position with a next token a target (``loss.positions:
+    all``): labels[:, t] = input_ids[:, t] where attended, ignore_index at t = 0 and on padding."""
+    labels = input_ids.masked_fill(attention_mask == 0, ignore_index)  # [B, T]
+    labels[:, 0] = ignore_index
+    return labels
 
 
 def samples_with_targets(labels) -> int:

@@ -26,7 +26,8 @@ from scd.core.train import check_finite, collate, rank_batches, seed_everything,
 from scd.data_config import load_training_pairs
 from scd.distill.cached import CachedTeacher
 from scd.distill.config import DistillConfig
-from scd.distill.loss import kd_weights, micro_batch_loss, micro_batch_loss_by_sample, samples_with_targets
+from scd.distill.loss import (all_position_labels, kd_weights, micro_batch_loss, micro_batch_loss_by_sample,
+                              samples_with_targets)
 from scd.distill.probe import probe_encoded, select_stage, student_logits
 from scd.distill.teacher_slot import (TeacherSlot, anchor_losses, anchor_model_dir, data_hash, ensure_dependency,
                                       find_manifest, rank0_cached)
@@ -102,15 +103,14 @@ class DistillRecipe:
         idx, b = micro
         device, cfg = self.engine.device, self.cfg
         b = {k: v.to(device) for k, v in b.items()}
-        kd, ce = self._token_terms(idx, b)  # [N] each
-        rows = target_positions(b["labels"])[0]  # [N] batch row of each target token
+        kd, kd_rows, ce, rows = self._token_terms(idx, b)  # [M], [M], [N], [N]: values and batch rows
         with no_autocast(device):
             teacher_loss = self.teacher_losses.get(self.selections[self.stage]) if self.slot is not None else None
             w = kd_weights(cfg.weighting, len(idx), device=device,
                                anchor_loss=None if self.anchor_loss is None else self.anchor_loss[idx],
                                teacher_loss=None if teacher_loss is None else teacher_loss[idx])  # [B]
             if cfg.weighting.reduce == "sample":
-                loss, kd_b, ce_b = micro_batch_loss_by_sample(kd, ce, rows, w, denom)
+                loss, kd_b, ce_b = micro_batch_loss_by_sample(kd, ce, rows, w, denom, kd_rows=kd_rows)
                 has = torch.bincount(rows, minlength=len(idx)) > 0  # [B] samples with a target
                 kd_sum, ce_sum = float(kd_b.detach()[has].sum()), float(ce_b.detach()[has].sum())
                 w_sum = float(w[has].sum())
@@ -141,17 +141,30 @@ class DistillRecipe:
             return {"teacher": target_hidden(model, b), "teacher_weight": head[0], "teacher_bias": head[1]}
 
     def _token_terms(self, idx: list[int], b: dict):
-        """Per-target-token (kd [N], ce [N]): the student's head only at the targets (fused with the
-        loss; ``train.completion_only``), or its full logits at every position (the reference)."""
+        """(kd [M], kd_rows [M], ce [N], rows [N]): per-token terms and the batch row of each token.
+
+        KD and CE at the N target positions (``loss.positions: target``, M = N), or KD at every
+        position with a next token and CE at the targets among them (``all``).  The student's head
+        is applied only there (fused with the loss; ``train.completion_only``), or at every position
+        (the full-logit reference)."""
         cfg = self.cfg
-        teacher = self._teacher(idx, b)
+        kb = b if cfg.loss.positions == "target" else {
+            **b, "labels": all_position_labels(b["input_ids"], b["attention_mask"])}  # KD's positions
+        teacher = self._teacher(idx, kb)
         kd_kw = dict(name=cfg.loss.divergence, temperature=cfg.loss.temperature, vocab=self.vocab,
                      **cfg.loss.params) if teacher else {}
         if cfg.train.completion_only:
-            return completion_terms(self.engine.model, b, head_dtype=head_dtype(cfg.train), **teacher, **kd_kw)
-        s = student_logits(self.engine, b)[:, :-1][b["labels"][:, 1:] != -100]  # [N, V]
-        with no_autocast(self.engine.device):
-            return logit_kd_ce(s, labels=target_labels(b["labels"]), **teacher, **kd_kw)
+            kd, ce = completion_terms(self.engine.model, kb, head_dtype=head_dtype(cfg.train), **teacher, **kd_kw)
+        else:
+            s = student_logits(self.engine, kb)[:, :-1][kb["labels"][:, 1:] != -100]  # [M, V]
+            with no_autocast(self.engine.device):
+                kd, ce = logit_kd_ce(s, labels=target_labels(kb["labels"]), **teacher, **kd_kw)
+        kd_rows = target_positions(kb["labels"])[0]  # [M]
+        if kb is b:
+            return kd, kd_rows, ce, kd_rows
+        # CE at the gold targets: they are among the M positions (labels there = the next input token)
+        gold = (b["labels"][:, 1:] != -100)[kb["labels"][:, 1:] != -100]  # [M] bool
+        return kd, kd_rows, ce[gold], kd_rows[gold]
 
     # -- stages (engine hooks)
     def is_boundary(self, step: int) -> bool:
