@@ -21,7 +21,6 @@ by any run of the same (degradation, strength, seed) (they share one degraded mo
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
+from benchmarks.paired import correctness
 from benchmarks.stats import bootstrap_ci
 
 N_BOOT_CORR = 2000
@@ -94,12 +94,6 @@ def correlation_views(configs: list[dict], runs: list[dict], x: str = "cka_after
 
 
 # ------------------------------------------------------------------------- paired deltas
-def correctness(path: Path) -> dict[str, float]:
-    """{example id: 1.0 if prediction == gold else 0.0} of a predictions JSONL file."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return {str(r["id"]): float(r["prediction"] == r["gold"]) for r in rows}
-
-
 def _key(r: dict) -> tuple:
     return (r["degradation"], float(r["strength"]), r["seed"])
 

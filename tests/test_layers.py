@@ -21,13 +21,13 @@ PACKAGES = ("scd", "unisd", "benchmarks")
 # (layer, module-name pattern); the first match wins, so more specific patterns come first.
 LAYERS = [
     (5, r"^scd\.(cli|__main__|assets)$"),
-    (5, r"^benchmarks\.(grid|leaderboard|recovery_study|note_numbers|perf|demo)(\.|$)"),
+    (5, r"^benchmarks\.(grid|leaderboard|recovery_study|scd_study|note_numbers|perf|demo)(\.|$)"),
     (0, r"^scd\.core(\.|$)"),
     (0, r"^(scd|unisd|benchmarks)$"),  # package __init__ files
     (0, r"^scd\.recipes$"),  # name -> module table, imports by string on demand
     (1, r"^scd\.(data|models|tokens|heads|data_config)(\.|$)"),
     (2, r"^scd\.(losses|completion_loss|schedule|weighting|teacher_cache)(\.|$)"),
-    (3, r"^benchmarks\.(tasks|evaluate|cka|stats|recovery_power|lmeval_bridge|eval_config)(\.|$)"),
+    (3, r"^benchmarks\.(tasks|evaluate|cka|stats|paired|recovery_power|lmeval_bridge|eval_config)(\.|$)"),
     (4, r"^scd\.(sft|teacher|distill)(\.|$)"),
     (4, r"^unisd\."),
 ]

@@ -1,0 +1,216 @@
+"""The SCD study's analysis (issue 18): the paper's claims with paired CIs, and its mechanism.
+
+    python -m benchmarks.scd_study results/scd_study_cpu [--task rotten_tomatoes] [--teacher teacher]
+                                                       [--anchor sft]
+
+Reads the ``run.json`` files (status ok) and saved predictions of one grid folder; one row per
+method (``method`` of the grid's runs).  Writes ``scd_study.md`` and ``scd_study.json`` there.
+
+* **Rows**: accuracy (mean ± sd over seeds), constant-predictor runs (>= 95 % of predictions on one
+  label: such a row is never given a verdict), Δ vs the teacher paired by example (seeds averaged per
+  example first; 95 % bootstrap CI over examples), seeds in which the student beats the teacher, and
+  wall seconds per run.
+* **The mechanism** (the paper's SFS/TFS argument): per seed, *student-favoured* examples (SFS: the SFT
+  anchor right, the teacher wrong) and *teacher-favoured* ones (TFS: the teacher right, the anchor
+  wrong); each row's accuracy on both, pooled over seeds.  AW should keep the student's wins on SFS;
+  SCD should shrink its losses on TFS.
+* **Claims**: SCD+AW > CD, CD >= KD, KD > SFT, and the best student vs the teacher; each Δ paired by
+  example and seed with its CI.  ``>``: supported when the CI lies above 0, contradicted below 0, else
+  not distinguishable; ``>=``: contradicted only when the CI lies below 0.  *not measurable* when a
+  row is missing or has a constant-predictor run.
+
+The teacher of a seed is the ``--teacher`` run with that seed, or the only one when the study shares one
+teacher across seeds.  Correctness per example: ``scores.correct`` (:mod:`benchmarks.paired`).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from benchmarks.paired import common_ids, correctness, paired_delta
+from scd.core.results import atomic_write_json, atomic_write_text, iter_run_jsons, read_json
+
+CLAIMS = (("scd_aw", ">", "cd"), ("cd", ">=", "kd"), ("kd", ">", "sft"))
+STUDENT_ORDER = ("sft", "kd", "kd_ce", "cd", "scd", "scd_aw")
+
+
+def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
+    """{method: {seed: {correct: {id: 0/1}, accuracy, constant, wall_s, run_id}}} of the finished runs."""
+    rows: dict[str, dict[int, dict]] = {}
+    for path in iter_run_jsons(root):
+        rec = read_json(path)
+        info = (rec.get("eval_info") or {}).get(task) or {}
+        if rec.get("status") != "ok" or not info.get("predictions"):
+            continue
+        pred = Path(path).parent / info["predictions"]
+        if not pred.exists():
+            continue
+        acc = (rec.get("eval") or {}).get(task, {}).get("accuracy", {})
+        extra = (info.get("extra") or {}).get("accuracy") or {}
+        rows.setdefault(rec["method"], {})[int(rec.get("seed", 0))] = {
+            "correct": correctness(pred), "accuracy": acc.get("value"), "constant": bool(extra.get("constant")),
+            "top_share": extra.get("max_label_share"), "wall_s": (rec.get("train") or {}).get("wall_s"),
+            "run_id": rec.get("run_id")}
+    return rows
+
+
+def teacher_for(teachers: dict[int, dict], seed: int) -> dict | None:
+    """The teacher run paired with ``seed``: its own seed's, else the only one (a shared teacher)."""
+    if seed in teachers:
+        return teachers[seed]
+    return next(iter(teachers.values())) if len(teachers) == 1 else None
+
+
+def favoured_subsets(anchor: dict[str, float], teacher: dict[str, float]) -> tuple[list[str], list[str]]:
+    """(SFS, TFS) ids: anchor right and teacher wrong; teacher right and anchor wrong."""
+    ids = common_ids(anchor, teacher)
+    return ([i for i in ids if anchor[i] > teacher[i]], [i for i in ids if teacher[i] > anchor[i]])
+
+
+def _mean_sd(vals: list[float]) -> tuple[float, float]:
+    v = [x for x in vals if x is not None]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def row_summary(method: str, runs: dict[int, dict], teachers: dict[int, dict], anchors: dict[int, dict],
+                n_boot: int) -> dict:
+    """One row of the table: accuracy, Δ vs teacher, SFS/TFS accuracy, seeds beating the teacher."""
+    seeds = sorted(runs)
+    acc, sd = _mean_sd([runs[s]["accuracy"] for s in seeds])
+    paired = [(runs[s], teacher_for(teachers, s)) for s in seeds]
+    paired = [(r, t) for r, t in paired if t is not None]
+    vs_t = paired_delta([r["correct"] for r, _ in paired], [t["correct"] for _, t in paired], n_boot=n_boot)
+    sfs = [0, 0]  # correct, total (pooled over seeds)
+    tfs = [0, 0]
+    for s in seeds:
+        t, a = teacher_for(teachers, s), anchors.get(s)
+        if t is None or a is None:
+            continue
+        sub_s, sub_t = favoured_subsets(a["correct"], t["correct"])
+        c = runs[s]["correct"]
+        sfs = [sfs[0] + sum(c.get(i, 0.0) for i in sub_s), sfs[1] + len(sub_s)]
+        tfs = [tfs[0] + sum(c.get(i, 0.0) for i in sub_t), tfs[1] + len(sub_t)]
+    beats = sum(1 for r, t in paired if (r["accuracy"] or 0) > (t["accuracy"] or 0))
+    walls = [runs[s]["wall_s"] for s in seeds if runs[s]["wall_s"] is not None]
+    return {"method": method, "seeds": seeds, "accuracy": acc, "accuracy_sd": sd,
+            "constant_runs": sum(runs[s]["constant"] for s in seeds),
+            "vs_teacher": vs_t, "sfs_acc": sfs[0] / sfs[1] if sfs[1] else float("nan"), "sfs_n": sfs[1],
+            "tfs_acc": tfs[0] / tfs[1] if tfs[1] else float("nan"), "tfs_n": tfs[1],
+            "beats_teacher_seeds": beats, "paired_seeds": len(paired),
+            "wall_s": float(np.mean(walls)) if walls else float("nan")}
+
+
+def verdict(delta: dict, op: str) -> str:
+    lo, hi = delta["ci"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "not measurable"
+    if op == ">":
+        return "supported" if lo > 0 else ("contradicted" if hi < 0 else "not distinguishable (CI includes 0)")
+    return "contradicted" if hi < 0 else ("supported (strictly better)" if lo > 0 else
+                                          "supported (not distinguishable, CI includes 0)")
+
+
+def claims(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], teacher: str, n_boot: int) -> list[dict]:
+    """The paper's claims, each Δ paired by example and seed (the seeds both rows have)."""
+    out = []
+    students = [m for m in summaries if m != teacher]
+    clean = [m for m in students if summaries[m]["constant_runs"] == 0]
+    best = max(clean, key=lambda m: summaries[m]["accuracy"], default=None)
+    tests = [(a, op, b) for a, op, b in CLAIMS] + [(best or "best student", ">=", teacher)]
+    for a, op, b in tests:
+        claim = f"{a} {op} {b}"
+        if best is None and b == teacher:
+            out.append({"claim": claim, "verdict": "not measurable (every student row has a constant run)"})
+            continue
+        if a not in rows or b not in rows:
+            out.append({"claim": claim, "verdict": "not measurable (row missing)"})
+            continue
+        if summaries[a]["constant_runs"] or summaries[b]["constant_runs"]:
+            out.append({"claim": claim, "verdict": "not measurable (a constant-predictor run)"})
+            continue
+        if b == teacher:
+            da = [rows[a][s]["correct"] for s in sorted(rows[a]) if teacher_for(rows[b], s) is not None]
+            db = [teacher_for(rows[b], s)["correct"] for s in sorted(rows[a]) if teacher_for(rows[b], s) is not None]
+        else:
+            seeds = sorted(set(rows[a]) & set(rows[b]))
+            da, db = [rows[a][s]["correct"] for s in seeds], [rows[b][s]["correct"] for s in seeds]
+        d = paired_delta(da, db, n_boot=n_boot)
+        out.append({"claim": claim + (" (best student vs teacher)" if b == teacher else ""), **d,
+                    "verdict": verdict(d, op)})
+    return out
+
+
+def _f(v, digits: int = 3, sign: bool = False) -> str:
+    if v is None or not math.isfinite(float(v)):
+        return "-"
+    return f"{float(v):+.{digits}f}" if sign else f"{float(v):.{digits}f}"
+
+
+def markdown(root: Path, task: str, table: list[dict], claim_rows: list[dict], teacher: str, anchor: str) -> str:
+    lines = [f"# SCD study: {root.name} ({task})", "",
+             "Generated by `python -m benchmarks.scd_study` from the run.json files and saved predictions "
+             "(do not edit by hand).  Δ = paired by example, seeds averaged per example first; 95 % bootstrap "
+             f"CI over examples.  SFS / TFS: examples where the SFT anchor (`{anchor}`) is right and the teacher "
+             f"(`{teacher}`) wrong / the reverse, per seed, pooled.  ⚠ = a constant-predictor run (>= 95 % of "
+             "predictions on one label): no verdict uses it.", "",
+             "| method | seeds | accuracy (mean ± sd) | Δ vs teacher [95% CI] | acc on SFS (n) | acc on TFS (n) | "
+             "seeds > teacher | wall s / run |", "|---|---:|---|---|---|---|---:|---:|"]
+    for r in table:
+        flag = f" ⚠ {r['constant_runs']} constant" if r["constant_runs"] else ""
+        v = r["vs_teacher"]
+        ci = f"[{_f(v['ci'][0], sign=True)}, {_f(v['ci'][1], sign=True)}]" if v["n"] else ""
+        lines.append(f"| {r['method']}{flag} | {len(r['seeds'])} | {_f(r['accuracy'])} ± {_f(r['accuracy_sd'])} | "
+                     f"{_f(v['delta'], sign=True)} {ci} | {_f(r['sfs_acc'])} ({r['sfs_n']}) | "
+                     f"{_f(r['tfs_acc'])} ({r['tfs_n']}) | {r['beats_teacher_seeds']}/{r['paired_seeds']} | "
+                     f"{_f(r['wall_s'], 0)} |")
+    lines += ["", "## The paper's claims", "", "| claim | Δ [95% CI] | verdict |", "|---|---|---|"]
+    for c in claim_rows:
+        d = (f"{_f(c['delta'], sign=True)} [{_f(c['ci'][0], sign=True)}, {_f(c['ci'][1], sign=True)}] "
+             f"(n = {c['n']})") if "delta" in c else "-"
+        lines.append(f"| {c['claim']} | {d} | {c['verdict']} |")
+    return "\n".join(lines + [""])
+
+
+def study(root: str | Path, task: str = "rotten_tomatoes", teacher: str = "teacher", anchor: str = "sft",
+          n_boot: int = 10_000) -> dict:
+    root = Path(root)
+    rows = load_rows(root, task)
+    if not rows:
+        raise ValueError(f"{root}: no finished run with predictions for task {task!r}")
+    teachers, anchors = rows.get(teacher, {}), rows.get(anchor, {})
+    order = [teacher] + [m for m in STUDENT_ORDER if m in rows] + sorted(set(rows) - set(STUDENT_ORDER) - {teacher})
+    summaries = {m: row_summary(m, rows[m], teachers, anchors, n_boot) for m in order if m in rows}
+    claim_rows = claims(rows, summaries, teacher, n_boot)
+    res = {"task": task, "teacher": teacher, "anchor": anchor, "rows": list(summaries.values()), "claims": claim_rows}
+    atomic_write_json(root / "scd_study.json", res)
+    atomic_write_text(root / "scd_study.md", markdown(root, task, list(summaries.values()), claim_rows, teacher, anchor))
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scd_study", description=__doc__.split("\n\n")[0])
+    ap.add_argument("grid_dir")
+    ap.add_argument("--task", default="rotten_tomatoes")
+    ap.add_argument("--teacher", default="teacher", help="method name of the teacher rows")
+    ap.add_argument("--anchor", default="sft", help="method name of the SFT anchor rows (SFS/TFS)")
+    args = ap.parse_args(argv)
+    try:
+        res = study(args.grid_dir, args.task, args.teacher, args.anchor)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for c in res["claims"]:
+        print(f"[scd_study] {c['claim']}: {c['verdict']}")
+    print(f"wrote {Path(args.grid_dir) / 'scd_study.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

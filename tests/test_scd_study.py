@@ -1,0 +1,66 @@
+"""benchmarks.scd_study: SFS/TFS subsets, paired claims and verdicts, constant rows never judged."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.scd_study import favoured_subsets, main, study, verdict
+from scd.core.results import atomic_write_json
+
+GOLD = ["a", "b"] * 10  # 20 examples, balanced
+
+
+def _run(root, method, seed, correct, constant=False):
+    d = root / f"{method}{seed}"
+    (d / "predictions").mkdir(parents=True)
+    preds = [g if c else ("b" if g == "a" else "a") for g, c in zip(GOLD, correct)]
+    (d / "predictions" / "t.jsonl").write_text("".join(
+        json.dumps({"id": i, "prediction": p, "gold": g, "scores": {"correct": float(p == g)}}) + "\n"
+        for i, (p, g) in enumerate(zip(preds, GOLD))))
+    acc = sum(correct) / len(correct)
+    atomic_write_json(d / "run.json", {
+        "run_id": f"{method}{seed}", "method": method, "seed": seed, "status": "ok", "train": {"wall_s": 10.0},
+        "eval": {"t": {"accuracy": {"value": acc, "n": 20}}},
+        "eval_info": {"t": {"predictions": "predictions/t.jsonl",
+                            "extra": {"accuracy": {"constant": constant, "max_label_share": 0.5}}}}})
+
+
+def test_favoured_subsets():
+    anchor = {"0": 1.0, "1": 0.0, "2": 1.0, "3": 0.0}
+    teacher = {"0": 0.0, "1": 1.0, "2": 1.0, "3": 0.0}
+    assert favoured_subsets(anchor, teacher) == (["0"], ["1"])
+
+
+def test_verdicts():
+    assert verdict({"ci": [0.01, 0.05]}, ">") == "supported"
+    assert verdict({"ci": [-0.05, -0.01]}, ">") == "contradicted"
+    assert verdict({"ci": [-0.01, 0.05]}, ">").startswith("not distinguishable")
+    assert verdict({"ci": [-0.01, 0.05]}, ">=").startswith("supported (not distinguishable")
+    assert verdict({"ci": [-0.05, -0.01]}, ">=") == "contradicted"
+
+
+def test_study_on_a_synthetic_grid(tmp_path):
+    # one shared teacher (seed 0): right on 0-13; the SFT anchor: right on 6-19
+    teacher = [i < 14 for i in range(20)]
+    for seed in (0, 1):
+        _run(tmp_path, "sft", seed, [i >= 6 for i in range(20)])
+        _run(tmp_path, "kd", seed, [True] * 20)  # better than sft on every seed
+        _run(tmp_path, "cd", seed, [i % 2 == 0 for i in range(20)], constant=True)
+    _run(tmp_path, "teacher", 0, teacher)
+    res = study(tmp_path, task="t", n_boot=500)
+    rows = {r["method"]: r for r in res["rows"]}
+    # SFS: anchor right, teacher wrong = 14..19 (6 per seed); TFS = 0..5
+    assert rows["kd"]["sfs_n"] == 12 and rows["kd"]["tfs_n"] == 12
+    assert rows["kd"]["sfs_acc"] == 1.0 and rows["kd"]["tfs_acc"] == 1.0
+    assert rows["sft"]["sfs_acc"] == 1.0 and rows["sft"]["tfs_acc"] == 0.0
+    assert rows["kd"]["vs_teacher"]["delta"] == pytest.approx(1.0 - 0.7)
+    assert rows["kd"]["beats_teacher_seeds"] == 2 and rows["cd"]["constant_runs"] == 2
+    by = {c["claim"].split(" (")[0]: c for c in res["claims"]}
+    assert by["kd > sft"]["delta"] == pytest.approx(1.0 - 0.7) and by["kd > sft"]["verdict"] == "supported"
+    assert by["cd >= kd"]["verdict"].startswith("not measurable")  # cd has constant runs
+    assert by["scd_aw > cd"]["verdict"] == "not measurable (row missing)"
+    assert by["kd >= teacher"]["verdict"].startswith("supported")  # the best clean student is kd
+    md = (tmp_path / "scd_study.md").read_text()
+    assert "| cd ⚠ 2 constant |" in md and "| kd > sft | +0.300" in md
+    assert main([str(tmp_path), "--task", "t"]) == 0 and main([str(tmp_path), "--task", "nope"]) == 2
