@@ -1,5 +1,6 @@
 """UniSD components: pure math against hand-computed cases, component behaviour on a tiny
 model, the one-provider rule, and a meta-test that every built-in component has a test."""
+import copy
 import dataclasses
 import math
 
@@ -352,20 +353,74 @@ def test_ema_decay_zero_copies_the_student(smol_tokenizer):
     _ema_decay0_case(smol_tokenizer)
 
 
-def test_ema_with_lora_changes_the_teacher_adapters(smol_tokenizer):
-    lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _lora_ema_run(smol_tokenizer, adapters: str, steps: int = 2):
     run = setup_run(smol_tokenizer, {"in_context_teacher": {"max_new_tokens": 4},
-                                     "ema_teacher": {"decay": 0.5, "every": 1}}, lora=lora, lr=1e-2)
+                                     "ema_teacher": {"decay": 0.5, "every": 1, "adapters": adapters}},
+                    lora=LORA, lr=1e-2)
+    before = {n: t.detach().clone() for n, t in run.ctx.teacher.named_parameters()}
+    for _ in range(steps):
+        step_once(run, update=True)
+    return run, before
+
+
+@torch.no_grad()
+def _dense_effective(model) -> dict:
+    """{layer: W0 + (alpha / r) B A} in float64, computed by hand from the parameters (the slow reference)."""
+    p = dict(model.named_parameters())
+    out = {}
+    for name in p:
+        if name.endswith(".base_layer.weight"):
+            layer = name[: -len(".base_layer.weight")]
+            a, b = p[f"{layer}.lora_A.default.weight"], p[f"{layer}.lora_B.default.weight"]
+            out[layer] = p[name].double() + (LORA["lora_alpha"] / LORA["r"]) * (b.double() @ a.double())
+    return out
+
+
+def test_ema_with_lora_averages_the_merged_weights(smol_tokenizer):
+    """adapters: average = EMA of the student's effective weights W0 + s B A, against a float64 reference."""
+    run = setup_run(smol_tokenizer, {"in_context_teacher": {"max_new_tokens": 4},
+                                     "ema_teacher": {"decay": 0.5, "every": 1}}, lora=LORA, lr=1e-2)
+    ref = _dense_effective(run.ctx.model)  # the teacher at step 0 is the student (B = 0: W0)
+    for _ in range(3):
+        step_once(run, update=True)
+        ref = {k: 0.5 * v + 0.5 * _dense_effective(run.ctx.model)[k] for k, v in ref.items()}
+    t = dict(run.ctx.teacher.named_parameters())
+    assert len(ref) == 4 and max(float((ref[k] - _dense_effective(run.ctx.model)[k]).abs().max()) for k in ref) > 1e-4
+    for k, v in ref.items():
+        assert torch.allclose(t[f"{k}.base_layer.weight"].double(), v, atol=1e-6), k
+    dense = copy.deepcopy(run.ctx.model).merge_and_unload()  # a plain model holding the reference weights
+    with torch.no_grad():
+        for k, v in ref.items():
+            dense.get_submodule(k.removeprefix("base_model.model.")).weight.copy_(v.float())
+        ids = torch.randint(0, 500, (2, 7))
+        assert torch.allclose(run.ctx.teacher(ids).logits, dense(ids).logits, atol=1e-5)
+    assert run.stats["ema_teacher/distance"] > 0  # ||W_T - W_S|| after the last update
+
+
+def test_ema_with_lora_skip_keeps_the_teacher_as_released(smol_tokenizer):
+    run, before = _lora_ema_run(smol_tokenizer, "skip")
+    after = dict(run.ctx.teacher.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the released EMA teacher never changes
+    assert any(not torch.equal(p, before[n]) for n, p in run.ctx.model.named_parameters() if "lora_B" in n)
+
+
+def test_ema_with_lora_factors_averages_a_and_b_separately(smol_tokenizer):
+    run, before = _lora_ema_run(smol_tokenizer, "factors", steps=1)
     pairs = trained_pairs(run.ctx.model, run.ctx.teacher)
     assert pairs and all("lora_" in name for name, _, _ in pairs)  # what is trained are the adapters
-    before = {n: t.detach().clone() for n, t in run.ctx.teacher.named_parameters()}
-    step_once(run, update=True)
     after = dict(run.ctx.teacher.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all("lora_" in n for n in changed)  # the teacher's adapters moved, base weights did not
     s = dict(run.ctx.model.named_parameters())
     n = next(iter(n for n in changed if "lora_B" in n))
     assert torch.allclose(after[n], 0.5 * before[n] + 0.5 * s[n])
+    step_once(run, update=True)  # after two updates B_T A_T is not the average of B A (cross terms)
+    merged = _lora_ema_run(smol_tokenizer, "average")[0]
+    tf, tm = _dense_effective(run.ctx.teacher), dict(merged.ctx.teacher.named_parameters())
+    assert max(float((tf[k] - tm[f"{k}.base_layer.weight"].double()).abs().max()) for k in tf) > 1e-7
 
 
 # ----------------------------------------------------------------------------- in-context teacher
@@ -373,8 +428,11 @@ def _in_context_teacher_case(smol_tokenizer):
     from unisd.prompts import teacher_prompt
 
     ex = {"instruction": "Classify.", "input": "A fine film.", "target": "fresh", "task": "t"}
-    text = teacher_prompt(ex, smol_tokenizer)
-    assert "A fine film." in text and "reference answer" in text and "fresh" in text
+    text = teacher_prompt(ex, smol_tokenizer)  # the released wording by default
+    assert "Classify.\n\nA fine film.\n\nThis is an example for a response to the question:\nfresh\n\n" in text
+    assert text.count("Carefully study the reference solution") == 1
+    ours = teacher_prompt(ex, smol_tokenizer, template="ours")
+    assert "A fine film.\n\nA reference answer to this request:\nfresh\n\nStudy the reference answer" in ours
     run = setup_run(smol_tokenizer, {"in_context_teacher": {"max_new_tokens": 5, "skip_first_tokens": 2}})
     step_once(run)
     b = run.ctx.batch
@@ -467,7 +525,7 @@ def test_unisd_config_validates_components_and_objective(tmp_path):
 # ----------------------------------------------------------------------------- meta-test
 TEST_ENTRIES = {
     "in_context_teacher": test_in_context_teacher_component,
-    "ema_teacher": test_ema_with_lora_changes_the_teacher_adapters,
+    "ema_teacher": test_ema_with_lora_averages_the_merged_weights,
     "multi_teacher_agreement": test_multi_teacher_agreement_component,
     "token_contrastive": test_token_contrastive_component,
     "feature_matching": test_feature_matching_component,

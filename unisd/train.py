@@ -52,7 +52,8 @@ from scd.losses import per_token_divergence, resolve_divergence
 from scd.models import ModelConfig, build_model, save_model
 import unisd.components  # noqa: F401  (registers the built-in components)
 from unisd.baselines import run_baseline
-from unisd.components.base import build_components, components_table, load_plugins, needs_of
+from unisd.components.base import (build_components, components_table, explicit_spec, load_plugins, needs_of,
+                                   spec_id_view)
 from unisd.context import Context, frozen_copy, shots_by_task
 
 OBJECTIVES = ("self_distill", "sft", "sdft_rewrite")
@@ -132,6 +133,8 @@ class UniSDConfig:
         load_plugins(self.plugins)
         if self.objective == "self_distill":
             build_components(self.components)  # unknown names, bad params, provider count -> error now
+            # parameters whose default changed (unisd.components.base.added_param) are written out
+            object.__setattr__(self, "components", explicit_spec(self.components))
         else:
             on = [n for n, v in components_table(self.components).items() if v]
             if on:
@@ -297,4 +300,9 @@ def run(cfg: UniSDConfig, run_dir: Path) -> dict:
     return rd.finish(train=stats, artifacts=artifacts, **evaluation)
 
 
-register_recipe("unisd", UniSDConfig, run)
+def id_view(resolved: dict) -> dict:
+    """The resolved config as hashed into the run id (:func:`unisd.components.base.spec_id_view`)."""
+    return {**resolved, "components": spec_id_view(resolved.get("components") or {})}
+
+
+register_recipe("unisd", UniSDConfig, run, id_view=id_view)

@@ -280,10 +280,15 @@ class RecipeSpec:
     name: str
     config_cls: type
     run: typing.Callable | None = None  # run(cfg, run_dir) -> dict
+    # resolved config -> the dict its run id is hashed from (scd.core.results.run_id); None: the config itself.
+    # For parameters whose default changed after runs were recorded (unisd: components.*.template): the view
+    # leaves out the value those runs behaved as, so a config that pins it keeps the recorded run id.
+    id_view: typing.Callable | None = None
 
 
-def register_recipe(name: str, config_cls: type, run: typing.Callable | None = None) -> RecipeSpec:
-    spec = RecipeSpec(name, config_cls, run)
+def register_recipe(name: str, config_cls: type, run: typing.Callable | None = None,
+                    id_view: typing.Callable | None = None) -> RecipeSpec:
+    spec = RecipeSpec(name, config_cls, run, id_view)
     RECIPES.add(name, spec, override=True)
     return spec
 

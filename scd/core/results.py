@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterable
 
-from scd.core.config import dump_yaml, to_dict
+from scd.core.config import RECIPES, dump_yaml, to_dict
 from scd.core.faults import fault_point
 
 SCHEMA_VERSION = 1
@@ -116,8 +116,12 @@ def config_hash(resolved: Any, n: int = 12) -> str:
 
 def run_id(resolved_config: dict) -> str:
     """The run id: hash of the fully resolved config without its ``grid`` key, so the same
-    config has the same id in any grid (and outside one)."""
-    return config_hash({k: v for k, v in resolved_config.items() if k != "grid"})
+    config has the same id in any grid (and outside one).  A registered recipe's ``id_view``
+    (:func:`scd.core.config.register_recipe`) is applied first."""
+    name = resolved_config.get("recipe")
+    spec = RECIPES.get(name) if isinstance(name, str) and name in RECIPES else None
+    view = spec.id_view(resolved_config) if spec is not None and spec.id_view is not None else resolved_config
+    return config_hash({k: v for k, v in view.items() if k != "grid"})
 
 
 def default_run_dir(cfg: Any, results_root: str | os.PathLike = "results") -> Path:

@@ -156,6 +156,48 @@ def sequence_mean(per_token, mask, weights=None, n_sequences_total: int | None =
     return r.sum() / max(float(n), 1.0)
 
 
+# ------------------------------------------------------------------------- changed defaults
+def added_param(*, default: Any, legacy: Any) -> Any:
+    """A component parameter whose default changed (or that was added) after runs were recorded.
+
+    ``legacy`` is how every run recorded before behaved.  The resolved config writes the
+    parameter out whenever the component is on (:func:`explicit_spec`), so a config.yaml
+    always says which behaviour it ran; the run id leaves it out when it holds ``legacy``
+    (:func:`spec_id_view`), so a committed config that pins the legacy value keeps its run id
+    and a config that says nothing gets the new default under a new id.  Pin it inside the
+    component's mapping (``{template: ours}`` hashes as ``{}``, not as ``true``).
+    """
+    return dataclasses.field(default=default, metadata={"legacy": legacy})
+
+
+def _added_params(name: str) -> dict:
+    cls = COMPONENTS.get(name)
+    return {f.name: f for f in dataclasses.fields(cls.Params) if "legacy" in f.metadata}
+
+
+def explicit_spec(spec: dict) -> dict:
+    """``components`` with every :func:`added_param` of an enabled component written out."""
+    out = {}
+    for name, raw in (spec or {}).items():
+        if name in COMPONENTS and component_enabled(raw) and _added_params(name):
+            raw = {} if raw is True else dict(raw)
+            for key, f in _added_params(name).items():
+                raw.setdefault(key, f.default)
+        out[name] = raw
+    return out
+
+
+def spec_id_view(spec: dict) -> dict:
+    """``components`` as hashed into the run id: :func:`added_param` values equal to ``legacy`` left out."""
+    out = {}
+    for name, raw in (spec or {}).items():
+        if name in COMPONENTS and isinstance(raw, dict):
+            legacy = {k: f.metadata["legacy"] for k, f in _added_params(name).items()}
+            raw = {k: v for k, v in raw.items() if not (k in legacy and v == legacy[k])}
+        out[name] = raw
+    return out
+
+
 # ------------------------------------------------------------------------- building
 def _where(source: str | None) -> str:
     return f"{source}: " if source else ""

@@ -3,7 +3,8 @@
 UniSD (arXiv 2605.06597) and on-policy SDFT (Shenfeld et al.): the teacher is the
 same model -- a frozen copy made at the start of training, or the EMA copy when the
 ``ema_teacher`` component is on (it updates ``ctx.teacher`` in place) -- that sees
-the reference answer in its prompt (:mod:`unisd.prompts`).  Completions are sampled
+the reference answer in its prompt (:mod:`unisd.prompts`; ``template`` released, as the
+released UniSD code words it, or ours).  Completions are sampled
 from the student at ``temperature`` (batched, seeded per step); the teacher scores
 the same completion tokens after its own prompt, and the recipe's per-token
 divergence compares both distributions with logits divided by ``temperature``.
@@ -23,8 +24,8 @@ import random
 
 from benchmarks.tasks.base import task_max_new_tokens
 from scd.data.prompts import render_target
-from unisd.components.base import Component, Targets, register_component
-from unisd.prompts import REFERENCE_TEMPLATE, check_template, teacher_prompt
+from unisd.components.base import Component, Targets, added_param, register_component
+from unisd.prompts import check_template, teacher_prompt
 
 
 @register_component("in_context_teacher")
@@ -40,7 +41,8 @@ class InContextTeacher(Component):
         skip_first_tokens: int = 0
         generation_batch_size: int = 16
         max_teacher_prompt_len: int = 1024  # tokens; teacher prompts are left-truncated to it
-        template: str = REFERENCE_TEMPLATE
+        # released | ours | a text with {input} and {reference} (unisd.prompts.TEMPLATES); runs before issue 20: ours
+        template: str = added_param(default="released", legacy="ours")
 
         def __post_init__(self) -> None:
             if not self.temperature > 0:

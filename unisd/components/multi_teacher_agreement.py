@@ -1,10 +1,21 @@
 """Multi-teacher agreement: down-weight tokens (or sequences) the teacher is unsure about.
 
 UniSD (arXiv 2605.06597): K teachers are the same teacher model under K different
-few-shot contexts (each: the reference answer block plus ``shots`` demonstrations,
-chosen at random or by MiniLM retrieval of the most similar training examples of the
-same task; context k gets neighbours k*shots .. (k+1)*shots-1).  Each scores the
-completion tokens (at ``temperature``, 1.0 as in the reference code).
+few-shot contexts, each with ``shots`` demonstrations chosen at random or by MiniLM
+retrieval of the most similar training examples of the same task (context k gets
+neighbours k*shots .. (k+1)*shots-1).  Each scores the completion tokens (at
+``temperature``, 1.0 as in the reference code).  ``context``:
+
+* ``released`` (default; Ahren09/UniSD src/data/scienceqa.py:151-202 and
+  src/trainers/unisd_trainer.py:260-295): the demonstrations are solved examples of OTHER
+  questions inside the user turn ("## Reference Samples (DO NOT SOLVE THESE)" ...), then
+  the student's prompt -- no reference answer of the example itself, so the K teachers'
+  disagreement is the teacher's uncertainty about the completion
+  (:func:`unisd.prompts.agreement_prompt`);
+* ``with_reference`` (every run before issue 20): each context is the in-context teacher's
+  prompt (the reference answer block, worded by ``template``) with the demonstrations as
+  few-shot chat turns; the K teachers all know the answer, so their disagreement measures
+  sensitivity to the demonstrations.
 
 Token level (``level: token``), per completion token t::
 
@@ -28,9 +39,12 @@ import random
 
 import torch
 
-from unisd.components.base import Component, register_component
-from unisd.prompts import REFERENCE_TEMPLATE, check_template, teacher_prompt
+from scd.core.registry import did_you_mean
+from unisd.components.base import Component, added_param, register_component
+from unisd.prompts import agreement_prompt, check_template, teacher_prompt
 from unisd.retrieval import encode_texts, nearest
+
+CONTEXTS = ("released", "with_reference")
 
 
 def token_agreement_weights(logps: torch.Tensor, mask: torch.Tensor, gamma: float, quantile: float = 0.95,
@@ -91,7 +105,8 @@ class MultiTeacherAgreement(Component):
         floor: float = 0.01  # token level; sequence level uses 1e-6
         temperature: float = 1.0  # temperature of the agreement passes
         max_teacher_prompt_len: int = 1024
-        template: str = REFERENCE_TEMPLATE
+        context: str = added_param(default="released", legacy="with_reference")  # released | with_reference
+        template: str = added_param(default="released", legacy="ours")  # the reference wording (with_reference)
         encoder: str | None = None  # sentence encoder folder (default: the packaged MiniLM)
 
         def __post_init__(self) -> None:
@@ -105,6 +120,9 @@ class MultiTeacherAgreement(Component):
                 raise ValueError(f"level must be token or sequence, got {self.level!r}")
             if self.gamma < 0 or not 0 < self.quantile <= 1 or self.cap <= 0 or not 0 <= self.floor <= 1:
                 raise ValueError("need gamma >= 0, 0 < quantile <= 1, cap > 0, 0 <= floor <= 1")
+            if self.context not in CONTEXTS:
+                raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {self.context!r}"
+                                 f"{did_you_mean(str(self.context), CONTEXTS)}")
             check_template(self.template)
 
     def setup(self, ctx) -> None:
@@ -120,13 +138,18 @@ class MultiTeacherAgreement(Component):
         self.demos = [choose_demos(i, exs, p.k, p.shots, seed=ctx.seed, neighbours=neighbours, pool_by_task=by_task)
                       for i in range(len(exs))]
 
+    def prompt(self, ctx, example: dict, demos: list[dict]) -> str:
+        """Context text of one agreement teacher (see ``context`` in the module doc)."""
+        if self.params.context == "released":
+            return agreement_prompt(example, demos, ctx.tokenizer, shots=ctx.shots_for(example))
+        return teacher_prompt(example, ctx.tokenizer, template=self.params.template, shots=demos)
+
     def loss_terms(self, ctx, targets) -> dict:
         p = self.params
         b = ctx.batch
         logps = []
         for c in range(p.k):
-            texts = [teacher_prompt(ex, ctx.tokenizer, template=p.template,
-                                    shots=[ctx.examples[j] for j in self.demos[i][c]])
+            texts = [self.prompt(ctx, ex, [ctx.examples[j] for j in self.demos[i][c]])
                      for ex, i in zip(b.examples, b.indices)]
             logps.append(ctx.teacher_token_logps(ctx.encode(texts, p.max_teacher_prompt_len), p.temperature))
         stacked = torch.stack(logps)  # [K, B, L]

@@ -19,9 +19,9 @@ import dataclasses
 
 import torch
 
-from unisd.components.base import Component, register_component, sequence_mean
+from unisd.components.base import Component, added_param, register_component, sequence_mean
 from unisd.context import token_logps
-from unisd.prompts import REFERENCE_TEMPLATE, check_template, teacher_prompt, wrong_reference_table
+from unisd.prompts import check_template, teacher_prompt, wrong_reference_table
 
 
 def contrastive_per_token(student_lp: torch.Tensor, pos_lp: torch.Tensor, neg_lp: torch.Tensor,
@@ -44,7 +44,8 @@ class TokenContrastive(Component):
         margin: float = 0.5
         weight: float = 0.1
         max_teacher_prompt_len: int = 1024
-        template: str = REFERENCE_TEMPLATE
+        # the negative teacher's wording (unisd.prompts.TEMPLATES; use the provider's); runs before issue 20: ours
+        template: str = added_param(default="released", legacy="ours")
 
         def __post_init__(self) -> None:
             if self.margin < 0 or self.weight < 0:
