@@ -1,5 +1,8 @@
 """Fidelity to the released UniSD code (issue 20): the teacher wording, the agreement teachers'
 context, exclusive clipping settings, and run ids that survive the changed defaults."""
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +136,13 @@ def test_shipped_unisd_configs_choose_wording_and_betas(name, template):
     assert cfg.components["in_context_teacher"]["template"] == template
     assert "betas" in yaml.safe_load(path.read_text())["train"]  # chosen in the file, not inherited
     assert cfg.train.betas[1] == (0.95 if name in ("base_cpu", "base_tiny") else 0.999)
+
+
+def test_run_id_does_not_depend_on_which_recipes_are_imported(tmp_path):
+    """run_id applies the recipe's id_view; a fresh process that has not imported unisd yet must hash a
+    unisd config to the same id (scd.core.results.run_id imports the built-in recipe first)."""
+    resolved = to_dict(load_config("configs/unisd/base_cpu.yaml"))
+    code = "import json,sys; from scd.core.results import run_id; print(run_id(json.loads(sys.stdin.read())))"
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(resolved), capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == run_id(resolved)

@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterable
 
+from scd import recipes
 from scd.core.config import RECIPES, dump_yaml, to_dict
 from scd.core.faults import fault_point
 
@@ -119,6 +120,8 @@ def run_id(resolved_config: dict) -> str:
     config has the same id in any grid (and outside one).  A registered recipe's ``id_view``
     (:func:`scd.core.config.register_recipe`) is applied first."""
     name = resolved_config.get("recipe")
+    if isinstance(name, str):
+        recipes.ensure(name)  # a built-in recipe registers its id_view on import: ids never depend on import order
     spec = RECIPES.get(name) if isinstance(name, str) and name in RECIPES else None
     view = spec.id_view(resolved_config) if spec is not None and spec.id_view is not None else resolved_config
     return config_hash({k: v for k, v in view.items() if k != "grid"})
