@@ -14,7 +14,7 @@ from tests.unisd_tiny import setup_run, step_once
 from scd.core.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 from scd.core.results import config_hash, run_id
 from unisd.components.base import build_component
-from unisd.prompts import TEMPLATES, agreement_prompt, check_template, teacher_prompt
+from unisd.prompts import TEMPLATES, agreement_prompt, check_template
 from unisd.train import UniSDConfig
 
 ROOT = Path(__file__).resolve().parents[1]
