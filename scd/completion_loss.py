@@ -7,8 +7,8 @@ Layer: same as ``scd.losses`` (pure math, no models), kept in its own file so
 head) or cached (``scd.losses.TopKTeacher``, see ``scd.teacher_cache``).
 
 One head matmul per chunk serves both terms; only ``[chunk_size, V]`` logits exist at a
-time; the backward recomputes each chunk (same scheme as ``scd.losses.chunked_divergence``,
-which returns the divergence only).  Numerics: see ``fused_kd_ce``.
+time; the backward recomputes each chunk.  ``chunked_divergence`` is the KD-only form (any
+leading shape, a strict vocabulary check).  Numerics: see ``fused_kd_ce``.
 """
 from __future__ import annotations
 
@@ -206,3 +206,38 @@ def fused_kd_ce(student_hidden: Tensor, weight: Tensor, *, labels: Tensor | None
     spec.keep = needs_grad and N * V * itemsize + t_bytes <= keep_logits_mb * 2**20
     out = _ChunkedKdCe.apply(h, w, b, spec)  # [N, 2]
     return out[:, 0], out[:, 1]
+
+
+def chunked_divergence(student_hidden: Tensor, teacher: Tensor | TopKTeacher, weight: Tensor, *,
+                       name: str = "forward_kl", bias: Tensor | None = None,
+                       teacher_weight: Tensor | None = None, teacher_bias: Tensor | None = None,
+                       temperature: float = 1.0, scale_by_t2: bool = True, chunk_size: int = 1024,
+                       **params: Any) -> Tensor:
+    """Per-token divergence with the student's lm-head fused in, over chunks of tokens: ``fused_kd_ce``
+    without the CE term, never keeping logits (the backward recomputes each chunk).
+
+    student_hidden [N, H] (or [..., H]); weight [V, H] (+ bias [V]); ``teacher``: logits [N, V],
+    hidden states [N, Ht] with ``teacher_weight`` [V, Ht], or a ``TopKTeacher``.  Returns [N] (or
+    [...]), equal (to float rounding) to ``per_token_divergence(name, h @ W.T + b, teacher_logits)``,
+    with gradients for ``student_hidden``, ``weight`` and ``bias``; the teacher gets none.  Memory:
+    one chunk's ``[chunk_size, V]`` logits and their fp32 intermediates at a time instead of
+    ``[N, V]`` logits of both models; cost: one extra lm-head matmul per chunk in the backward.
+    """
+    lead = student_hidden.shape[:-1]
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    N, V = h.shape[0], weight.shape[0]
+    if isinstance(teacher, TopKTeacher):
+        t = teacher[:] if teacher.logp.ndim == 2 else TopKTeacher(
+            teacher.logp.reshape(N, -1), teacher.idx.reshape(N, -1), teacher.tail_logmass.reshape(N),
+            teacher.temperature)
+    else:
+        t = teacher.reshape(-1, teacher.shape[-1])
+        if teacher_weight is None and t.shape[1] != V:
+            raise ValueError(f"teacher logits have vocab {t.shape[1]} but the student lm-head has {V} rows "
+                             "(teacher hidden states need teacher_weight=...)")
+        if teacher_weight is not None and tuple(teacher_weight.shape) != (V, t.shape[1]):
+            raise ValueError(f"teacher lm-head weight {tuple(teacher_weight.shape)} should be [{V}, {t.shape[1]}]")
+    kd, _ = fused_kd_ce(h, weight, bias=bias, teacher=t, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                        name=name, temperature=temperature, scale_by_t2=scale_by_t2, vocab=V,
+                        chunk_size=chunk_size, keep_logits_mb=0.0, **params)
+    return kd.reshape(lead)

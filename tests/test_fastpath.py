@@ -9,7 +9,8 @@ import torch
 from scd.completion_loss import fused_kd_ce
 from scd.heads import (backbone_hidden, head_weight, num_targets, target_hidden, target_labels, target_logits,
                        target_positions, unwrap)
-from scd.losses import ce_per_token, chunked_divergence, per_token_divergence, teacher_topk
+from scd.completion_loss import chunked_divergence
+from scd.losses import ce_per_token, per_token_divergence, teacher_topk
 from scd.models import TinyConfig, tiny_model
 
 V = 101

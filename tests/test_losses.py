@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scd.completion_loss import chunked_divergence
 from scd.core.registry import RegistryError, registry
 from scd.distill import DistillLossConfig
-from scd.losses import (DIVERGENCES, LOGP_FLOOR, TopKTeacher, ce_per_token, chunked_divergence,
+from scd.losses import (DIVERGENCES, LOGP_FLOOR, TopKTeacher, ce_per_token,
                         divergence_names, jsd, kl_divergence, per_token_divergence, reduce_sequences,
                         reduce_tokens, resolve_divergence, seq_mean, teacher_topk, token_mask,
                         topk_divergence)
