@@ -81,3 +81,9 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert f"| teacher − student | {rep['difference']['accuracy']['value']:+.3f}" in md
     assert P.main(["--model", "tiny", "--template", "relesed"]) == 2
     assert "did you mean 'released'" in capsys.readouterr().err
+    # the grid of probes: one row per probe folder, numbers from each probe.json
+    assert P.main(["--summarize", str(tmp_path)]) == 0
+    grid = json.loads((tmp_path / "grid.json").read_text())
+    assert [r["setting"] for r in grid] == ["p"] and grid[0]["difference"] == rep["difference"]
+    assert "| p | rotten_tomatoes/dev | 4 | released | fresh→positive, rotten→negative |" in (tmp_path / "grid.md").read_text()
+    assert P.main(["--summarize", str(tmp_path / "empty")]) == 2
