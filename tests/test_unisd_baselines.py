@@ -14,20 +14,9 @@ import random
 import pytest
 import torch
 
-from benchmarks.grid import expand_grid, load_grid
-from scd.core.config import from_dict
 import unisd.components  # noqa: F401  (first: importing unisd.context first hits an import cycle)
 from unisd.context import stable_seed
-from tests.unisd_tiny import setup_run, step_once
-from unisd.train import UniSDConfig
-
-GRID = "configs/grids/unisd_ablation.yaml"
-
-
-def preset(method: str) -> UniSDConfig:
-    runs = [r for r in expand_grid(load_grid(GRID), GRID).runs if r.method == method and r.seed == 0]
-    assert len(runs) == 1, method
-    return from_dict(UniSDConfig, runs[0].config)
+from tests.unisd_tiny import preset, setup_run, step_once
 
 
 def _divergence_ref(zs: torch.Tensor, zt: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:

@@ -4,14 +4,18 @@ tokenizer, trained on the first examples of real task splits.
     recipe = setup_run(tokenizer, {"in_context_teacher": {"max_new_tokens": 4}, "my_component": {}})
     terms, n_tokens = step_once(recipe)        # engine.accumulate: forward + backward of step 0
     recipe.ctx.per_token, recipe.ctx.token_weights
+    recipe = setup_run(tokenizer, {}, cfg=preset("sdft_onpolicy"))   # a row of the ablation grid
 
 The recipe and its engine come from :meth:`unisd.train.UniSDRecipe.build` (nothing of the
 setup or the loop is copied here).
 """
 from __future__ import annotations
 
+from benchmarks.grid import expand_grid, load_grid
 from scd.core.config import from_dict
 from unisd.train import UniSDConfig, UniSDRecipe
+
+ABLATION_GRID = "configs/grids/unisd_ablation.yaml"
 
 
 def tiny_unisd_cfg(components: dict, *, lora: dict | None = None, lr: float = 1e-3, batch_size: int = 2,
@@ -32,6 +36,13 @@ def tiny_unisd_cfg(components: dict, *, lora: dict | None = None, lr: float = 1e
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return from_dict(UniSDConfig, data)
+
+
+def preset(method: str, grid: str = ABLATION_GRID) -> UniSDConfig:
+    """The config of ``method``'s seed-0 run in ``grid``, as the grid planner resolves it."""
+    runs = [r for r in expand_grid(load_grid(grid), grid).runs if r.method == method and r.seed == 0]
+    assert len(runs) == 1, method
+    return from_dict(UniSDConfig, runs[0].config)
 
 
 def setup_run(tokenizer, components: dict, *, examples: list[dict] | None = None, **kw) -> UniSDRecipe:
