@@ -311,6 +311,13 @@ def test_recipe_none_and_forget(tmp_path):
         assert info["predictions"].startswith("before/") and (tmp_path / "n" / info["predictions"]).is_file()
     assert rec["kl_to_original"]["before"] == rec["kl_to_original"]["after"] > 0  # forgetting moved the model
     assert rec["degradation"]["summary"]["constraint"] == "none"
+    # a second run of the grid reuses the shared evaluation (<grid>/.shared) and still holds the prediction
+    # files its run.json names (copied from the cache), identical to the first run's
+    rec2 = R.run(cfg, tmp_path / "n2")
+    assert rec2["eval_before"] == rec["eval_before"]
+    for info in rec2["eval_info"].values():
+        path = tmp_path / "n2" / info["predictions"]
+        assert path.is_file() and path.read_text() == (tmp_path / "n" / info["predictions"]).read_text()
 
 
 # ---------------------------------------------------------------------------- the study

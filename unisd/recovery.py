@@ -428,14 +428,31 @@ def degraded_student(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, 
     return constraint.to(dist.device)
 
 
+def _cached_eval(path: Path, out_dir: Path, fn, shared: bool):
+    """An evaluation cached at ``path`` whose files (predictions) ``fn`` writes under ``out_dir``.  With a
+    grid-shared cache the files are kept beside it (``path`` without ``.json``) and copied into every run
+    that reuses it, so each run folder holds the prediction files its run.json names."""
+    files = path.with_suffix("")
+    if path.exists():
+        if shared and files.is_dir():
+            shutil.copytree(files, out_dir, dirs_exist_ok=True)
+        return read_json(path)
+    value = fn()
+    if shared and out_dir.is_dir():
+        shutil.copytree(out_dir, files, dirs_exist_ok=True)  # before the JSON: a reader that finds it finds them
+    atomic_write_json(path, value)
+    return value
+
+
 def measure_before(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, probe: list[dict]):
     """(probe measurements, evaluation) of the degraded model and the original's evaluation (cached)."""
     cache, orig_key, before_key = cache_keys(cfg, run_dir)
     before = _cached(cache / f"measure_before-{before_key}.json", lambda: measure_drift(student, teacher, probe, cfg))
-    eval_before = _cached(cache / f"eval_before-{before_key}.json",
-                          lambda: cfg.eval.run(student, tok, run_dir / "before"))
-    eval_orig = (_cached(cache / f"eval_original-{orig_key}.json",
-                         lambda: cfg.eval.run(teacher, tok, run_dir / "original")) if cfg.eval_original else {})
+    eval_before = _cached_eval(cache / f"eval_before-{before_key}.json", run_dir / "before",
+                               lambda: cfg.eval.run(student, tok, run_dir / "before"), cfg.share_cache)
+    eval_orig = (_cached_eval(cache / f"eval_original-{orig_key}.json", run_dir / "original",
+                              lambda: cfg.eval.run(teacher, tok, run_dir / "original"), cfg.share_cache)
+                 if cfg.eval_original else {})
     return before, eval_before, eval_orig
 
 
