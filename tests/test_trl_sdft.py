@@ -40,7 +40,7 @@ from trl.trainer.utils import pad  # noqa: E402
 import unisd.components  # noqa: E402,F401  (first: importing unisd.context first hits an import cycle)
 from scd.data.prompts import build_messages  # noqa: E402
 from scd.models import load_tokenizer  # noqa: E402
-from tests.unisd_tiny import grads, preset, setup_run, step_once  # noqa: E402
+from tests.unisd_tiny import grads, preset, setup_run, step_once, step_recording_teacher  # noqa: E402
 from unisd.components.base import build_components, sequence_mean  # noqa: E402
 from unisd.context import completion_forward  # noqa: E402
 from unisd.prompts import TEMPLATES  # noqa: E402
@@ -132,19 +132,13 @@ def perturb_(model, seed: int = 0) -> None:
 def recorded_step(run) -> tuple[dict, list[Micro]]:
     """Our step 0 (forward + backward of every micro-batch), and what each micro-batch saw."""
     seen: list[Micro] = []
-    original = run.ctx.teacher_forward
 
-    def record(prompt_ids, **kw):
+    def record(prompt_ids):
         b = run.ctx.batch
         seen.append(Micro(list(b.examples), [list(p) for p in b.prompt_ids], [list(p) for p in prompt_ids],
                           b.completion_ids.clone(), b.completion_mask.clone(), b.loss_mask.clone()))
-        return original(prompt_ids, **kw)
 
-    run.ctx.teacher_forward = record
-    try:
-        terms, _ = step_once(run)
-    finally:
-        run.ctx.teacher_forward = original
+    terms, _ = step_recording_teacher(run, record)
     return terms, seen
 
 

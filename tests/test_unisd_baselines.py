@@ -16,7 +16,7 @@ import torch
 
 import unisd.components  # noqa: F401  (first: importing unisd.context first hits an import cycle)
 from unisd.context import stable_seed
-from tests.unisd_tiny import preset, setup_run, step_once
+from tests.unisd_tiny import preset, setup_run, step_once, step_recording_teacher
 
 
 def _divergence_ref(zs: torch.Tensor, zt: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
@@ -57,17 +57,7 @@ def kd_reference(student, teacher, s_prompts, t_prompts, comp_ids, comp_mask, lo
 def _recording_step(run):
     """step_once that also returns the teacher prompts the step used."""
     seen = []
-    original = run.ctx.teacher_forward
-
-    def record(prompt_ids, **kw):
-        seen.append([list(p) for p in prompt_ids])
-        return original(prompt_ids, **kw)
-
-    run.ctx.teacher_forward = record
-    try:
-        terms, n_tok = step_once(run)
-    finally:
-        run.ctx.teacher_forward = original
+    terms, n_tok = step_recording_teacher(run, lambda prompt_ids: seen.append([list(p) for p in prompt_ids]))
     assert len(seen) == 1  # one teacher pass per micro-batch
     return terms, n_tok, seen[0]
 

@@ -67,6 +67,20 @@ def step_once(recipe: UniSDRecipe, *, update: bool = False, step: int | None = N
     return {k[len("loss/"):]: v for k, v in out.items() if k.startswith("loss/")}, out["n_tokens"]
 
 
+def step_recording_teacher(run: UniSDRecipe, record) -> tuple[dict[str, float], int]:
+    """:func:`step_once` with ``record(prompt_ids)`` called before each teacher pass (what it saw)."""
+    original = run.ctx.teacher_forward
+
+    def wrapped(prompt_ids, **kw):
+        record(prompt_ids)
+        return original(prompt_ids, **kw)
+
+    run.ctx.teacher_forward = wrapped
+    try:
+        return step_once(run)
+    finally:
+        run.ctx.teacher_forward = original
+
 def grads(module) -> dict:
     """{name: grad clone} of the parameters that have one."""
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
