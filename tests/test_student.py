@@ -164,6 +164,7 @@ def test_run_records_cut_and_curve_and_ends_on_best(tmp_path):
     assert [c["step"] for c in s["curve"]] == [0, 2, 4, 6] and s["heal_steps"] == 6 and not s["stopped_early"]
     best = min(s["curve"], key=lambda c: c["dev_kl"])
     assert s["best_step"] == best["step"] and s["kl_after"] == best["dev_kl"]
+    assert s["kl_after"] < 0.9 * s["kl_before"]  # healing works (lr 1e-3 of the shipped tiny config)
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "dev_kl" in r]
     assert [r["dev_kl"] for r in rows] == [c["dev_kl"] for c in s["curve"]]
     # the saved model is the best measurement's: re-measured from model/ it gives kl_after
