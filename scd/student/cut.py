@@ -12,7 +12,7 @@ of the dev sample (329 for 30 -> 16), each through at most L layers.
                         lowest layer index)
 * :func:`layer_view`    run a model with a subset of its decoder layers, without copying weights
 * :class:`DevKL`        the fixed dev sample with the base model's log-probs computed once
-                        ([positions, V] fp32 on the CPU: n x max_len x V x 4 bytes, ~0.8 GB for
+                        ([positions, V] fp32: n x max_len x V x 4 bytes, ~0.8 GB for
                         32 x 128 tokens of SmolLM2's 49k vocabulary); ``dev(model)`` -> KL
 * :func:`text_batch`    collate prompt + answer token ids with every position a target
 """
@@ -65,7 +65,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def layer_view(model: nn.Module, keep: list[int]):
     """``model`` running only decoder layers ``keep`` (in order) inside the block; restored after.
     The kept layers are the model's own modules (no copy), so a forward equals that of
-    ``scd.models.student_from_teacher(model, keep)``."""
+    ``scd.models.student_from_teacher(model, keep)``.  Forwards must not use a KV cache
+    (``use_cache=False``, as ``scd.heads`` does): the kept layers keep their original ``layer_idx``."""
     hf = unwrap(model)
     dec = hf.get_decoder()
     full, n = dec.layers, hf.config.num_hidden_layers
@@ -103,7 +104,8 @@ def greedy_drop(n_layers: int, n_keep: int, score: Callable[[list[int]], float])
 class DevKL:
     """KL(base || model) on a fixed dev sample, token mean over every position with a next token.
 
-    The base model's log-probs are computed once (fp32, on the CPU); ``autocast`` is the context of
+    The base model's log-probs are computed once (fp32; kept on a CUDA device, else on the CPU; the
+    CPU copy moves to the device per batch); ``autocast`` is the context of
     every forward (the run's ``train.dtype``), so the cut's and the heal curve's numbers compare.
     """
 
@@ -114,7 +116,8 @@ class DevKL:
         self.n_tokens = sum(num_targets(b["labels"]) for b in self.batches)
         if self.n_tokens == 0:
             raise ValueError("the dev sample has no position with a next token")
-        self.base_logp = [self.logprobs(base, b).cpu() for b in self.batches]  # [N_b, V] each
+        store = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+        self.base_logp = [self.logprobs(base, b).to(store) for b in self.batches]  # [N_b, V] each
 
     def logprobs(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """[N, V] fp32 log-probs of ``model`` at the batch's target positions (no grad)."""
