@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from scd.core.config import ConfigError, load_config
 from scd.data_config import DataConfig
+from scd.sft import run as sft_run
 from scd.models import ModelConfig, StudentSource, build_model, student_from_teacher, tiny_model
 from scd.student import DevKL, dev_sample, greedy_drop, layer_view, position_kd, resolve_model, text_batch
 from scd.student import run as student_run
@@ -210,8 +211,6 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
 
 # ------------------------------------------------------------------ as another recipe's model
 def test_sft_trains_on_the_student_run_trained_on_demand(tmp_path):
-    from scd.sft import run as sft_run
-
     student_cfg = tiny_student(tmp_path, **{"train.max_steps": 2})
     results = tmp_path / "results"
     over = {"model": {"student": {"config": str(student_cfg), "seed": 0, "results_dir": str(results)}},
