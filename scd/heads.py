@@ -54,6 +54,14 @@ def num_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> int:
     return int((labels[:, 1:] != ignore_index).sum())
 
 
+def all_position_labels(input_ids: Tensor, attention_mask: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Labels [B, T] that make every attended position with a next token a target (general text, KD at
+    every position): labels[:, t] = input_ids[:, t] where attended, ``ignore_index`` at t = 0 and on padding."""
+    labels = input_ids.masked_fill(attention_mask == 0, ignore_index)  # [B, T]
+    labels[:, 0] = ignore_index
+    return labels
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside a peft / DeepSpeed / DDP wrapper (itself if none)."""
     m = model

@@ -9,6 +9,10 @@ A model is named by a :class:`ModelConfig`:
                                tokenizer named by ``tokenizer`` (default smollm2-135m)
 * ``init_from: <name>`` + ``keep_layers``: a student made from a teacher by keeping a
   subset of its decoder layers (e.g. every 2nd), embeddings and head copied.
+* ``student: {config: configs/student/<x>.yaml}``: a pruned and healed student, the run of a
+  ``recipe: student`` config.  This module only declares it (layer 1 imports no recipe); the
+  recipe that uses it resolves it first (``scd.student.resolve_model``: the run is trained on
+  demand and its ``model/`` folder becomes ``name``).
 
 Weights load through safetensors only (``use_safetensors=True``); remote code is
 off unless ``trust_remote_code: true`` is written in the config.
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from scd.core.assets import AssetError, model_dir
+from scd.core.config import added_field
 
 LOCAL_NAMES = {"smollm2-135m": lambda: model_dir("smollm2-135m")}
 
@@ -40,6 +45,17 @@ class TinyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StudentSource:
+    """A pruned, healed student (a ``recipe: student`` run) used as the model.  Resolved by the recipe
+    (``scd.student.resolve_model``) into ``<results_dir>/runs/<method>-<run_id>/model``, trained on
+    demand like ``teacher.config``."""
+
+    config: str  # a `recipe: student` config (relative: the working directory, then the repository)
+    seed: int | None = None  # seed of the student run (None: the using run's seed)
+    results_dir: str = "results"  # root of the student run (the path `python -m scd run` would use)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
     tokenizer: str | None = None  # default: same as name ("smollm2-135m" for tiny)
@@ -49,12 +65,17 @@ class ModelConfig:
     init_from: str | None = None  # make a student from this model's layers
     keep_layers: Any = None  # list of layer indices, or "every_k:2", or "first:n"
     lora: dict | None = None  # peft LoraConfig kwargs (r, lora_alpha, lora_dropout, target_modules)
+    # a pruned + healed student run as the model (replaces name / init_from / keep_layers); see StudentSource
+    student: StudentSource | None = added_field(default=None)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.keep_layers is not None and self.init_from is None:
             raise ValueError("keep_layers needs init_from (the model whose layers are kept)")
+        if self.student is not None and self.init_from is not None:
+            raise ValueError("model.student is the model (a pruned, healed student run): drop model.init_from "
+                             "and model.keep_layers (the student config's cut chooses the layers)")
 
 
 def resolve(name: str) -> str:
@@ -161,6 +182,9 @@ def build_model(cfg: ModelConfig, seed: int = 0, tokenizer=None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if cfg.student is not None:
+        raise ValueError(f"model.student ({cfg.student.config}) names a student run that the recipe resolves "
+                         "first (scd.student.resolve_model); this recipe does not: use model.name: <run>/model")
     dtype = torch_dtype(cfg.dtype)
     if tokenizer is None:
         tok_name = cfg.tokenizer or (cfg.init_from if cfg.init_from else cfg.name)

@@ -10,6 +10,7 @@ BUILTIN = {
     "sft": "scd.sft",                   # plain SFT (students, baselines, demo)
     "teacher": "scd.teacher",           # teacher SFT with a checkpoint schedule
     "distill": "scd.distill",           # staged distillation: KD, CD, SCD, SCD+AW
+    "student": "scd.student",           # a student pruned by layer importance, healed by KD
     "unisd": "unisd.train",             # UniSD self-distillation
     "recovery": "unisd.recovery",       # degrade + recover
     "evaluate": "benchmarks.evaluate",  # evaluation config

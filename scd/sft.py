@@ -23,6 +23,7 @@ from scd.core.train import TrainConfig, collate, rank_batches, seed_everything, 
 from scd.data_config import DataConfig, load_training_pairs
 from scd.heads import fusable_head, head_module, target_hidden, target_labels
 from scd.models import ModelConfig, build_model, save_model
+from scd.student import resolve_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,15 +130,16 @@ def run(cfg: SFTConfig, run_dir: Path) -> dict:
     rd = RunDir(run_dir)
     if dist.rank == 0:
         rd.start(cfg, recipe="sft", hparams={"lr": cfg.train.lr, "max_steps": cfg.train.max_steps})
+    model_cfg = resolve_model(cfg.model, cfg.seed, dist.rank)  # model.student: the healed student run
     seed_everything(cfg.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    model, tok = build_model(cfg.model, seed=cfg.seed)
+    model, tok = build_model(model_cfg, seed=cfg.seed)
     pairs = load_training_pairs(cfg.data, tok)
     engine = Engine(model, cfg.train, run_dir=run_dir, metrics=rd.metrics(enabled=dist.rank == 0), dist=dist,
                     deepspeed=cfg.deepspeed, name="sft")
     stats = train_sft(engine, tok, pairs, seed=cfg.seed)
-    model = engine.final_module(lambda: build_model(cfg.model, seed=cfg.seed)[0])
+    model = engine.final_module(lambda: build_model(model_cfg, seed=cfg.seed)[0])
     if dist.rank != 0:
         return {}
     artifacts = {}

@@ -256,7 +256,7 @@ def test_one_evaluation_config_for_recipes_and_the_standalone_evaluator():
     assert to_dict(EvalSpec()) == {"tasks": [], "split": "test", "limit": 200, "shots": 0, "batch_size": 16,
                                    "scoring": "generate", "max_new_tokens": None, "lm_eval_tasks": []}
     recipes.ensure_all()
-    for name in ("sft", "teacher", "distill", "unisd", "recovery"):  # the training recipes
+    for name in ("sft", "teacher", "distill", "unisd", "recovery", "student"):  # the training recipes
         assert typing.get_type_hints(RECIPES.get(name).config_cls)["eval"] is EvalSpec, name
     shared = {f.name: f for f in dataclasses.fields(EvalSpec)}
     standalone = {f.name: f for f in dataclasses.fields(EvalConfig)}

@@ -28,7 +28,7 @@ LAYERS = [
     (1, r"^scd\.(data|models|tokens|heads|data_config)(\.|$)"),
     (2, r"^scd\.(losses|completion_loss|schedule|weighting|teacher_cache)(\.|$)"),
     (3, r"^benchmarks\.(tasks|evaluate|cka|stats|paired|recovery_power|lmeval_bridge|eval_config)(\.|$)"),
-    (4, r"^scd\.(sft|teacher|distill)(\.|$)"),
+    (4, r"^scd\.(sft|teacher|distill|student)(\.|$)"),
     (4, r"^unisd\."),
 ]
 # "path:line imports module inside a function" -> why it must stay lazy.  Keep it empty if you can.

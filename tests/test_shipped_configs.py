@@ -6,8 +6,9 @@ tasks, each metric over the configured number of examples.
 
 Tasks whose raw data is missing here (the bigbench tasks; scd.data.build.unavailable_reason)
 are dropped from data/eval task lists (rotten_tomatoes if none is left).  The teacher / SFT
-anchor a distillation config names (teacher.config, weighting.anchor_config) is the shipped
-config with the same limits, trained on demand once per module.
+anchor a distillation config names (teacher.config, weighting.anchor_config), and the student
+run any config names as its model (model.student.config), is the shipped config with the same
+limits, trained on demand once per module.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from scd.data.build import unavailable_reason
 from tests.conftest import ROOT, dotted, load_shipped, shipped_data, shipped_yaml
 
 STEPS, LIMIT, EVAL_LIMIT = 3, 8, 4
-TRAINING = ("sft", "teacher", "distill", "unisd", "recovery")  # recipes with a training loop
+TRAINING = ("sft", "teacher", "distill", "unisd", "recovery", "student")  # recipes with a training loop
 SLOW = {"configs/recovery/forget_tiny.yaml", "configs/recovery/prune_tiny.yaml",  # 2 SmolLM2 layers: a 49k x 576
         "configs/recovery/quantize_tiny.yaml",                                     # embedding, several evaluations
         "configs/recovery/prune_budget_tiny.yaml"}
@@ -48,7 +49,7 @@ def available(tasks) -> list[str]:
 
 def tiny_limits(path: str, deps: dict[str, Path] | None = None) -> dict:
     """Overrides that make the shipped config ``path`` a few-second CPU run (``deps``: shipped
-    dependency config -> its tiny copy, for teacher.config / weighting.anchor_config)."""
+    dependency config -> its tiny copy, for teacher.config / weighting.anchor_config / model.student.config)."""
     data = shipped_data(path)
     out = {"data.tasks": available(data["data"]["tasks"]), "data.limit_per_task": LIMIT,
            "train.max_steps": STEPS, "train.batch_size": 2, "train.max_len": 64, "train.log_every": 1,
@@ -67,6 +68,11 @@ def tiny_limits(path: str, deps: dict[str, Path] | None = None) -> dict:
             dep = data.get(block, {}).get(name)
             if dep:
                 out[key] = deps[dep]
+    if recipe == "student":  # patience >= STEPS: never stops before the steps asked for
+        out.update({"dev.n": 4, "dev.batch_size": 4, "heal.eval_every": 1, "heal.patience": STEPS})
+    student = (data.get("model") or {}).get("student")
+    if student and deps is not None:
+        out["model.student.config"] = deps[student["config"]]
     if recipe == "recovery":
         out.update({"probe.n_examples": 4, "probe.batch_size": 4, "probe.max_len": 64})
         if data["degradation"]["name"] == "forget":
@@ -87,6 +93,9 @@ def deps(tmp_path_factory):
             dep = data.get(block, {}).get(name)
             if dep and dep not in out:
                 out[dep] = shipped_yaml(tmp, dep, tiny_limits(dep), name=Path(dep).name)
+        dep = ((data.get("model") or {}).get("student") or {}).get("config")
+        if dep and dep not in out:
+            out[dep] = shipped_yaml(tmp, dep, tiny_limits(dep), name=Path(dep).name)
     return out, tmp / "results"
 
 
@@ -101,6 +110,8 @@ def test_shipped_tiny_config_trains(path, deps, tmp_path):
     over = tiny_limits(path, dep_files)
     if shipped_data(path)["recipe"] == "distill":
         over["teacher.results_dir"] = dep_results  # the teacher / anchor: trained once, shared
+    if (shipped_data(path).get("model") or {}).get("student"):
+        over["model.student.results_dir"] = dep_results
     rd = tmp_path / "run"
     assert cli_main(["run", str(ROOT / path), *dotted(over), "--run-dir", str(rd)]) == 0
     rec = json.loads((rd / "run.json").read_text())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from scd.distill.config import DistillLossConfig, WeightingConfig
+from scd.heads import all_position_labels  # noqa: F401  (re-exported: it lived here first)
 from scd.losses import ce_per_token, per_token_divergence, reduce_tokens
 from scd.weighting import combine, sample_weights
 
@@ -66,14 +67,6 @@ def micro_batch_loss_by_sample(kd, ce, rows, w, n_samples_total, kd_rows=None):
     kd_rows = rows if kd_rows is None else kd_rows
     kd_b, ce_b = per_sample_means(kd, kd_rows, w.shape[0]), per_sample_means(ce, rows, w.shape[0])  # [B]
     return combine(kd_b, ce_b, w).sum() / n_samples_total, kd_b, ce_b
-
-
-def all_position_labels(input_ids, attention_mask, ignore_index: int = -100):
-    """Labels [B, T] that make every attended position with a next token a target (``loss.positions:
-    all``): labels[:, t] = input_ids[:, t] where attended, ignore_index at t = 0 and on padding."""
-    labels = input_ids.masked_fill(attention_mask == 0, ignore_index)  # [B, T]
-    labels[:, 0] = ignore_index
-    return labels
 
 
 def samples_with_targets(labels) -> int:

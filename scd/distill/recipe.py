@@ -35,6 +35,7 @@ from scd.heads import fusable_head, target_hidden, target_labels, target_logits,
 from scd.models import build_model, check_same_tokenizer, load_tokenizer, save_model, torch_dtype
 from scd.schedule import SELECTIONS, Manifest, select_checkpoint
 from scd.sft import completion_terms, head_dtype, target_count
+from scd.student import resolve_model
 from scd.teacher import per_sample_ce, savable
 
 
@@ -306,6 +307,7 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
     # run.json first, so a failing dependency is recorded in it
     rd = _start(cfg, run_dir, use_teacher) if rank == 0 else RunDir(run_dir)
     teacher_dir, anchor_dir = _dependencies(cfg, use_teacher, rank)
+    model_cfg = resolve_model(cfg.model, cfg.seed, rank)  # model.student: the healed student run
     dist = init_distributed(cfg.train, cfg.deepspeed)
     metrics = rd.metrics(enabled=dist.rank == 0)
     seed_everything(cfg.seed)
@@ -318,7 +320,7 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
     if cfg.mode == "eval_teacher":
         return _eval_teacher(cfg, rd, manifest, dist.device, dist.rank)
 
-    student, tok = build_model(cfg.model, seed=cfg.seed)
+    student, tok = build_model(model_cfg, seed=cfg.seed)
     vocab = _shared_vocab(cfg, tok, manifest, anchor_dir)
     # data: tokenised once; the order of batches is a pure function of (seed, step)
     encoded = [tokenize_sft(tok, p, t, cfg.train.max_len) for p, t in load_training_pairs(cfg.data, tok)]
@@ -333,7 +335,7 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
                            dhash=dhash)
     stats = engine.fit(recipe, recipe.total_steps)
 
-    final = engine.final_module(lambda: build_model(cfg.model, seed=cfg.seed)[0])
+    final = engine.final_module(lambda: build_model(model_cfg, seed=cfg.seed)[0])
     if dist.rank != 0:
         return {}
     artifacts = {}

@@ -4,12 +4,12 @@
   existing tensors (:func:`load_weights_in_place`), every load timed.
 * :func:`find_manifest` / :func:`anchor_model_dir`: where a teacher run's checkpoints and
   an SFT anchor's weights are.
-* :func:`ensure_dependency`: a teacher / anchor run named by a config, trained once.
+* :func:`ensure_dependency` (from ``scd.core.dependencies``): a teacher / anchor run named by a config,
+  trained once.
 * :func:`cached_per_sample_ce`: AW's per-sample losses, cached per (model, data) hash.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -21,16 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from scd.core.config import RECIPES, load_config
+from scd.core.dependencies import ensure_dependency  # noqa: F401  (re-exported: scd.distill.ensure_dependency)
 from scd.core.engine import barrier
-from scd.core.locks import file_lock
-from scd.core.results import RunDir, default_run_dir, read_json, safe_join
+from scd.core.results import read_json
 from scd.models import torch_dtype
 from scd.schedule import hash_checkpoint
 from scd.teacher import per_sample_ce
-
-ROOT = Path(__file__).resolve().parents[2]  # the repository root (relative dependency configs)
-
 
 def load_weights_in_place(model, ckpt_dir: str | os.PathLike) -> None:
     """Copy a checkpoint's safetensors into ``model``'s existing tensors (no new module).
@@ -121,50 +117,6 @@ def anchor_model_dir(path: str | os.PathLike) -> Path:
         return p / "model"
     raise FileNotFoundError(f"weighting.anchor_run_dir {path}: no saved model (expected an SFT run with "
                             "model/ or an HF folder with config.json)")
-
-
-@contextlib.contextmanager
-def _single_process():
-    """A dependency run trains on rank 0 alone: the launcher's WORLD_SIZE / RANK are hidden from it."""
-    saved = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
-def ensure_dependency(config_path: str, seed: int, results_dir: str, what: str, rank: int = 0) -> Path:
-    """Run directory of the ``config_path`` run with ``seed``; trained here if not finished.
-
-    The path is the one ``python -m scd run CONFIG seed=N`` uses
-    (``<results_dir>/<grid or runs>/<method>-<run_id>``), so a run made by hand is
-    reused.  A file lock (released even on SIGKILL) makes concurrent grid workers
-    train it once; ranks > 0 of a distributed run wait for rank 0.
-    """
-    path = Path(config_path)
-    if not path.is_absolute() and not path.exists():  # relative to the repository root
-        path = ROOT / config_path
-    cfg = load_config(path, [f"seed={seed}"])
-    run_dir = safe_join(results_dir, *default_run_dir(cfg, ".").parts)
-    rd = RunDir(run_dir)
-    if rd.is_finished():
-        return run_dir
-    if rank != 0:
-        while not rd.is_finished():
-            if rd.status() in ("failed", "diverged"):
-                raise RuntimeError(f"{what} run {run_dir} {rd.status()} (see its run.json)")
-            time.sleep(5)
-        return run_dir
-    with file_lock(run_dir.parent / f".{run_dir.name}.lock"):
-        if not rd.is_finished():
-            print(f"[distill] {what} run missing: training it -> {run_dir}", flush=True)
-            try:
-                with _single_process():
-                    RECIPES.get(cfg.recipe).run(cfg, run_dir)
-            except Exception as e:
-                rd.fail(e)
-                raise RuntimeError(f"{what} run {run_dir} ({config_path}) failed: {type(e).__name__}: {e}") from e
-    return run_dir
 
 
 def data_hash(encoded: list[dict]) -> str:
