@@ -209,9 +209,29 @@ def perf(root: Path) -> list[Entry]:
     return out
 
 
+def unisd_probe(root: Path) -> list[Entry]:
+    """The README's teacher-advantage figures, from ``results/unisd_probe/*/probe.json`` (RT dev, 200 reviews)."""
+    def acc(name: str) -> tuple[dict, dict, dict]:
+        r = json.loads((root / "results/unisd_probe" / name / "probe.json").read_text(encoding="utf-8"))
+        return r["teacher"]["accuracy"], r["student"]["accuracy"], r["difference"]["accuracy"]
+
+    out = []
+    t, s, d = acc("rt-dev-ours-none")
+    out.append(Entry(STATUS, "probe: teacher accuracy with our former wording", t["value"],
+                     f"no better than the student on 200 RT dev reviews (teacher {t['value']:.3f}, student "
+                     f"{s['value']:.3f})"))
+    for name, label in (("rt-dev-released-none", "released wording"),
+                        ("rt-dev-released-pn", "released wording + positive/negative")):
+        t, s, d = acc(name)
+        lo, hi = d["ci"]
+        out.append(Entry(STATUS, f"probe: teacher - student accuracy, {label}", d["value"],
+                         f"{t['value']:.3f} vs the student's {s['value']:.3f} (Δ {d['value']:+.3f} [{lo:+.3f}, {hi:+.3f}])"))
+    return out
+
+
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
-    "recovery": recovery, "demo": demo, "perf": perf}
+    "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe}
 
 
 def entries(root: Path = REPO) -> list[Entry]:
