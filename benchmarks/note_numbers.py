@@ -229,9 +229,24 @@ def unisd_probe(root: Path) -> list[Entry]:
     return out
 
 
+def scd_study_dev(root: Path) -> list[Entry]:
+    """The SCD study's teacher choice, from the committed copy of its run (manifest + run.json)."""
+    d = root / "results/scd_study_cpu_dev/teacher-rt-0e9f78bdc010"
+    note = "results/scd_study_cpu_dev/README.md"
+    ck = json.loads((d / "manifest.json").read_text(encoding="utf-8"))["checkpoints"]
+    curve = " / ".join(f"{c['dev_score']:.3f}" for c in ck)
+    steps = " / ".join(str(c["step"]) for c in ck)
+    acc = json.loads((d / "run.json").read_text(encoding="utf-8"))["eval"]["rotten_tomatoes"]["accuracy"]
+    return [Entry(note, "teacher dev accuracy per checkpoint", ck[-1]["dev_score"],
+                  f"dev accuracy {curve} at steps {steps}"),
+            Entry(note, "teacher test accuracy (final checkpoint)", acc["value"],
+                  f"{acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] on all {acc['n']} test reviews")]
+
+
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
-    "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe}
+    "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe,
+    "scd_study_dev": scd_study_dev}
 
 
 def entries(root: Path = REPO) -> list[Entry]:
