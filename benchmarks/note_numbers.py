@@ -206,6 +206,12 @@ def perf(root: Path) -> list[Entry]:
         short, long = (tps[s][a] / tps[s][b] for s in ("short", "long"))
         out.append(Entry(STATUS, f"{label} target tokens/s ratio (short, long)", short,
                          f"{label} {short:.2f}x short / {long:.2f}x long"))
+    e2e = {v["name"]: v for v in json.loads((root / "results/perf/e2e_kd_demo.json").read_text(
+        encoding="utf-8"))["variants"]}
+    base = e2e["before"]["process_wall_s"]
+    for name, label in (("after", "completion-only head"), ("cached", "reused top-64 cache")):
+        out.append(Entry(STATUS, f"demo KD row end to end, {label}", base / e2e[name]["process_wall_s"],
+                         f"{base / e2e[name]['process_wall_s']:.2f}x with the {label}"))
     return out
 
 
