@@ -416,6 +416,9 @@ def test_index_names_no_best_for_constant_tied_or_floor_rows(tmp_path):
     # the rank-1 row of a tie is still ranked (ties share the rank), just not named best
     assert [r["rank"] for r in read_csv(tmp_path / "tied" / "leaderboard.csv").values()] == ["1", "1", "1", "4"]
     assert json.loads((tmp_path / "tied" / "leaderboard.json").read_text())["best"] is None
+    # a grid of one configuration names no best: there is nothing to compare it with
+    line = _index_line(tmp_path, "single", [profile(rec("kd", s, cls=0.8), 0.55, 0.6) for s in range(2)])
+    assert "no best: one scored configuration: nothing to compare it with." in line
 
 
 def test_unchanged_leaderboard_is_not_rewritten(grid):

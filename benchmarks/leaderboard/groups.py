@@ -256,10 +256,12 @@ def above_floor(g: Group, tms: list[TaskMetric]) -> bool:
 
 def choose_best(groups: list[Group], tms: list[TaskMetric]) -> tuple[Group | None, str | None]:
     """The best configuration, or None and why: constant predictors and configurations at or below
-    the floor are never best, and a tie at the top names nobody."""
+    the floor are never best, a tie at the top names nobody, and neither does a grid of one."""
     rows = [g for g in groups if g.ok and score(g, tms) is not None]
     if not rows:
         return None, None
+    if len(rows) == 1:
+        return None, "one scored configuration: nothing to compare it with"
     live = [g for g in rows if not g.constant]
     if not live:
         return None, f"all {len(rows)} scored configurations are constant predictors"
