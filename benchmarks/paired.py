@@ -8,6 +8,7 @@ row's) use the examples both scored, so a difference is never confounded by whic
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -47,3 +48,23 @@ def paired_delta(a: Sequence[dict[str, float]], b: Sequence[dict[str, float]], n
     d = va - vb
     return {"n": len(ids), "a": float(va.mean()), "b": float(vb.mean()), "delta": float(d.mean()),
             "ci": list(bootstrap_ci(d, n_boot=n_boot, seed=seed))}
+
+
+# --------------------------------------------------------------------------- reporting
+def fmt(v, digits: int = 3, sign: bool = False) -> str:
+    """A number for a markdown table ("-" for None / NaN / inf); ``sign``: always with its sign."""
+    if v is None or not math.isfinite(float(v)):
+        return "-"
+    return f"{float(v):+.{digits}f}" if sign else f"{float(v):.{digits}f}"
+
+
+def fmt_ci(ci: Sequence[float], sign: bool = False) -> str:
+    """``[lo, hi]`` ("" when the interval is missing or not finite)."""
+    return f"[{fmt(ci[0], sign=sign)}, {fmt(ci[1], sign=sign)}]" if ci and all(math.isfinite(v) for v in ci) else ""
+
+
+def fmt_p(p) -> str:
+    """A p-value: two significant digits, scientific below 1e-4 ("-" when missing)."""
+    if p is None or not math.isfinite(float(p)):
+        return "-"
+    return f"{float(p):.2g}" if float(p) >= 1e-4 else f"{float(p):.1e}"

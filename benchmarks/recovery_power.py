@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
-from benchmarks.paired import correctness
+from benchmarks.paired import common_ids, correctness, fmt, fmt_ci, fmt_p, paired_delta
 from benchmarks.stats import bootstrap_ci
 
 N_BOOT_CORR = 2000
@@ -137,36 +137,17 @@ def paired_deltas(runs: list[dict], task: str, n_boot: int = N_BOOT_DELTA, seed:
                "seeds": len(pairs), "skipped": sum(bool(r.get("skipped")) for r in rs),
                "steps": [r.get("steps") for r in sorted(rs, key=lambda r: r["seed"])]}
         if pairs:
-            ids = sorted(set.intersection(*(set(a) & set(b) for a, b in pairs)))
-            after = np.array([[a[i] for i in ids] for a, _ in pairs]).mean(axis=0)  # (reviews,) mean over seeds
-            bef = np.array([[b[i] for i in ids] for _, b in pairs]).mean(axis=0)  # (reviews,)
-            d = after - bef
+            d = paired_delta([a for a, _ in pairs], [b for _, b in pairs], n_boot=n_boot, seed=seed)
+            ids = common_ids(*(m for pair in pairs for m in pair))
+            bef = np.array([[b[i] for i in ids] for _, b in pairs]).mean(axis=0)  # (reviews,) mean over seeds
             b_lo, b_hi = bootstrap_ci(bef, n_boot=n_boot, seed=seed)
-            d_lo, d_hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
-            row.update(n=len(ids), before=float(bef.mean()), before_ci=[b_lo, b_hi], after=float(after.mean()),
-                       delta=float(d.mean()), delta_ci=[d_lo, d_hi],
-                       harm=bool(after.mean() < b_lo))  # lost accuracy beyond the degraded model's CI
+            row.update(n=d["n"], before=d["b"], before_ci=[b_lo, b_hi], after=d["a"], delta=d["delta"],
+                       delta_ci=d["ci"], harm=bool(d["a"] < b_lo))  # lost accuracy beyond the degraded model's CI
         out.append(row)
     return out
 
 
 # ------------------------------------------------------------------------------ markdown
-def _f(v, digits: int = 3, sign: bool = False) -> str:
-    if v is None or not math.isfinite(float(v)):
-        return "-"
-    return f"{float(v):+.{digits}f}" if sign else f"{float(v):.{digits}f}"
-
-
-def _p(v) -> str:
-    if v is None or not math.isfinite(float(v)):
-        return "-"
-    return f"{float(v):.2g}" if float(v) >= 1e-4 else f"{float(v):.1e}"
-
-
-def _ci(c: Sequence[float], sign: bool = False) -> str:
-    return f"[{_f(c[0], sign=sign)}, {_f(c[1], sign=sign)}]" if c and all(math.isfinite(v) for v in c) else ""
-
-
 def correlation_markdown(views: list[dict], title: str) -> list[str]:
     lines = ["", f"## Correlation: {title}", "",
              "Configurations = mean over seeds first; 95 % CI = percentile bootstrap over configurations. "
@@ -175,9 +156,9 @@ def correlation_markdown(views: list[dict], title: str) -> list[str]:
              "Spearman rho (runs) |", "|---|---|---:|---|---|---:|---:|---:|"]
     for v in views:
         c, r = v["configs"], v["runs"]
-        lines.append(f"| {v['view']} | {v['family']} | {c['n']} | {_f(c['pearson_r'])} {_ci(c['pearson_ci'])} | "
-                     f"{_f(c['spearman_rho'])} {_ci(c['spearman_ci'])} | {_p(c['spearman_p'])} | {r['n']} | "
-                     f"{_f(r['spearman_rho'])} |")
+        lines.append(f"| {v['view']} | {v['family']} | {c['n']} | {fmt(c['pearson_r'])} {fmt_ci(c['pearson_ci'])} | "
+                     f"{fmt(c['spearman_rho'])} {fmt_ci(c['spearman_ci'])} | {fmt_p(c['spearman_p'])} | {r['n']} | "
+                     f"{fmt(r['spearman_rho'])} |")
     return lines
 
 
@@ -191,7 +172,7 @@ def deltas_markdown(deltas: list[dict], task: str, order: Callable[[dict], tuple
     for d in sorted(deltas, key=order):
         steps = "/".join("-" if s is None else str(s) for s in d["steps"])
         lines.append(f"| {d['degradation']} | {d['strength']:g} | {d['method']} | {d['budget']} | {d['seeds']} | "
-                     f"{steps} | {_f(d.get('before'))} {_ci(d.get('before_ci') or [])} | {_f(d.get('after'))} | "
-                     f"{_f(d.get('delta'), sign=True)} {_ci(d.get('delta_ci') or [], sign=True)} | "
+                     f"{steps} | {fmt(d.get('before'))} {fmt_ci(d.get('before_ci') or [])} | {fmt(d.get('after'))} | "
+                     f"{fmt(d.get('delta'), sign=True)} {fmt_ci(d.get('delta_ci') or [], sign=True)} | "
                      f"{'yes' if d.get('harm') else ('no' if 'harm' in d else '-')} |")
     return lines

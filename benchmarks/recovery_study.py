@@ -42,6 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from benchmarks.paired import fmt_p
 from benchmarks.recovery_power import correlation_markdown, correlation_views, deltas_markdown, paired_deltas
 from scd.core.results import atomic_write_bytes, atomic_write_json, atomic_write_text, iter_run_jsons, read_json
 
@@ -183,12 +184,6 @@ def _fmt(v: float, sd: float | None = None, digits: int = 3) -> str:
     if sd is not None and math.isfinite(sd) and sd > 0:
         s += f" ± {sd:.{digits}f}"
     return s
-
-
-def _fmt_p(p: float) -> str:
-    if p is None or not math.isfinite(p):
-        return "-"
-    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
 def markdown(agg: list[dict], corr: dict, root: Path, n_runs: int, deltas: list[dict] | None = None,
@@ -407,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         c = v["configs"]
         print(f"[recovery_study] {len(res['rows'])} runs; score vs CKA, {v['view']} ({c['n']} configurations, "
               f"mean over seeds): Pearson r={_fmt(c['pearson_r'])}, Spearman rho={_fmt(c['spearman_rho'])} "
-              f"(p={_fmt_p(c['spearman_p'])})")
+              f"(p={fmt_p(c['spearman_p'])})")
     for name, path in res["files"].items():
         print(f"  {name}: {path}")
     return 0

@@ -1,8 +1,9 @@
 """Completion-only fused loss: the student's lm-head applied only at target positions,
 fused with the KD divergence and the hard-label CE over chunks of tokens.
 
-Layer: same as ``scd.losses`` (pure math, no models), kept in its own file so
-``scd/losses.py`` stays under the 600-line limit.  The hidden states come from
+Layer: same as ``scd.losses`` (pure math on tensors; :func:`completion_terms` runs a model's
+backbone through ``scd.heads``), kept in its own file so ``scd/losses.py`` stays under the
+600-line limit.  The hidden states come from
 ``scd.heads`` (``target_hidden``); the teacher is live (logits or hidden states + its
 head) or cached (``scd.losses.TopKTeacher``, see ``scd.teacher_cache``).
 
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from scd.heads import fusable_head, head_module, target_hidden, target_labels
 from scd.losses import TopKTeacher, ce_per_token, per_token_divergence, resolve_divergence, topk_divergence
 
 Tensor = torch.Tensor
@@ -241,3 +243,28 @@ def chunked_divergence(student_hidden: Tensor, teacher: Tensor | TopKTeacher, we
                         name=name, temperature=temperature, scale_by_t2=scale_by_t2, vocab=V,
                         chunk_size=chunk_size, keep_logits_mb=0.0, **params)
     return kd.reshape(lead)
+
+
+def head_dtype(train):
+    """dtype of the fused head matmuls for a ``TrainConfig``: bf16 under ``train.dtype: bf16`` (as autocast
+    would run the lm-head), else None (the weights' dtype).  Log-softmax and losses stay fp32."""
+    return torch.bfloat16 if train.use_bf16 else None
+
+
+def completion_terms(model, batch: dict, *, head_dtype=None, teacher=None, ce: bool = True,
+                     **kd) -> tuple[Tensor, Tensor]:
+    """Per-target-token (kd [N], ce [N]) with the lm-head applied only at the N target positions of
+    ``batch`` (labels [B, T]; see ``scd.heads``).
+
+    ``teacher`` and ``kd`` (teacher_weight, teacher_bias, name, temperature, vocab, params) as in
+    :func:`fused_kd_ce`; no teacher: kd is 0; ``ce=False``: no CE term (ce is 0).  A plain
+    ``nn.Linear`` head goes through the fused, chunked :func:`fused_kd_ce`; an adapted or ZeRO-3
+    partitioned head is called as a module on the target hidden states (its hooks run), then
+    :func:`logit_kd_ce`.  Equal (to float rounding) to the full-logit terms at the same positions.
+    """
+    h = target_hidden(model, batch)  # [N, H]
+    labels = target_labels(batch["labels"]) if ce else None  # [N]
+    head = fusable_head(model)
+    if head is None:
+        return logit_kd_ce(head_module(model)(h), labels=labels, teacher=teacher, **kd)
+    return fused_kd_ce(h, head[0], bias=head[1], labels=labels, teacher=teacher, head_dtype=head_dtype, **kd)

@@ -54,6 +54,11 @@ def num_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> int:
     return int((labels[:, 1:] != ignore_index).sum())
 
 
+def num_samples_with_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> int:
+    """Samples of a collated batch (labels [B, T]) with at least one next-token target."""
+    return int((labels[:, 1:] != ignore_index).any(dim=1).sum())
+
+
 def all_position_labels(input_ids: Tensor, attention_mask: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Labels [B, T] that make every attended position with a next token a target (general text, KD at
     every position): labels[:, t] = input_ids[:, t] where attended, ``ignore_index`` at t = 0 and on padding."""
@@ -157,3 +162,15 @@ def target_logits(model: nn.Module, batch: dict) -> Tensor:
     Equal (to float rounding) to ``model(...).logits[:, :-1][labels[:, 1:] != -100]``.
     """
     return head_module(model)(target_hidden(model, batch))
+
+
+def teacher_targets(model: nn.Module, batch: dict) -> dict:
+    """A frozen teacher at the target positions of ``batch``, as keyword arguments of
+    ``scd.completion_loss.completion_terms`` / ``fused_kd_ce``: its hidden states [N, H] and plain
+    linear head (fused into the loss, no [N, V] logits kept), or its logits [N, V] when the head is
+    adapted or partitioned.  No gradient."""
+    with torch.no_grad():
+        head = fusable_head(model)
+        if head is None:
+            return {"teacher": target_logits(model, batch)}
+        return {"teacher": target_hidden(model, batch), "teacher_weight": head[0], "teacher_bias": head[1]}

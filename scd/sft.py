@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.evaluate import EvalSpec
-from scd.completion_loss import fused_kd_ce, logit_kd_ce
+from scd.completion_loss import completion_terms, head_dtype
 from scd.core.config import added_field, register_recipe
 from scd.core.engine import Engine, Terms, init_distributed
 from scd.core.results import RunDir
 from scd.core.train import TrainConfig, collate, rank_batches, seed_everything, tokenize_sft
 from scd.data_config import DataConfig, load_training_pairs
-from scd.heads import fusable_head, head_module, target_hidden, target_labels
+from scd.heads import num_targets
 from scd.models import ModelConfig, build_model, save_model
 from scd.student import resolve_model
 
@@ -38,29 +38,6 @@ class SFTConfig:
     eval: EvalSpec = EvalSpec()
     save_model: bool = True
     deepspeed: str | None = added_field(default=None)  # a DeepSpeed JSON (configs/deepspeed/zero2.json)
-
-
-def head_dtype(train: TrainConfig):
-    """dtype of the fused head matmuls: bf16 under ``train.dtype: bf16`` (as autocast would run the
-    lm-head), else None (the weights' dtype).  Log-softmax and losses stay fp32."""
-    return torch.bfloat16 if train.use_bf16 else None
-
-
-def completion_terms(model, batch: dict, *, head_dtype=None, teacher=None, **kd) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-target-token (kd [N], ce [N]) with the lm-head applied only at the N target positions.
-
-    ``teacher`` and ``kd`` (teacher_weight, teacher_bias, name, temperature, vocab, params) as in
-    ``scd.completion_loss.fused_kd_ce``; no teacher: kd is 0.  A plain ``nn.Linear`` head goes
-    through the fused, chunked ``fused_kd_ce``; an adapted or ZeRO-3 partitioned head is called
-    as a module on the target hidden states (its hooks run), then ``logit_kd_ce``.  Equal (to
-    float rounding) to the full-logit terms at the same positions.
-    """
-    h = target_hidden(model, batch)  # [N, H]
-    labels = target_labels(batch["labels"])  # [N]
-    head = fusable_head(model)
-    if head is None:
-        return logit_kd_ce(head_module(model)(h), labels=labels, teacher=teacher, **kd)
-    return fused_kd_ce(h, head[0], bias=head[1], labels=labels, teacher=teacher, head_dtype=head_dtype, **kd)
 
 
 def sft_loss_sum(model, batch, *, completion_only: bool = True, head_dtype=None):
@@ -83,7 +60,7 @@ def sft_loss_sum(model, batch, *, completion_only: bool = True, head_dtype=None)
 
 def target_count(batch: dict) -> int:
     """Next-token targets of a collated batch (labels [B, T]; position t predicts t+1)."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return num_targets(batch["labels"])
 
 
 class SFTRecipe:

@@ -153,7 +153,8 @@ def test_batch8_accum1_equals_batch4_accum2(runs, reduce):
 def test_sample_reduction_against_a_slow_loop():
     """weighting.reduce: sample = mean over samples of w KD(x) + (1 - w) CE(x), KD(x) and CE(x) the means
     over x's target tokens; token = the mean over target tokens (long answers weigh more)."""
-    from scd.distill.loss import micro_batch_loss, micro_batch_loss_by_sample, per_sample_means, samples_with_targets
+    from scd.distill.loss import micro_batch_loss, micro_batch_loss_by_sample, per_sample_means
+    from scd.heads import num_samples_with_targets
 
     g = torch.Generator().manual_seed(0)
     rows = torch.tensor([0, 0, 0, 2, 3, 3])  # sample 1 has no target
@@ -173,7 +174,7 @@ def test_sample_reduction_against_a_slow_loop():
     assert float(tok) == pytest.approx(float(sum(w[rows[i]] * kd[i] + (1 - w[rows[i]]) * ce[i] for i in range(6)) / 6))
     assert float(tok) != pytest.approx(float(loss))
     labels = torch.tensor([[-100, 5, 6], [-100, -100, -100], [-100, -100, 7]])
-    assert samples_with_targets(labels) == 2
+    assert num_samples_with_targets(labels) == 2
 
 
 def test_weighting_reduce_is_validated_and_keeps_run_ids(tmp_path):
@@ -190,7 +191,7 @@ def test_kd_at_all_positions(runs):
     the completion-only path equals the full-logit reference (loss, KD, CE, weights) and batch 8 x 1 equals
     batch 4 x 2; its KD mean differs from KD at the targets only."""
     from scd.distill import run
-    from scd.distill.loss import all_position_labels
+    from scd.heads import all_position_labels
 
     ids = torch.tensor([[1, 5, 6, 7], [1, 8, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])

@@ -15,7 +15,7 @@ row is a one-micro-batch recipe whose ``loss_terms`` computes that row's loss.  
 
 * ours_naive   today's recipe path: full logits of teacher and student at every
                position, then [:, :-1][mask] and ``scd.losses.per_token_divergence``.
-* ours_fast    completion-only, the recipes' path (``scd.sft.completion_terms``): backbone
+* ours_fast    completion-only, the recipes' path (``scd.completion_loss.completion_terms``): backbone
                hidden states (``scd.heads``), the head only at target positions, fused and
                chunked (``scd.completion_loss.fused_kd_ce``); live teacher forward of its
                backbone, its head fused too.
@@ -64,7 +64,7 @@ from scd.core.results import atomic_write_json, atomic_write_text
 from scd.core.train import TrainConfig
 from scd.heads import head_weight, num_targets, target_hidden
 from scd.losses import per_token_divergence
-from scd.sft import completion_terms
+from scd.completion_loss import completion_terms
 from scd.teacher_cache import TeacherLogitCache
 
 ROWS = ("ours_naive", "ours_fast", "ours_cached", "trl")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from scd.distill.config import DistillLossConfig, WeightingConfig
-from scd.heads import all_position_labels  # noqa: F401  (re-exported: it lived here first)
 from scd.losses import ce_per_token, per_token_divergence, reduce_tokens
 from scd.weighting import combine, sample_weights
 
@@ -68,7 +67,3 @@ def micro_batch_loss_by_sample(kd, ce, rows, w, n_samples_total, kd_rows=None):
     kd_b, ce_b = per_sample_means(kd, kd_rows, w.shape[0]), per_sample_means(ce, rows, w.shape[0])  # [B]
     return combine(kd_b, ce_b, w).sum() / n_samples_total, kd_b, ce_b
 
-
-def samples_with_targets(labels) -> int:
-    """Samples of a collated batch with at least one next-token target (labels [B, T])."""
-    return int((labels[:, 1:] != -100).any(dim=1).sum())

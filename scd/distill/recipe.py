@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from scd.completion_loss import logit_kd_ce
+from scd.completion_loss import completion_terms, head_dtype, logit_kd_ce
 from scd.core.config import register_recipe
 from scd.core.engine import Engine, Terms, init_distributed
 from scd.core.results import RunDir, read_metrics
@@ -26,15 +26,14 @@ from scd.core.train import check_finite, collate, rank_batches, seed_everything,
 from scd.data_config import load_training_pairs
 from scd.distill.cached import CachedTeacher
 from scd.distill.config import DistillConfig
-from scd.distill.loss import (all_position_labels, kd_weights, micro_batch_loss, micro_batch_loss_by_sample,
-                              samples_with_targets)
+from scd.distill.loss import kd_weights, micro_batch_loss, micro_batch_loss_by_sample
 from scd.distill.probe import probe_encoded, select_stage, student_logits
 from scd.distill.teacher_slot import (TeacherSlot, anchor_losses, anchor_model_dir, data_hash, ensure_dependency,
                                       find_manifest, rank0_cached)
-from scd.heads import fusable_head, target_hidden, target_labels, target_logits, target_positions
+from scd.heads import all_position_labels, num_samples_with_targets, target_labels, target_positions, teacher_targets
 from scd.models import build_model, check_same_tokenizer, load_tokenizer, save_model, torch_dtype
 from scd.schedule import SELECTIONS, Manifest, select_checkpoint
-from scd.sft import completion_terms, head_dtype, target_count
+from scd.sft import target_count
 from scd.student import resolve_model
 from scd.teacher import per_sample_ce, savable
 
@@ -94,7 +93,7 @@ class DistillRecipe:
     def count(self, micro) -> int:
         """The loss's normaliser: target tokens (``weighting.reduce: token``) or samples (``sample``)."""
         if self.cfg.weighting.reduce == "sample":
-            return samples_with_targets(micro[1]["labels"])
+            return num_samples_with_targets(micro[1]["labels"])
         return target_count(micro[1])
 
     def loss_terms(self, micro, denom: float) -> Terms:
@@ -136,10 +135,7 @@ class DistillRecipe:
         with torch.no_grad(), no_autocast(self.engine.device):
             if not self.cfg.train.completion_only:  # the full-logit reference path
                 return {"teacher": self.slot.logits(b)[:, :-1][b["labels"][:, 1:] != -100]}
-            head = fusable_head(model)
-            if head is None:
-                return {"teacher": target_logits(model, b)}
-            return {"teacher": target_hidden(model, b), "teacher_weight": head[0], "teacher_bias": head[1]}
+            return teacher_targets(model, b)
 
     def _token_terms(self, idx: list[int], b: dict):
         """(kd [M], kd_rows [M], ce [N], rows [N]): per-token terms and the batch row of each token.

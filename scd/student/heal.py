@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from scd.completion_loss import fused_kd_ce, logit_kd_ce
+from scd.completion_loss import completion_terms, head_dtype
 from scd.core.engine import Engine, Terms
 from scd.core.train import rank_batches
-from scd.heads import fusable_head, head_module, num_targets, target_hidden
+from scd.heads import num_targets, teacher_targets
 from scd.student.config import HealConfig
 from scd.student.cut import DevKL, text_batch
 
@@ -32,16 +32,7 @@ BEST_FILE = "heal_best.safetensors"
 def position_kd(student, base, batch: dict, *, head_dtype=None) -> torch.Tensor:
     """KL(p_base || p_student) [N] at the N target positions of ``batch`` (all positions for a
     :func:`~scd.student.cut.text_batch`), the heads applied only there and fused with the loss."""
-    with torch.no_grad():
-        th = target_hidden(base, batch)  # [N, H]
-        base_head = fusable_head(base)
-        teacher = ({"teacher": th, "teacher_weight": base_head[0], "teacher_bias": base_head[1]} if base_head
-                   else {"teacher": head_module(base)(th)})
-    h = target_hidden(student, batch)  # [N, H]
-    head = fusable_head(student)
-    if head is None:
-        return logit_kd_ce(head_module(student)(h), **teacher)[0]
-    return fused_kd_ce(h, head[0], bias=head[1], head_dtype=head_dtype, **teacher)[0]
+    return completion_terms(student, batch, head_dtype=head_dtype, ce=False, **teacher_targets(base, batch))[0]
 
 
 def save_weights(module, path: Path) -> None:
@@ -72,8 +63,7 @@ class HealRecipe:
 
     def loss_terms(self, batch: dict, denom: float) -> Terms:
         batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-        hd = torch.bfloat16 if self.engine.train_cfg.use_bf16 else None
-        kd = position_kd(self.engine.model, self.base, batch, head_dtype=hd)  # [N]
+        kd = position_kd(self.engine.model, self.base, batch, head_dtype=head_dtype(self.engine.train_cfg))  # [N]
         return Terms({"kd": kd.sum() / denom})
 
     def on_step_start(self, engine: Engine, step: int) -> None:
