@@ -97,7 +97,7 @@ def test_dev_kl_matches_float64_unpadded_reference(base, dev, smol_tokenizer):
 
 def test_greedy_search_equals_slow_reference(base, dev, smol_tokenizer):
     kl = DevKL(base, dev, smol_tokenizer.pad_token_id, 4, torch.device("cpu"))
-    kept, trace = greedy_drop(4, 2, lambda keep: kl.of_layers(base, keep))
+    kept, trace = greedy_drop(4, 2, lambda keep: kl.drop_each(base, keep))
     want_kept, want_steps = slow_greedy(base, dev, 2)
     assert kept == want_kept and [t["drop"] for t in trace] == [s[0] for s in want_steps]
     for t, (_, score, scores) in zip(trace, want_steps):
@@ -109,18 +109,46 @@ def test_greedy_search_equals_slow_reference(base, dev, smol_tokenizer):
     assert 1 in kept
 
 
+def test_drop_each_shares_prefixes_and_equals_each_trial_run_alone(base, dev, smol_tokenizer):
+    kl = DevKL(base, dev, smol_tokenizer.pad_token_id, 4, torch.device("cpu"))
+    for kept in ([0, 1, 2, 3], [0, 2, 3], [1, 3], [2]):
+        want = [kl.of_layers(base, [j for j in kept if j != i]) for i in kept]
+        assert kl.drop_each(base, kept) == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert len(base.model.layers) == 4 and not base.model.layers[0]._forward_pre_hooks  # restored, unhooked
+
+
+def each(score):
+    """``drop_each`` from a ``score(kept)``: the slow form greedy_drop documents."""
+    return lambda kept: [score([j for j in kept if j != i]) for i in kept]
+
+
 def test_greedy_drop_pure():
     importance = {0: 5.0, 1: 0.5, 2: 2.0, 3: 0.5, 4: 9.0}  # additive: drops the least important first
-    kept, trace = greedy_drop(5, 2, lambda keep: sum(importance[i] for i in range(5) if i not in keep))
+    kept, trace = greedy_drop(5, 2, each(lambda keep: sum(importance[i] for i in range(5) if i not in keep)))
     assert kept == [0, 4] and [t["drop"] for t in trace] == [1, 3, 2]  # tie 1 / 3 -> lower index first
     assert [t["kl"] for t in trace] == [0.5, 1.0, 3.0]
     assert [i for i, _ in trace[0]["candidates"]] == [0, 1, 2, 3, 4] and len(trace[2]["candidates"]) == 3
     # interaction: dropping 0 alone is cheapest, but once 2 is gone 0 becomes essential
     inter = lambda keep: (0 not in keep) * (0.1 if 2 in keep else 50.0) + (2 not in keep) * 0.2 + (1 not in keep)
-    assert greedy_drop(3, 1, inter)[0] == [2]  # drop 0 (0.1), then 1 (1.1 < 50.2)
-    assert greedy_drop(3, 3, inter) == ([0, 1, 2], [])
+    assert greedy_drop(3, 1, each(inter))[0] == [2]  # drop 0 (0.1), then 1 (1.1 < 50.2)
+    assert greedy_drop(3, 3, each(inter)) == ([0, 1, 2], [])
     with pytest.raises(ValueError, match=r"cut.keep must be in \[1, 3\]"):
-        greedy_drop(3, 4, inter)
+        greedy_drop(3, 4, each(inter))
+    with pytest.raises(ValueError, match="returned 1 scores for 3 kept layers"):
+        greedy_drop(3, 1, lambda kept: [0.0])
+
+
+def test_greedy_drop_resumes_from_saved_steps():
+    importance = {0: 5.0, 1: 0.5, 2: 2.0, 3: 0.7, 4: 9.0}
+    score = each(lambda keep: sum(importance[i] for i in range(5) if i not in keep))
+    saved, calls = [], []
+    full = greedy_drop(5, 2, score, on_step=lambda trace: saved.append([dict(t) for t in trace]))
+    assert [len(t) for t in saved] == [1, 2, 3] and saved[-1] == full[1]
+    counted = lambda kept: (calls.append(list(kept)), score(kept))[1]
+    assert greedy_drop(5, 2, counted, trace=saved[1]) == full  # killed after two removals
+    assert calls == [[0, 2, 4]]  # only the missing step is searched
+    with pytest.raises(ValueError, match="distinct layers"):
+        greedy_drop(5, 2, score, trace=[{"drop": 1}, {"drop": 1}])
 
 
 # ------------------------------------------------------------------------------- healing

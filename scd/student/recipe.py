@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from scd.core.config import load_config, register_recipe
 from scd.core.dependencies import dependency_config_path, ensure_dependency
@@ -29,19 +30,26 @@ from scd.student.config import StudentConfig
 from scd.student.cut import DevKL, dev_sample, encode_texts, greedy_drop
 from scd.student.heal import HealRecipe
 
-CUT_FILE = "cut.json"
+CUT_FILE, CUT_PARTIAL = "cut.json", "cut.partial.json"
 
 
 def choose_layers(cfg: StudentConfig, base, dev: DevKL, run_dir: Path) -> dict:
     """{"kept", "trace", "kl", "wall_s"} of the cut (``cut.rule``), from ``run_dir/cut.json`` when a
-    killed attempt of this run already searched (same run dir = same config)."""
-    path = run_dir / CUT_FILE
+    killed attempt of this run already searched (same run dir = same config).  The greedy search
+    saves each step to ``cut.partial.json`` and a killed search goes on from its last step."""
+    path, partial = run_dir / CUT_FILE, run_dir / CUT_PARTIAL
     if path.is_file():
         return read_json(path)
-    t0 = time.time()
+    done = read_json(partial) if partial.is_file() else {"trace": [], "wall_s": 0.0}
+    t0 = time.time() - done["wall_s"]
     n = base.config.num_hidden_layers
     if cfg.cut.rule == "greedy_kl":
-        kept, trace = greedy_drop(n, cfg.cut.keep, lambda keep: dev.of_layers(base, keep))
+        save = lambda trace: atomic_write_json(partial, {"trace": trace, "wall_s": round(time.time() - t0, 2)})
+        steps = tqdm(total=n - cfg.cut.keep, initial=len(done["trace"]), desc="greedy cut (layers dropped)",
+                     disable=None)
+        kept, trace = greedy_drop(n, cfg.cut.keep, lambda kept: dev.drop_each(base, kept), done["trace"],
+                                  lambda trace: (save(trace), steps.update(1)))
+        steps.close()
         kl = trace[-1]["kl"] if trace else dev(base)
     else:
         kept, trace = keep_layer_indices(cfg.cut.layers, n), []
@@ -49,6 +57,7 @@ def choose_layers(cfg: StudentConfig, base, dev: DevKL, run_dir: Path) -> dict:
     out = {"n_layers": n, "kept": kept, "dropped": [t["drop"] for t in trace], "trace": trace, "kl": kl,
            "wall_s": round(time.time() - t0, 2)}
     atomic_write_json(path, out)
+    partial.unlink(missing_ok=True)
     return out
 
 
