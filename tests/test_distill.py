@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from scd.cli import main as cli_main
 from scd.core.config import ConfigError, load_config, to_dict
 from scd.core.results import read_metrics
+from scd.distill import run as distill_run
 from tests.conftest import TINY_SHAPE, run_config, shipped_yaml, strip_time, tiny_config
 
 TINY_DATA = {"data.tasks": ["rotten_tomatoes"], "data.limit_per_task": 16}
@@ -125,6 +126,16 @@ def test_config_errors_are_one_line_with_hints(tmp_path):
         load(tmp_path, "t", divergence="forwrd_kl")
     with pytest.raises(ConfigError, match="stages.selection must be final or best"):
         load(tmp_path, "t", selection="scd_select", mode="eval_teacher")
+
+
+def test_teacher_config_must_name_a_teacher_recipe(tmp_path):
+    """teacher.config naming another recipe fails at start-up, before anything is trained."""
+    results = tmp_path / "results"
+    cfg = load_config(distill_cfg(tmp_path, None, **{"teacher.config": "configs/scd/sft_tiny.yaml",
+                                                      "teacher.results_dir": str(results)}))
+    with pytest.raises(ValueError, match="`recipe: teacher` config is needed as the teacher.config, got recipe 'sft'"):
+        distill_run(cfg, tmp_path / "run")
+    assert not results.exists()  # nothing trained
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -269,7 +269,7 @@ def test_config_errors(tmp_path):
         load_shipped("configs/scd/sft_tiny.yaml", {"model.student": {"confg": "x.yaml"}})
     with pytest.raises(ConfigError, match="drop model.init_from"):
         load_shipped("configs/scd/kd_tiny.yaml", {"model.student": {"config": "configs/student/student_tiny.yaml"}})
-    with pytest.raises(ValueError, match="recipe: student` config is needed, got recipe 'sft'"):
+    with pytest.raises(ValueError, match="recipe: student` config is needed as the model.student, got recipe 'sft'"):
         resolve_model(ModelConfig(student=StudentSource(config="configs/scd/sft_tiny.yaml")), 0)
     with pytest.raises(ValueError, match="resolves first"):
         build_model(ModelConfig(student=StudentSource(config="configs/student/student_tiny.yaml")))

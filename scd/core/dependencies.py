@@ -39,8 +39,10 @@ def dependency_config_path(config_path: str) -> Path:
     return path
 
 
-def ensure_dependency(config_path: str, seed: int, results_dir: str, what: str, rank: int = 0) -> Path:
+def ensure_dependency(config_path: str, seed: int, results_dir: str, what: str, rank: int = 0,
+                      recipe: str | None = None) -> Path:
     """Run directory of the ``config_path`` run with ``seed``; trained here if not finished.
+    ``recipe``: the recipe the config must name (ValueError otherwise).
 
     The path is the one ``python -m scd run CONFIG seed=N`` uses
     (``<results_dir>/<grid or runs>/<method>-<run_id>``), so a run made by hand is
@@ -48,6 +50,9 @@ def ensure_dependency(config_path: str, seed: int, results_dir: str, what: str, 
     train it once; ranks > 0 of a distributed run wait for rank 0.
     """
     cfg = load_config(dependency_config_path(config_path), [f"seed={seed}"])
+    if recipe is not None and cfg.recipe != recipe:
+        raise ValueError(f"{config_path}: a `recipe: {recipe}` config is needed as the {what}, got recipe "
+                         f"'{cfg.recipe}'")
     run_dir = safe_join(results_dir, *default_run_dir(cfg, ".").parts)
     rd = RunDir(run_dir)
     if rd.is_finished():

@@ -271,7 +271,8 @@ def _dependencies(cfg: DistillConfig, use_teacher: bool, rank: int) -> tuple[Pat
     teacher_dir, anchor_dir = None, None
     if use_teacher and cfg.teacher.config:
         seed = cfg.teacher.seed if cfg.teacher.seed is not None else cfg.seed
-        teacher_dir = ensure_dependency(cfg.teacher.config, seed, cfg.teacher.results_dir, "teacher", rank)
+        teacher_dir = ensure_dependency(cfg.teacher.config, seed, cfg.teacher.results_dir, "teacher.config", rank,
+                                        recipe="teacher")
     elif use_teacher:
         teacher_dir = Path(cfg.teacher.run_dir)
     if cfg.weighting.needs_losses:

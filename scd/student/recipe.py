@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from scd.core.config import load_config, register_recipe
-from scd.core.dependencies import dependency_config_path, ensure_dependency
+from scd.core.config import register_recipe
+from scd.core.dependencies import ensure_dependency
 from scd.core.engine import Engine, autocast, init_distributed
 from scd.core.results import RunDir, atomic_write_json, read_json
 from scd.core.train import seed_everything
@@ -109,12 +109,8 @@ def resolve_model(model: ModelConfig, seed: int, rank: int = 0) -> ModelConfig:
     src = model.student
     if src is None:
         return model
-    path = dependency_config_path(src.config)
-    recipe = load_config(path).recipe
-    if recipe != "student":
-        raise ValueError(f"model.student.config {src.config}: a `recipe: student` config is needed, got "
-                         f"recipe '{recipe}'")
-    run = ensure_dependency(str(path), src.seed if src.seed is not None else seed, src.results_dir, "student", rank)
+    run = ensure_dependency(src.config, src.seed if src.seed is not None else seed, src.results_dir,
+                            "model.student", rank, recipe="student")
     model_dir = Path(read_json(run / "run.json").get("artifacts", {}).get("model") or run / "model")
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"student run {run}: no saved model at {model_dir}")
