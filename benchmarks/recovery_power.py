@@ -135,6 +135,7 @@ def paired_deltas(runs: list[dict], task: str, n_boot: int = N_BOOT_DELTA, seed:
                 pairs.append((correctness(a), correctness(b)))
         row = {"degradation": deg, "strength": strength, "method": method, "budget": budget,
                "seeds": len(pairs), "skipped": sum(bool(r.get("skipped")) for r in rs),
+               "constant": sum(bool(r.get("constant")) for r in rs),  # recovered runs that are constant predictors
                "steps": [r.get("steps") for r in sorted(rs, key=lambda r: r["seed"])]}
         if pairs:
             d = paired_delta([a for a, _ in pairs], [b for _, b in pairs], n_boot=n_boot, seed=seed)
@@ -166,13 +167,15 @@ def deltas_markdown(deltas: list[dict], task: str, order: Callable[[dict], tuple
     lines = ["", f"## Recovery Δ on {task}, paired by review and seed", "",
              "before / after = accuracy, mean over seeds; degraded CI = 95 % bootstrap CI of the degraded model "
              "(seed-averaged per review); Δ = after − before [95 % CI over reviews]; *harm* = after below the "
-             "degraded model's CI; steps = optimiser steps trained per seed (0: skipped by the KL-aware budget).",
-             "", "| degradation | strength | method | budget | seeds | steps | before [95% CI] | after | "
-             "Δ after − before [95% CI] | harm |", "|---|---:|---|---:|---:|---|---|---:|---|:-:|"]
+             "degraded model's CI; steps = optimiser steps trained per seed (0: skipped by the KL-aware budget); "
+             "constant = seeds whose recovered model is a constant predictor (no gain of such a row is a win).",
+             "", "| degradation | strength | method | budget | seeds | steps | before [95% CI] | after | constant | "
+             "Δ after − before [95% CI] | harm |", "|---|---:|---|---:|---:|---|---|---:|---:|---|:-:|"]
     for d in sorted(deltas, key=order):
         steps = "/".join("-" if s is None else str(s) for s in d["steps"])
         lines.append(f"| {d['degradation']} | {d['strength']:g} | {d['method']} | {d['budget']} | {d['seeds']} | "
                      f"{steps} | {fmt(d.get('before'))} {fmt_ci(d.get('before_ci') or [])} | {fmt(d.get('after'))} | "
+                     f"{d.get('constant', 0)}/{len(d['steps'])} | "
                      f"{fmt(d.get('delta'), sign=True)} {fmt_ci(d.get('delta_ci') or [], sign=True)} | "
                      f"{'yes' if d.get('harm') else ('no' if 'harm' in d else '-')} |")
     return lines

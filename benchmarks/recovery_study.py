@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from benchmarks.paired import fmt_p
+from benchmarks.tasks.classification import CONSTANT_SHARE
 from benchmarks.recovery_power import correlation_markdown, correlation_views, deltas_markdown, paired_deltas
 from scd.core.results import atomic_write_bytes, atomic_write_json, atomic_write_text, iter_run_jsons, read_json
 
@@ -80,6 +81,17 @@ def _mean_cka(cka: dict | None) -> float:
     return sum(per) / len(per) if per else float("nan")
 
 
+def label_shares(eval_info: dict) -> list[float]:
+    """Per classification task of the run's (after) evaluation: the share of its predictions on its most
+    predicted label (``eval_info[task]["extra"]["accuracy"]["max_label_share"]``)."""
+    out = []
+    for info in eval_info.values():
+        share = (((info or {}).get("extra") or {}).get("accuracy") or {}).get("max_label_share")
+        if share is not None:
+            out.append(float(share))
+    return out
+
+
 def run_row(rec: dict, run_dir: str | Path | None = None) -> dict:
     """One run.json (recovery recipe) -> a flat row.  ``method`` is the recovery method, with ``-kl`` when
     the KL-aware budget (``recovery.budget``) decided the run."""
@@ -91,6 +103,7 @@ def run_row(rec: dict, run_dir: str | Path | None = None) -> dict:
     after = mean_primary_metric(rec.get("eval") or {}, meta)
     orig = mean_primary_metric(rec.get("eval_original") or {}, meta)
     gap = orig - before
+    shares = label_shares(rec.get("eval_info") or {})
     budget = recov.get("budget") or None
     method = recov.get("method", rec.get("method"))
     return {
@@ -112,6 +125,8 @@ def run_row(rec: dict, run_dir: str | Path | None = None) -> dict:
         "kl_before": kl.get("before", float("nan")),
         "kl_after": kl.get("after", float("nan")),
         "violation": rec.get("constraint_violation", float("nan")),
+        "label_share": max(shares, default=float("nan")),  # largest share of one label, over the tasks
+        "constant": any(s >= CONSTANT_SHARE for s in shares),  # the evaluation's own rule (extra.accuracy.constant)
         "tasks_after": task_scores(rec.get("eval") or {}, meta),
         "eval_info": rec.get("eval_info") or {},
         "run_dir": str(run_dir) if run_dir is not None else None,
@@ -168,6 +183,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         for col in AGG_COLS:
             row[col], row[col + "_std"] = _mean_std(r[col] for r in rs)
         row["skipped_share"] = sum(bool(r.get("skipped")) for r in rs) / len(rs)
+        row["constant_seeds"] = sum(bool(r.get("constant")) for r in rs)
         row["max_violation"] = max((float(r["violation"]) for r in rs if r["violation"] is not None
                                     and math.isfinite(float(r["violation"]))), default=float("nan"))
         out.append(row)
@@ -195,16 +211,19 @@ def markdown(agg: list[dict], corr: dict, root: Path, n_runs: int, deltas: list[
              "(after - before) / (original - before). CKA = mean over layers of CKA(model layer l, original "
              "layer l) on the probe set; KL = mean per-token KL(original || model) on the probe set. "
              "Mean ± std over seeds. `sd-kl` = SD under the KL-aware budget (`recovery.budget`); *skipped* = "
-             "share of its seeds where the budget skipped recovery.", "",
-             "| degradation | strength | method | budget | seeds | skipped | original | before | after | recovered | "
-             "CKA before | CKA after | KL before | KL after | violation |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "share of its seeds where the budget skipped recovery. *constant* = seeds whose recovered model "
+             f"puts >= {CONSTANT_SHARE:.0%} of its predictions on one label (a constant predictor: its score is "
+             "the label's rate, not a result; the `none` row shows the degraded model).", "",
+             "| degradation | strength | method | budget | seeds | skipped | original | before | after | constant | "
+             "recovered | CKA before | CKA after | KL before | KL after | violation |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in agg:
         lines.append(
             f"| {r['degradation']} | {r['strength']:g} | {r['method']} | {r['budget']} | {r['seeds']} | "
             f"{_fmt(r['skipped_share'], digits=2)} | "
             f"{_fmt(r['score_original'])} | {_fmt(r['score_before'], r['score_before_std'])} | "
-            f"{_fmt(r['score_after'], r['score_after_std'])} | {_fmt(r['recovered_frac'], digits=2)} | "
+            f"{_fmt(r['score_after'], r['score_after_std'])} | {r['constant_seeds']}/{r['seeds']} | "
+            f"{_fmt(r['recovered_frac'], digits=2)} | "
             f"{_fmt(r['cka_before'])} | {_fmt(r['cka_after'], r['cka_after_std'])} | {_fmt(r['kl_before'])} | "
             f"{_fmt(r['kl_after'], r['kl_after_std'])} | {_fmt(r['max_violation'], digits=1)} |")
     lines += correlation_markdown(corr["score_vs_cka"], "recovered score vs mean CKA")

@@ -62,7 +62,7 @@ def test_paired_deltas_pool_seeds_per_review(tmp_path):
         _preds(sd_dir / "predictions/t.jsonl", aft)
         base = {"degradation": "q", "strength": 4, "seed": seed, "budget": 16, "eval_info": {}}
         runs += [{**base, "method": "none", "budget": 0, "run_dir": none_dir},
-                 {**base, "method": "sd", "run_dir": sd_dir, "steps": 16,
+                 {**base, "method": "sd", "run_dir": sd_dir, "steps": 16, "constant": seed == 1,
                   "eval_info": {"t": {"predictions": "predictions/t.jsonl"}}},
                  {**base, "method": "sd-kl", "run_dir": kl_dir, "skipped": True, "steps": 0}]
     by = {d["method"]: d for d in paired_deltas(runs, "t", n_boot=200)}
@@ -70,7 +70,7 @@ def test_paired_deltas_pool_seeds_per_review(tmp_path):
     assert sd["seeds"] == 2 and sd["n"] == 10
     assert sd["before"] == pytest.approx((5 + 6) / 20) and sd["after"] == pytest.approx((8 + 6) / 20)
     assert sd["delta"] == pytest.approx(3 / 20) and sd["delta_ci"][0] <= sd["delta"] <= sd["delta_ci"][1]
-    assert sd["harm"] is False and sd["steps"] == [16, 16]
+    assert sd["harm"] is False and sd["steps"] == [16, 16] and sd["constant"] == 1
     kl = by["sd-kl"]  # skipped by the budget: it is the degraded model itself
     assert kl["skipped"] == 2 and kl["delta"] == 0.0 and kl["after"] == pytest.approx(kl["before"])
     assert "none" not in by
@@ -84,3 +84,13 @@ def test_run_row_labels_budgeted_runs():
     assert row["method"] == "sd-kl" and row["skipped"] is True and row["steps"] == 0 and row["run_dir"] == "/tmp/x"
     rec["recovery"] = {"method": "sd", "budget_steps": 16}
     assert run_row(rec)["method"] == "sd" and run_row(rec)["skipped"] is False
+    assert run_row(rec)["constant"] is False  # no classification task scored: nothing to flag
+
+
+def test_run_row_flags_a_constant_predictor_by_the_evaluation_rule():
+    def rec(shares):
+        info = {f"t{i}": {"extra": {"accuracy": {"max_label_share": s}}} for i, s in enumerate(shares)}
+        info["qa"] = {"extra": {}}  # a task without labels is ignored
+        return {"degradation": {"name": "q", "strength": 4}, "recovery": {"method": "sd"}, "eval_info": info}
+    assert run_row(rec([0.6, 0.949]))["constant"] is False and run_row(rec([0.6, 0.949]))["label_share"] == 0.949
+    assert run_row(rec([0.6, 0.95]))["constant"] is True  # >= CONSTANT_SHARE, as the leaderboard's rule
