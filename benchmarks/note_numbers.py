@@ -25,6 +25,9 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
+from benchmarks.recovery_power import correlation_views, paired_deltas
+from benchmarks.recovery_study import aggregate as aggregate_recovery, load_runs as load_recovery_runs
+
 REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
 SCD = "results/scd_baselines_cpu"
@@ -179,6 +182,39 @@ def recovery(root: Path) -> list[Entry]:
     return out
 
 
+# ------------------------------------------------------------ recovery_study_seeded_cpu
+SEEDED = "results/recovery_study_seeded_cpu"
+MILD = (("quantize", 8.0, "8-bit"), ("prune", 0.3, "30 % pruning"), ("forget", 8.0, "8 forgetting steps"))
+GAINS = (("quantize", 4.0, "4-bit"), ("forget", 16.0, "16 forgetting steps"))
+
+
+def recovery_seeded(root: Path, seeds: int = 3) -> list[Entry]:
+    """Issue 19's verdicts: SD and SD under the KL-aware budget on the mild degradations (no harm?) and on
+    4-bit / forget-16 (gains kept?), paired by review and seed; score vs CKA over configurations.  Nothing
+    is quoted until every one of these configurations has ``seeds`` seeds (the README says it is running)."""
+    rows = load_recovery_runs(root / SEEDED)
+    deltas = {(d["degradation"], float(d["strength"]), d["method"]): d for d in paired_deltas(rows, "rotten_tomatoes")}
+    keys = [(deg, s, m) for deg, s, _ in MILD + GAINS for m in ("sd", "sd-kl")]
+    if any(deltas.get(k, {}).get("seeds", 0) < seeds for k in keys):
+        return []
+    note, out = f"{SEEDED}/README.md", []
+    for deg, strength, label in MILD + GAINS:
+        for m in ("sd", "sd-kl"):
+            d = deltas[(deg, strength, m)]
+            (blo, bhi), (lo, hi) = d["before_ci"], d["delta_ci"]
+            phrase = (f"{m} on {label}: {d['after']:.3f} after vs {d['before']:.3f} [{blo:.3f}, {bhi:.3f}] degraded, "
+                      f"Δ {d['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            out.append(Entry(note, f"{m} Δ accuracy on {label} ({d['seeds']} seeds)", d["delta"], phrase))
+    agg = aggregate_recovery(rows)
+    for v in correlation_views(agg, rows, "cka_after", "score_after", families=False):
+        c = v["configs"]
+        lo, hi = c["spearman_ci"]
+        phrase = f"Spearman ρ = {c['spearman_rho']:.3f} [{lo:.3f}, {hi:.3f}] over {c['n']} configurations"
+        out += [Entry(n, f"score vs mean CKA, {v['view']} configurations (mean over seeds)", c["spearman_rho"], phrase)
+                for n in (note, STATUS)]
+    return out
+
+
 def demo(root: Path) -> list[Entry]:
     """``make demo``'s wall time in the README, from the reference run's ``results/demo/timing.json``."""
     timing = json.loads((root / "results/demo/timing.json").read_text(encoding="utf-8"))
@@ -252,7 +288,7 @@ def scd_study_dev(root: Path) -> list[Entry]:
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
     "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe,
-    "scd_study_dev": scd_study_dev}
+    "scd_study_dev": scd_study_dev, "recovery_seeded": recovery_seeded}
 
 
 def entries(root: Path = REPO) -> list[Entry]:

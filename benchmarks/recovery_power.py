@@ -77,11 +77,12 @@ def _recovered(r: dict) -> bool:
 
 
 def correlation_views(configs: list[dict], runs: list[dict], x: str = "cka_after", y: str = "score_after",
-                      n_boot: int = N_BOOT_CORR) -> list[dict]:
-    """Rows {view, family, configs: corr_ci over configurations, runs: corr_ci over runs (no CI)}."""
+                      n_boot: int = N_BOOT_CORR, families: bool = True) -> list[dict]:
+    """Rows {view, family, configs: corr_ci over configurations, runs: corr_ci over runs (no CI)}: all and
+    recovered configurations, then (``families``) the same per degradation family."""
     views: list[tuple[str, str, Callable[[dict], bool]]] = [("all", "all", lambda r: True),
                                                             ("recovered", "all", _recovered)]
-    for fam in sorted({str(r["degradation"]) for r in configs}):
+    for fam in sorted({str(r["degradation"]) for r in configs}) if families else ():
         views += [("all", fam, lambda r, f=fam: str(r["degradation"]) == f),
                   ("recovered", fam, lambda r, f=fam: str(r["degradation"]) == f and _recovered(r))]
     out = []

@@ -29,6 +29,19 @@ def test_recomputed_values_from_the_raw_files():
     assert by[(cal, "best-threshold accuracy of the label margin")] == pytest.approx(0.605)
 
 
+def test_seeded_recovery_verdicts_wait_for_every_seed():
+    """Nothing is quoted from the seeded recovery study until its configurations have all their seeds;
+    with the bar at one seed, the verdict phrases are built from the committed runs."""
+    assert N.recovery_seeded(N.REPO, seeds=4) == []
+    found = N.recovery_seeded(N.REPO, seeds=1)
+    deltas = [e for e in found if " Δ accuracy on " in e.name]
+    assert len(deltas) == 2 * len(N.MILD + N.GAINS)
+    assert all(e.phrase.startswith(("sd on ", "sd-kl on ")) and " degraded, Δ " in e.phrase for e in deltas)
+    corr = [e for e in found if e.name.startswith("score vs mean CKA")]
+    assert {e.note for e in corr} == {"README.md", f"{N.SEEDED}/README.md"} and len(corr) == 4
+    assert all(-1 <= e.value <= 1 and "configurations" in e.phrase for e in corr)
+
+
 def test_a_stale_note_is_reported(tmp_path):
     for rel in {e.note for e in N.entries()}:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
