@@ -27,8 +27,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-pytest.importorskip("trl.experimental.sdft", reason="trl is not installed (optional `bench` extra: "
-                                                     "pip install -e '.[bench]'); TRL's SDFTTrainer is compared here")
+pytest.importorskip("trl.experimental.sdft", reason="trl is not installed (the `dev` extra installs it: "
+                                                     "pip install -e '.[dev]'); TRL's SDFTTrainer is compared here")
 
 from transformers import TrainerControl, TrainerState  # noqa: E402
 from trl.experimental.sdft import SDFTConfig, SDFTTrainer  # noqa: E402
