@@ -41,7 +41,8 @@ import unisd.components  # noqa: E402,F401  (first: importing unisd.context firs
 from scd.data.prompts import build_messages  # noqa: E402
 from scd.models import load_tokenizer  # noqa: E402
 from tests.unisd_tiny import grads, preset, setup_run, step_once, step_recording_teacher  # noqa: E402
-from unisd.components.base import build_components, sequence_mean  # noqa: E402
+from unisd.components.base import build_components  # noqa: E402
+from unisd.reduction import sequence_mean  # noqa: E402
 from unisd.context import completion_forward  # noqa: E402
 from unisd.prompts import TEMPLATES  # noqa: E402
 from unisd.train import UniSDLossConfig, make_divergence  # noqa: E402

@@ -11,7 +11,8 @@ import unisd.components  # noqa: F401  (registers the built-ins)
 from tests.unisd_tiny import setup_run, step_once
 from scd.core.config import ConfigError
 from unisd.components.base import (COMPONENTS, Component, Targets, build_component, build_components,
-                                   components_table, register_component, sequence_mean)
+                                   components_table, register_component)
+from unisd.reduction import sequence_mean
 from unisd.components.divergence_clipping import clip_divergence
 from unisd.components.ema_teacher import ema_update_, trained_pairs
 from unisd.components.feature_matching import hidden_mse_per_token, make_projection

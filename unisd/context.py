@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from scd.data.load import load_split
 from scd.data.prompts import render_prompt
-from scd.tokens import encode, left_pad, right_pad, stop_token_ids
-from unisd.components.base import sequence_mean
-from unisd.sampling import sample_completions
+from scd.tokens import encode, right_pad, stop_token_ids
+from unisd.reduction import sequence_mean
+from unisd.sampling import prefix_cache, sample_completions, shared_prefix_len, suffix_inputs
 
 
 @dataclasses.dataclass
@@ -48,16 +48,26 @@ class Batch:
 
 
 def completion_forward(model, prompt_ids: Sequence[Sequence[int]], completion_ids: torch.Tensor,
-                       completion_mask: torch.Tensor, pad_id: int, *, hidden: bool = False) -> ForwardOut:
-    """Logits (and hidden states) of ``model`` at the completion positions (see module doc)."""
+                       completion_mask: torch.Tensor, pad_id: int, *, hidden: bool = False,
+                       share_prefix: bool = False) -> ForwardOut:
+    """Logits (and hidden states) of ``model`` at the completion positions (see module doc).
+
+    ``share_prefix``: the prompts' common prefix (S tokens, :func:`unisd.sampling.shared_prefix_len`,
+    e.g. the system prompt, instruction and few-shot demonstrations) runs once, batch 1, and its KV
+    cache is repeated over the batch; the rest runs as ``[S prefix (cached)][pad .. own prompt][completion
+    pad]`` with positions ``cumsum(mask) - 1`` as above.  Same logits and gradients (the prefix's
+    gradient is the sum over the batch); with dropout, the prefix draws one mask for the whole batch."""
     device = completion_ids.device
-    p_ids, p_mask = left_pad(prompt_ids, pad_id)
+    n_shared = shared_prefix_len(prompt_ids) if share_prefix else 0
+    p_ids, p_mask = suffix_inputs(prompt_ids, n_shared, pad_id)  # = left_pad(prompt_ids) when n_shared = 0
     P, L = p_ids.shape[1], completion_ids.shape[1]
     ids = torch.cat([p_ids.to(device), completion_ids], dim=1)  # [B, P+L]
-    mask = torch.cat([p_mask.to(device), completion_mask.to(torch.long)], dim=1)  # [B, P+L]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    mask = torch.cat([torch.ones(len(prompt_ids), n_shared, dtype=torch.long, device=device), p_mask.to(device),
+                      completion_mask.to(torch.long)], dim=1)  # [B, S+P+L]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, n_shared:]
+    cache = prefix_cache(model, prompt_ids[0][:n_shared], len(prompt_ids), device) if n_shared else None
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=L + 1,
-                output_hidden_states=hidden, use_cache=False)
+                output_hidden_states=hidden, past_key_values=cache, use_cache=cache is not None)
     logits = out.logits[:, :-1]  # [B, L, V]: positions P-1 .. P+L-2
     hs = tuple(h[:, P - 1:P - 1 + L] for h in out.hidden_states) if hidden else None
     return ForwardOut(logits=logits, hidden_states=hs)
@@ -109,13 +119,15 @@ class Context:
     """
 
     def __init__(self, *, model, tokenizer, examples: list[dict], device, seed: int, needs: set[str],
-                 max_prompt_len: int = 512, autocast=None, config: Any = None, shots: dict | None = None):
+                 max_prompt_len: int = 512, autocast=None, config: Any = None, shots: dict | None = None,
+                 share_prefix: bool = False):
         self.model, self.tokenizer, self.examples = model, tokenizer, examples
         self.device, self.seed, self.needs = device, seed, set(needs)
         self.max_prompt_len = max_prompt_len
         self.autocast = autocast or contextlib.nullcontext
         self.config = config
         self.shots = dict(shots or {})  # task -> few-shot demonstrations of the training prompts
+        self.share_prefix = share_prefix  # run the prompts' common prefix once per batch (completion_forward)
         self.teacher = None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.step = 0
@@ -173,7 +185,7 @@ class Context:
     def sample_completions(self, *, temperature: float, max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
         return sample_completions(self.model, self.batch.prompt_ids, max_new_tokens=max_new_tokens,
                                   temperature=temperature, seed=self.sample_seed("sample"), pad_id=self.pad_id,
-                                  stop_ids=self.stop_ids(), batch_size=batch_size)
+                                  stop_ids=self.stop_ids(), batch_size=batch_size, share_prefix=self.share_prefix)
 
     def stop_ids(self) -> list[int]:
         if self._stop_ids is None:
@@ -185,7 +197,7 @@ class Context:
         b = self.batch
         with self.autocast():
             return completion_forward(model, prompt_ids, b.completion_ids, b.completion_mask, self.pad_id,
-                                      hidden=hidden)
+                                      hidden=hidden, share_prefix=self.share_prefix)
 
     def teacher_forward(self, prompt_ids, *, hidden: bool = False, model=None) -> ForwardOut:
         """A no-grad forward of the teacher (default ``ctx.teacher``) over the batch's completions."""

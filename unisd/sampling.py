@@ -17,6 +17,36 @@ from transformers import GenerationConfig
 from scd.tokens import left_pad
 
 
+MIN_SHARED_PREFIX = 16  # a common prompt prefix shorter than this is not worth a separate forward
+
+
+def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Length S of the longest common prefix of ``prompts`` (token ids), capped so that every prompt keeps
+    at least one token of its own after it; 0 when below :data:`MIN_SHARED_PREFIX` or for one prompt."""
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    s = 0
+    while s < n and all(p[s] == first[s] for p in prompts):
+        s += 1
+    return s if s >= MIN_SHARED_PREFIX else 0
+
+
+def prefix_cache(model, prefix: Sequence[int], batch: int, device):
+    """The KV cache of one forward of ``prefix`` (batch 1), repeated ``batch`` times along the batch dim.
+    Under grad mode the repeat is differentiable (the prefix's gradient is the sum over the batch)."""
+    out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(batch)
+    return cache
+
+
+def suffix_inputs(prompts: Sequence[Sequence[int]], s: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts after their shared prefix of length ``s``, left-padded: (ids [B, P'], mask [B, P']).
+    The full attention mask of a forward over them after the cached prefix is ``[1] * s + mask``."""
+    return left_pad([p[s:] for p in prompts], pad_id)
+
+
 def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     """Tokens up to and including the first stop token (the student learns to stop)."""
     stop = set(stop_ids)
@@ -27,8 +57,11 @@ def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
 
 
 def sample_completions(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
-                       seed: int, pad_id: int, stop_ids: Sequence[int], batch_size: int = 16) -> list[list[int]]:
-    """One sampled completion per prompt (input order); ``temperature <= 0`` decodes greedily."""
+                       seed: int, pad_id: int, stop_ids: Sequence[int], batch_size: int = 16,
+                       share_prefix: bool = False) -> list[list[int]]:
+    """One sampled completion per prompt (input order); ``temperature <= 0`` decodes greedily.
+    ``share_prefix``: the prompts' common prefix (:func:`shared_prefix_len`) is run once per batch and
+    its KV cache repeated over the batch (``generate`` continues from it)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
@@ -47,9 +80,15 @@ def sample_completions(model, prompt_ids: Sequence[Sequence[int]], *, max_new_to
             torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                ids, mask = left_pad([prompt_ids[i] for i in idx], pad_id)
+                prompts = [prompt_ids[i] for i in idx]
+                n_shared = shared_prefix_len(prompts) if share_prefix else 0
+                ids, mask = suffix_inputs(prompts, n_shared, pad_id)
+                cache = prefix_cache(model, prompts[0][:n_shared], len(idx), device) if n_shared else None
+                shared = torch.tensor(list(prompts[0][:n_shared]), dtype=torch.long).expand(len(idx), n_shared)
+                ids = torch.cat([shared, ids], dim=1)  # generate sees whole prompts; the cache holds the prefix
+                mask = torch.cat([torch.ones(len(idx), n_shared, dtype=torch.long), mask], dim=1)
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=gen_cfg)
+                                     generation_config=gen_cfg, past_key_values=cache)
                 new = gen[:, ids.shape[1]:].tolist()  # [b, <= max_new_tokens]
                 for row, i in enumerate(idx):
                     out[i] = cut_at_stop(new[row], stop_ids)

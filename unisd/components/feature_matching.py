@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from unisd.components.base import Component, register_component, sequence_mean
+from unisd.components.base import Component, register_component
+from unisd.reduction import sequence_mean
 
 
 def hidden_mse_per_token(student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:

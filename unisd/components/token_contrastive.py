@@ -19,7 +19,8 @@ import dataclasses
 
 import torch
 
-from unisd.components.base import Component, added_param, register_component, sequence_mean
+from unisd.components.base import Component, added_param, register_component
+from unisd.reduction import sequence_mean
 from unisd.context import token_logps
 from unisd.prompts import check_template, teacher_prompt, wrong_reference_table
 
