@@ -252,7 +252,7 @@ def head_dtype(train):
 
 
 def completion_terms(model, batch: dict, *, head_dtype=None, teacher=None, ce: bool = True,
-                     **kd) -> tuple[Tensor, Tensor]:
+                     share_prefix: bool = False, **kd) -> tuple[Tensor, Tensor]:
     """Per-target-token (kd [N], ce [N]) with the lm-head applied only at the N target positions of
     ``batch`` (labels [B, T]; see ``scd.heads``).
 
@@ -261,8 +261,9 @@ def completion_terms(model, batch: dict, *, head_dtype=None, teacher=None, ce: b
     ``nn.Linear`` head goes through the fused, chunked :func:`fused_kd_ce`; an adapted or ZeRO-3
     partitioned head is called as a module on the target hidden states (its hooks run), then
     :func:`logit_kd_ce`.  Equal (to float rounding) to the full-logit terms at the same positions.
+    ``share_prefix``: the batch's common prompt prefix runs once (``scd.heads.backbone_hidden``).
     """
-    h = target_hidden(model, batch)  # [N, H]
+    h = target_hidden(model, batch, share_prefix)  # [N, H]
     labels = target_labels(batch["labels"]) if ce else None  # [N]
     head = fusable_head(model)
     if head is None:

@@ -91,33 +91,70 @@ def _decoder(model: nn.Module) -> nn.Module:
     return dec
 
 
-def backbone_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+MIN_SHARED_PREFIX = 16  # a common prefix shorter than this is not worth a separate forward
+
+
+def shared_prefix_len(input_ids: Tensor, attention_mask: Tensor | None = None) -> int:
+    """Length S of the common prefix of a right-padded batch's rows [B, T]: every row attended and equal
+    on positions < S, each row keeping at least one real token after it; 0 when S < MIN_SHARED_PREFIX
+    or for a single row (a left-padded batch shares nothing)."""
+    B, T = input_ids.shape
+    if B < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0)  # [T]
+    if attention_mask is not None:
+        same = same & (attention_mask != 0).all(dim=0)
+        cap = int(attention_mask.sum(dim=1).min()) - 1
+    else:
+        cap = T - 1
+    s = int(same.int().cumprod(0).sum()) if T else 0
+    s = min(s, cap)
+    return s if s >= MIN_SHARED_PREFIX else 0
+
+
+def backbone_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    share_prefix: bool = False) -> Tensor:
     """Final hidden states [B, T, H] (after the final norm), without the full lm-head.
 
-    The model's own forward runs (wrapper hooks included) with ``logits_to_keep=1`` and
-    ``use_cache=False``; the decoder's ``last_hidden_state`` is captured by a hook.
-    Gradients flow into the returned tensor as in a normal forward.
+    The model's own forward runs (wrapper hooks included) with ``logits_to_keep=1``; the decoder's
+    ``last_hidden_state`` is captured by a hook.  Gradients flow into the returned tensor as in a
+    normal forward.  ``share_prefix`` (right-padded batches, ``train.share_prefix``): the rows'
+    common prefix (:func:`shared_prefix_len`, S tokens) runs once with batch 1 and its KV cache is
+    repeated over the batch; positions S.. run after it; its hidden states are repeated too (their
+    gradient is the sum over the rows).  Same result to float rounding.
     """
     dec = _decoder(model)
-    captured: dict[str, Tensor] = {}
+    captured: list[Tensor] = []
 
     def hook(_module, _args, out):
-        captured["h"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
 
+    s = shared_prefix_len(input_ids, attention_mask) if share_prefix else 0
     handle = dec.register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        if not s:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        else:
+            B, T = input_ids.shape
+            cache = model(input_ids=input_ids[:1, :s], use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(B)
+            pos = torch.arange(s, T, device=input_ids.device).expand(B, T - s)
+            model(input_ids=input_ids[:, s:], attention_mask=attention_mask, position_ids=pos,
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
     finally:
         handle.remove()
-    if "h" not in captured:
+    if len(captured) != (2 if s else 1):
         raise RuntimeError(f"{type(dec).__name__} did not run in the forward of {type(model).__name__}")
-    return captured["h"]
+    if not s:
+        return captured[0]
+    prefix, rest = captured  # [1, S, H], [B, T - S, H]
+    return torch.cat([prefix.expand(rest.shape[0], -1, -1), rest], dim=1)
 
 
-def target_hidden(model: nn.Module, batch: dict) -> Tensor:
+def target_hidden(model: nn.Module, batch: dict, share_prefix: bool = False) -> Tensor:
     """[N, H] final hidden states at the target positions of ``batch`` (input_ids, attention_mask, labels)."""
     rows, cols = target_positions(batch["labels"])
-    h = backbone_hidden(model, batch["input_ids"], batch.get("attention_mask"))  # [B, T, H]
+    h = backbone_hidden(model, batch["input_ids"], batch.get("attention_mask"), share_prefix)  # [B, T, H]
     return h[rows, cols]
 
 
@@ -156,15 +193,15 @@ def fusable_head(model: nn.Module) -> tuple[Tensor, Tensor | None] | None:
     return w, head.bias
 
 
-def target_logits(model: nn.Module, batch: dict) -> Tensor:
+def target_logits(model: nn.Module, batch: dict, share_prefix: bool = False) -> Tensor:
     """[N, V] logits at the target positions only: head(hidden[rows, cols]).
 
     Equal (to float rounding) to ``model(...).logits[:, :-1][labels[:, 1:] != -100]``.
     """
-    return head_module(model)(target_hidden(model, batch))
+    return head_module(model)(target_hidden(model, batch, share_prefix))
 
 
-def teacher_targets(model: nn.Module, batch: dict) -> dict:
+def teacher_targets(model: nn.Module, batch: dict, share_prefix: bool = False) -> dict:
     """A frozen teacher at the target positions of ``batch``, as keyword arguments of
     ``scd.completion_loss.completion_terms`` / ``fused_kd_ce``: its hidden states [N, H] and plain
     linear head (fused into the loss, no [N, V] logits kept), or its logits [N, V] when the head is
@@ -172,5 +209,6 @@ def teacher_targets(model: nn.Module, batch: dict) -> dict:
     with torch.no_grad():
         head = fusable_head(model)
         if head is None:
-            return {"teacher": target_logits(model, batch)}
-        return {"teacher": target_hidden(model, batch), "teacher_weight": head[0], "teacher_bias": head[1]}
+            return {"teacher": target_logits(model, batch, share_prefix)}
+        return {"teacher": target_hidden(model, batch, share_prefix), "teacher_weight": head[0],
+                "teacher_bias": head[1]}

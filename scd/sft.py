@@ -40,7 +40,7 @@ class SFTConfig:
     deepspeed: str | None = added_field(default=None)  # a DeepSpeed JSON (configs/deepspeed/zero2.json)
 
 
-def sft_loss_sum(model, batch, *, completion_only: bool = True, head_dtype=None):
+def sft_loss_sum(model, batch, *, completion_only: bool = True, head_dtype=None, share_prefix: bool = False):
     """Sum over target tokens of the next-token cross-entropy, and the token count.
 
     batch: input_ids/attention_mask/labels [B, T]; returns (scalar sum, int count).
@@ -48,7 +48,7 @@ def sft_loss_sum(model, batch, *, completion_only: bool = True, head_dtype=None)
     (:func:`completion_terms`); False: full logits at every position (the reference path).
     """
     if completion_only:
-        _, ce = completion_terms(model, batch, head_dtype=head_dtype)
+        _, ce = completion_terms(model, batch, head_dtype=head_dtype, share_prefix=share_prefix)
         return ce.sum(), int(ce.shape[0])
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1].float()  # [B, T-1, V]
@@ -86,7 +86,7 @@ class SFTRecipe:
         batch = {k: v.to(self.engine.device) for k, v in batch.items()}
         tc = self.engine.train_cfg
         loss_sum, _ = sft_loss_sum(self.engine.model, batch, completion_only=tc.completion_only,
-                                   head_dtype=head_dtype(tc))
+                                   head_dtype=head_dtype(tc), share_prefix=tc.share_prefix)
         return Terms({"ce": loss_sum / denom})
 
     def on_step_end(self, engine: Engine, step: int) -> None:

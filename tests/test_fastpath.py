@@ -189,6 +189,59 @@ def test_bf16_under_autocast_backbone():
     torch.testing.assert_close(ce, ce_per_token(ref, target_labels(batch["labels"])), rtol=0.03, atol=0.05)
 
 
+def prefixed_batch(prefix_len=20, seed=0, lengths=(3, 7, 1, 5), completion=(2, 1, 1, 3)):
+    """Right-padded batch whose rows share their first ``prefix_len`` tokens, then differ."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(1, V, (prefix_len,), generator=g)
+    rows = [torch.cat([prefix, torch.randint(1, V, (n,), generator=g)]) for n in lengths]
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (r, c) in enumerate(zip(rows, completion)):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        labels[i, len(r) - c:len(r)] = r[len(r) - c:]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_shared_prefix_len():
+    from scd.heads import MIN_SHARED_PREFIX, shared_prefix_len
+    b = prefixed_batch(20)
+    assert shared_prefix_len(b["input_ids"], b["attention_mask"]) == 20
+    assert shared_prefix_len(b["input_ids"][:1], b["attention_mask"][:1]) == 0  # one row
+    short = prefixed_batch(MIN_SHARED_PREFIX - 1, seed=1)
+    assert shared_prefix_len(short["input_ids"], short["attention_mask"]) == 0
+    same = prefixed_batch(20, lengths=(0, 0), completion=(1, 1))  # identical rows: keep one own token
+    assert shared_prefix_len(same["input_ids"], same["attention_mask"]) == 19
+    left = {k: v.flip(1) for k, v in b.items()}  # padding first: no attended common prefix
+    assert shared_prefix_len(left["input_ids"].flip(1).flip(1), left["attention_mask"]) == 0
+
+
+@pytest.mark.parametrize("all_positions", [False, True])
+def test_shared_prefix_hidden_states_and_grads_equal_the_plain_forward(all_positions):
+    """backbone_hidden / target_hidden with share_prefix: the prefix once (batch 1, KV cache repeated),
+    the rest after it; equal values and gradients, also for targets inside the prefix."""
+    from scd.heads import all_position_labels
+    model = tiny_model(V, SHAPE, seed=2).train()
+    batch = prefixed_batch()
+    if all_positions:
+        batch["labels"] = all_position_labels(batch["input_ids"], batch["attention_mask"])
+    outs = {}
+    for share in (False, True):
+        h = target_hidden(model, batch, share_prefix=share)  # [N, H]
+        loss = (h * torch.linspace(-1, 1, h.shape[-1])).sum() + h.pow(2).sum()
+        outs[share] = (h.detach(), grads(model, loss))
+    (h0, g0), (h1, g1) = outs[False], outs[True]
+    torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-5)
+    assert set(g0) == set(g1) and len(g0) > 5
+    for n in g0:  # float rounding, relative to the gradient's scale
+        assert float((g1[n] - g0[n]).abs().max()) <= 1e-5 * float(g0[n].abs().max()), n
+    m = batch["attention_mask"].bool()
+    torch.testing.assert_close(backbone_hidden(model, batch["input_ids"], batch["attention_mask"], True)[m],
+                               backbone_hidden(model, batch["input_ids"], batch["attention_mask"])[m],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_shape_errors_are_one_line():
     h, w = torch.randn(4, 8), torch.randn(V, 8)
     with pytest.raises(ValueError, match="labels"):

@@ -126,7 +126,7 @@ loss: {{divergence: forward_kl, temperature: 2.0}}
 weighting: {weighting}
 probe: {{n: 6, batch_size: 4}}
 data: {{tasks: [rotten_tomatoes], limit_per_task: 12}}
-train: {{lr: 5.0e-3, batch_size: 4, max_len: 48, save_every: 0, log_every: 1, completion_only: {fast}}}
+train: {{lr: 5.0e-3, batch_size: 4, max_len: {max_len}, save_every: 0, log_every: 1, completion_only: {fast}{train}}}
 eval: {{tasks: []}}
 save_model: true
 """
@@ -144,13 +144,14 @@ def teacher_run(tmp_path_factory):
 
 
 def distill(tmp, name, *, fast=True, cache=None, method="kd", n_stages=1, selection="final",
-            weighting="{name: none, alpha: 0.5}"):
+            weighting="{name: none, alpha: 0.5}", max_len=48, train=""):
     """Run the distill recipe -> (loss rows, final weights, run.json)."""
     from scd.distill import run
 
     text = DISTILL.format(method=method, shape=SHAPE, teacher=tmp / "teacher", n_stages=n_stages,
                           selection=selection, weighting=weighting, fast=str(fast).lower(),
-                          cache="" if cache is None else f", cache: {cache}")
+                          cache="" if cache is None else f", cache: {cache}", max_len=max_len,
+                          train=f", {train}" if train else "")
     (tmp / f"{name}.yaml").write_text(text)
     rec = run(load_config(tmp / f"{name}.yaml"), tmp / name)
     rows = [r for r in read_metrics(tmp / name / "metrics.jsonl") if "loss" in r]
@@ -181,6 +182,21 @@ def test_distill_completion_only_equals_full_logits(teacher_run, live_kd):
     full = distill(teacher_run, "kd-full", fast=False)
     assert_same_run(live_kd, full)
     assert live_kd[2]["train"]["teacher_forwards_train"] == 2 and live_kd[2]["train"]["teacher_loads"] == 1
+
+
+def test_distill_with_a_shared_prompt_prefix_equals_the_plain_run(teacher_run, monkeypatch):
+    """train.share_prefix: the RT prompts' common prefix (system prompt + instruction) runs once per
+    batch for the student and the live teacher; same losses and weights as the plain run."""
+    import scd.heads
+
+    shared = []
+    original = scd.heads.shared_prefix_len
+    monkeypatch.setattr(scd.heads, "shared_prefix_len", lambda *a: shared.append(original(*a)) or shared[-1])
+    plain = distill(teacher_run, "kd-plain128", max_len=128)
+    assert shared == []  # off by default
+    share = distill(teacher_run, "kd-share128", max_len=128, train="share_prefix: true")
+    assert len(shared) >= 4 and min(shared) >= scd.heads.MIN_SHARED_PREFIX  # student and teacher, every step
+    assert_same_run(share, plain)
 
 
 def test_kd_cache_full_equals_live_and_is_reused(teacher_run, live_kd):

@@ -104,7 +104,7 @@ def test_unisd_step_with_a_shared_prefix_equals_the_plain_step(smol_tokenizer, m
     monkeypatch.setattr(unisd.sampling, "prefix_cache", counting("sample", unisd.sampling.prefix_cache))
     lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     comps = {"in_context_teacher": {"max_new_tokens": 3}}
-    runs = [setup_run(smol_tokenizer, comps, lora=lora, batch_size=4, **{"data.shots": 2, "share_prefix": s})
+    runs = [setup_run(smol_tokenizer, comps, lora=lora, batch_size=4, **{"data.shots": 2, "train.share_prefix": s})
             for s in (False, True)]
     for r in runs:
         with torch.no_grad():

@@ -126,9 +126,6 @@ class UniSDConfig:
     rewrite: RewriteConfig = RewriteConfig()
     save_model: bool = True
     deepspeed: str | None = added_field(default=None)  # a DeepSpeed JSON (ZeRO-2; configs/deepspeed/zero2.json)
-    # run the prompts' common prefix (system prompt, instruction, few-shot demos) once per micro-batch for every
-    # student / teacher forward and sampling call (unisd.context.completion_forward); same numbers
-    share_prefix: bool = added_field(default=False)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -190,7 +187,7 @@ def build_context(cfg: UniSDConfig, model, tok, examples: list[dict], components
     needs = needs_of(components)
     ctx = Context(model=model, tokenizer=tok, examples=examples, device=device, seed=cfg.seed, needs=needs,
                   max_prompt_len=cfg.loss.max_prompt_len, autocast=lambda: autocast(cfg.train, device),
-                  config=cfg, shots=shots_by_task(cfg.data), share_prefix=cfg.share_prefix)
+                  config=cfg, shots=shots_by_task(cfg.data), share_prefix=cfg.train.share_prefix)
     if "teacher_model" in needs:
         ctx.teacher = frozen_copy(model)  # the model at step 0 (before any resume loads weights)
     if cfg.train.gradient_checkpointing:

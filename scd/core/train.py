@@ -48,6 +48,10 @@ class TrainConfig:
     # the output layer (lm-head) only at the target positions (scd.heads, scd.completion_loss); false:
     # full logits at every position (the reference path; same loss and gradients to float tolerance)
     completion_only: bool = added_field(default=True)
+    # run the batch's common prompt prefix (system prompt, instruction, few-shot demos: >= 16 tokens) once,
+    # batch 1, and its KV cache repeated over the batch (scd.heads.backbone_hidden, unisd.context); same
+    # outputs and gradients to float rounding; with dropout the prefix draws one mask for the whole batch
+    share_prefix: bool = added_field(default=False)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:

@@ -135,7 +135,7 @@ class DistillRecipe:
         with torch.no_grad(), no_autocast(self.engine.device):
             if not self.cfg.train.completion_only:  # the full-logit reference path
                 return {"teacher": self.slot.logits(b)[:, :-1][b["labels"][:, 1:] != -100]}
-            return teacher_targets(model, b)
+            return teacher_targets(model, b, self.cfg.train.share_prefix)
 
     def _token_terms(self, idx: list[int], b: dict):
         """(kd [M], kd_rows [M], ce [N], rows [N]): per-token terms and the batch row of each token.
@@ -151,7 +151,8 @@ class DistillRecipe:
         kd_kw = dict(name=cfg.loss.divergence, temperature=cfg.loss.temperature, vocab=self.vocab,
                      **cfg.loss.params) if teacher else {}
         if cfg.train.completion_only:
-            kd, ce = completion_terms(self.engine.model, kb, head_dtype=head_dtype(cfg.train), **teacher, **kd_kw)
+            kd, ce = completion_terms(self.engine.model, kb, head_dtype=head_dtype(cfg.train),
+                                      share_prefix=cfg.train.share_prefix, **teacher, **kd_kw)
         else:
             s = student_logits(self.engine, kb)[:, :-1][kb["labels"][:, 1:] != -100]  # [M, V]
             with no_autocast(self.engine.device):

@@ -29,10 +29,11 @@ from scd.student.cut import DevKL, text_batch
 BEST_FILE = "heal_best.safetensors"
 
 
-def position_kd(student, base, batch: dict, *, head_dtype=None) -> torch.Tensor:
+def position_kd(student, base, batch: dict, *, head_dtype=None, share_prefix: bool = False) -> torch.Tensor:
     """KL(p_base || p_student) [N] at the N target positions of ``batch`` (all positions for a
     :func:`~scd.student.cut.text_batch`), the heads applied only there and fused with the loss."""
-    return completion_terms(student, batch, head_dtype=head_dtype, ce=False, **teacher_targets(base, batch))[0]
+    return completion_terms(student, batch, head_dtype=head_dtype, ce=False, share_prefix=share_prefix,
+                            **teacher_targets(base, batch, share_prefix))[0]
 
 
 def save_weights(module, path: Path) -> None:
@@ -63,7 +64,9 @@ class HealRecipe:
 
     def loss_terms(self, batch: dict, denom: float) -> Terms:
         batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-        kd = position_kd(self.engine.model, self.base, batch, head_dtype=head_dtype(self.engine.train_cfg))  # [N]
+        tc = self.engine.train_cfg
+        kd = position_kd(self.engine.model, self.base, batch, head_dtype=head_dtype(tc),
+                         share_prefix=tc.share_prefix)  # [N]
         return Terms({"kd": kd.sum() / denom})
 
     def on_step_start(self, engine: Engine, step: int) -> None:
