@@ -86,6 +86,7 @@ class CacheKey:
     vocab: int | None = None  # logits sliced to the first `vocab` ids (shared tokenizer prefix)
     teacher_dtype: str = "float32"  # dtype the teacher ran in
     extra: str = ""  # anything else the caller wants in the key (e.g. the prompt template name)
+    share_prefix: bool = False  # the teacher ran with train.share_prefix (equal to float rounding; its own id)
 
     def __post_init__(self) -> None:
         if self.k != "full" and not (isinstance(self.k, int) and self.k >= 1):
@@ -98,7 +99,8 @@ class CacheKey:
     def to_dict(self) -> dict:
         return {"version": CACHE_VERSION, "teacher_sha256": self.teacher_sha256, "data_sha256": self.data_sha256,
                 "max_len": self.max_len, "k": self.k, "dtype": self.dtype, "temperature": float(self.temperature),
-                "vocab": self.vocab, "teacher_dtype": self.teacher_dtype, "extra": self.extra}
+                "vocab": self.vocab, "teacher_dtype": self.teacher_dtype, "extra": self.extra,
+                **({"share_prefix": True} if self.share_prefix else {})}  # (omitted when off: ids unchanged)
 
     @property
     def id(self) -> str:
@@ -114,7 +116,7 @@ def teacher_target_outputs(teacher, items: Sequence[dict], key: CacheKey, pad_id
     tail [M] float32 (log-mass of the rest).  M = the batch's target tokens, row-major.
     """
     batch = {n: t.to(device) for n, t in collate(list(items), pad_id).items()}
-    logits = target_logits(teacher, batch)  # [M, Vt]
+    logits = target_logits(teacher, batch, key.share_prefix)  # [M, Vt]
     if key.vocab is not None:
         logits = logits[..., :key.vocab]
     store = STORAGE_DTYPES[key.dtype]
@@ -207,7 +209,7 @@ class TeacherLogitCache:
                       k: int | str = 64, max_len: int | None = None, dtype: str = "float32",
                       temperature: float = 1.0, vocab: int | None = None, pad_id: int = 0, batch_size: int = 16,
                       device=None, shard_examples: int = 1024, extra: str = "",
-                      teacher_dtype: str | None = None) -> "TeacherLogitCache":
+                      teacher_dtype: str | None = None, share_prefix: bool = False) -> "TeacherLogitCache":
         """Open the cache of (teacher, encoded examples, k, ...) under ``root``, building what
         is missing, stale or corrupt (with a warning) by running ``teacher`` once over it.
 
@@ -221,7 +223,7 @@ class TeacherLogitCache:
             teacher_dtype = "float32" if teacher is None else str(next(teacher.parameters()).dtype)
         teacher_dtype = teacher_dtype.replace("torch.", "")
         key = CacheKey(teacher_sha, data_hash(encoded), max_len, k, dtype, float(temperature), vocab, teacher_dtype,
-                       extra)
+                       extra, share_prefix)
         path = Path(root if root is not None else default_root()) / key.id
         plan = _plan_shards(len(encoded), shard_examples)
         good = _verified_shards(path, key, plan)

@@ -126,6 +126,27 @@ def test_corrupt_shard_detected_and_rebuilt(tmp_path, teacher):
             open_cache(tmp_path, None, enc, "full")
 
 
+def test_shared_prefix_cache_has_its_own_id_and_equal_values(tmp_path, teacher, monkeypatch):
+    """A cache built with train.share_prefix (the examples' common prompt prefix run once per batch)
+    holds the plain cache's values to float rounding, under its own id; off, the id is the old one."""
+    import scd.heads
+    seen = []
+    original = scd.heads.shared_prefix_len
+    monkeypatch.setattr(scd.heads, "shared_prefix_len", lambda *a: seen.append(original(*a)) or seen[-1])
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(1, V, (18,), generator=g).tolist()
+    enc = [{"input_ids": prefix + e["input_ids"], "labels": [-100] * 18 + e["labels"]} for e in encoded_examples()]
+    plain = TeacherLogitCache.open_or_build(tmp_path, teacher, "sha-teacher", enc, k="full", max_len=64,
+                                            batch_size=4, shard_examples=4)
+    shared = TeacherLogitCache.open_or_build(tmp_path, teacher, "sha-teacher", enc, k="full", max_len=64,
+                                             batch_size=4, shard_examples=4, share_prefix=True)
+    assert shared.id != plain.id and shared.built_shards == 3
+    assert len(seen) == 3 and min(seen) >= 18  # one shared-prefix forward per batch of the build
+    assert "share_prefix" not in plain.key.to_dict() and shared.key.to_dict()["share_prefix"] is True
+    idx = list(range(len(enc)))
+    torch.testing.assert_close(shared.targets(idx), plain.targets(idx), rtol=1e-5, atol=1e-5)
+
+
 def test_key_change_rebuilds(tmp_path, teacher):
     enc = encoded_examples()
     a = open_cache(tmp_path, teacher, enc, 8)

@@ -38,7 +38,8 @@ class CachedTeacher:
         self.root = Path(cc.root).expanduser() if cc.root else default_root()
         self.key = dict(k=cc.k, max_len=cfg.train.max_len, dtype=cc.dtype, vocab=vocab, pad_id=tok.pad_token_id,
                         temperature=1.0 if cc.k == "full" else cfg.loss.temperature,
-                        batch_size=2 * cfg.train.batch_size, teacher_dtype=cfg.teacher.dtype, device=device)
+                        batch_size=2 * cfg.train.batch_size, teacher_dtype=cfg.teacher.dtype, device=device,
+                        share_prefix=cfg.train.share_prefix)
         self.probe_hash = data_hash(probe)
         self.records: dict[int, dict] = {}  # checkpoint -> run.json record of its cache
         self.forwards = 0  # teacher forwards over the training set by this process (cache builds)
