@@ -35,12 +35,18 @@ def test_budget_block_is_off_by_default_and_keeps_run_ids():
 @pytest.mark.parametrize("block, key", [("{lr_scale: cubic}", "lr_scale"), ("{kl_min: -1}", "kl_min"),
                                         ("{kl_ref: 0}", "kl_ref"), ("{early_stop: {every: 0}}", "every"),
                                         ("{early_stop: {min_rel_drop: 1.5}}", "min_rel_drop"),
-                                        ("{kl_minn: 0.1}", "kl_minn")])
+                                        ("{kl_minn: 0.1}", "kl_minn"), ("{tokens: answer}", "tokens")])
 def test_budget_config_errors_name_the_key(tmp_path, block, key):
     p = tmp_path / "c.yaml"
     p.write_text(f"recipe: recovery\nrecovery:\n  method: sd\n  budget: {block}\n")
     with pytest.raises(ConfigError, match=key):
         load_config(p)
+
+
+def test_budget_tokens_default_is_left_out_of_the_config():
+    cfg = from_dict(RecoveryConfig, {"recovery": {"method": "sd", "budget": {"tokens": "completion"}}})
+    assert cfg.recovery.budget.tokens == "completion" and to_dict(cfg)["recovery"]["budget"]["tokens"] == "completion"
+    assert "tokens" not in to_dict(BudgetConfig())  # committed sd-kl runs keep their ids
 
 
 # -------------------------------------------------------------------------- decisions
@@ -183,3 +189,29 @@ def test_recipe_with_budget_still_recovers_a_degraded_model(tmp_path):
     assert kl["after"] < kl["before"]  # recovered with the budget on
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows[0]["lr"] == pytest.approx(b["lr"])  # trained at the budget's lr
+
+
+def test_recipe_budget_on_the_answer_tokens(tmp_path):
+    """budget.tokens: completion: the skip decision and the early stop read the probe KL at the reference
+    answers' tokens only (not every position, which kl_to_original keeps reporting)."""
+    budget = {"kl_min": 1e-6, "tokens": "completion", "early_stop": {"every": 1, "patience": 3, "min_rel_drop": 0.0}}
+    seen = []
+    original = R.token_kl
+
+    def spy(student, teacher, batches, loss="forward_kl", tokens="all"):
+        seen.append(tokens)
+        return original(student, teacher, batches, loss, tokens)
+
+    cfg = _recipe_cfg(tmp_path, recovery={"method": "sd", "budget": budget},
+                      train={"warmup_ratio": 0.0, "schedule": "constant"})
+    R.token_kl, saved = spy, R.token_kl
+    try:
+        rec = R.run(cfg, tmp_path / "run")
+    finally:
+        R.token_kl = saved
+    b, kl = rec["recovery"]["budget"], rec["kl_to_original"]
+    assert b["tokens"] == "completion" and b["skipped"] is False and b["steps_trained"] == 3
+    assert seen.count("completion") == 1 + 3  # the decision, then the early stop after each step
+    assert b["kl_before"] > 0 and b["kl_before"] != pytest.approx(kl["before"])  # not the all-position KL
+    assert b["early_stop"]["curve"][0][1] == b["kl_before"]
+

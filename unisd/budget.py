@@ -4,6 +4,9 @@ Fixed-lr Adam steps toward the original push a model that is already close to it
 (results/recovery_study_cpu: 8-bit KL 0.003 -> 0.065 after 16 SD steps).  The budget uses
 KL(original || degraded) on the probe, measured before recovery anyway, to
 
+``tokens`` chooses the probe positions of that KL: ``all`` (prompt + reference answer) or ``completion``
+(the answer's tokens only, what the task scores; measured here, not before recovery).
+
 1. **skip** recovery (0 steps) when it is below ``kl_min``;
 2. **scale the learning rate** with it (``lr_scale``): ``lr = train.lr * f(kl / kl_ref)``,
    ``f(x) = min(1, x)`` (linear) or ``min(1, sqrt(x))`` (sqrt), ``none``: ``f = 1``;
@@ -24,7 +27,10 @@ from typing import Callable
 
 import torch.distributed as torch_dist
 
+from scd.core.config import added_field
+
 LR_SCALES = ("none", "linear", "sqrt")
+BUDGET_TOKENS = ("all", "completion")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +53,9 @@ class BudgetConfig:
     lr_scale: str = "none"  # none | linear | sqrt: lr = train.lr * min(1, (kl / kl_ref) ** {1, 1/2})
     kl_ref: float = 1.0  # KL at and above which the full train.lr is used
     early_stop: EarlyStopConfig | None = None  # stop when the probe KL stops falling (None: never)
+    # which probe positions the budget's KL is measured on (skip decision and early stop): all (prompt +
+    # answer, the default) | completion (the reference answer's tokens only: what the task scores)
+    tokens: str = added_field(default="all")
 
     def __post_init__(self) -> None:
         if not self.kl_min >= 0:
@@ -55,6 +64,8 @@ class BudgetConfig:
             raise ValueError(f"recovery.budget.lr_scale must be one of {list(LR_SCALES)}, got {self.lr_scale!r}")
         if not self.kl_ref > 0:
             raise ValueError(f"recovery.budget.kl_ref must be > 0, got {self.kl_ref}")
+        if self.tokens not in BUDGET_TOKENS:
+            raise ValueError(f"recovery.budget.tokens must be one of {list(BUDGET_TOKENS)}, got {self.tokens!r}")
 
 
 def shared_value(x):

@@ -480,11 +480,16 @@ def plan_budget(cfg: RecoveryConfig, measured, student, teacher, probe) -> tuple
     budget = cfg.recovery.budget
     if budget is None or cfg.recovery.method == "none":
         return None, None
-    decision = decide(budget, shared_value(measured[0]["kl"] if measured else None), cfg.train.lr)
+    kl = measured[0]["kl"] if measured else None  # rank 0: the probe KL at every position
+    if measured and budget.tokens != "all":
+        kl = token_kl(student, teacher, probe, "forward_kl", budget.tokens)
+    decision = decide(budget, shared_value(kl), cfg.train.lr)
+    if budget.tokens != "all":
+        decision["tokens"] = budget.tokens
     if budget.early_stop is None or decision["skipped"]:
         return decision, None
     return decision, KLEarlyStop(budget.early_stop, decision["kl_before"],
-                                 lambda: shared_value(token_kl(student, teacher, probe)))
+                                 lambda: shared_value(token_kl(student, teacher, probe, "forward_kl", budget.tokens)))
 
 
 def after_fields(cfg: RecoveryConfig, run_dir: Path, student, teacher, tok, probe, constraint, measured,
