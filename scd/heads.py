@@ -112,6 +112,16 @@ def shared_prefix_len(input_ids: Tensor, attention_mask: Tensor | None = None) -
     return s if s >= MIN_SHARED_PREFIX else 0
 
 
+def prefix_cache(model: nn.Module, prefix, batch: int, device=None):
+    """The KV cache of one forward of ``prefix`` (token ids, batch 1), repeated ``batch`` times along the
+    batch dim.  Under grad mode the repeat is differentiable (the prefix's gradient is the sum over the
+    batch).  Forward hooks on the model run as usual (``backbone_hidden`` reads the prefix's hidden states)."""
+    ids = torch.as_tensor(prefix, dtype=torch.long, device=device).view(1, -1)
+    cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(batch)
+    return cache
+
+
 def backbone_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
                     share_prefix: bool = False) -> Tensor:
     """Final hidden states [B, T, H] (after the final norm), without the full lm-head.
@@ -136,8 +146,7 @@ def backbone_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         else:
             B, T = input_ids.shape
-            cache = model(input_ids=input_ids[:1, :s], use_cache=True, logits_to_keep=1).past_key_values
-            cache.batch_repeat_interleave(B)
+            cache = prefix_cache(model, input_ids[0, :s], B, input_ids.device)
             pos = torch.arange(s, T, device=input_ids.device).expand(B, T - s)
             model(input_ids=input_ids[:, s:], attention_mask=attention_mask, position_ids=pos,
                   past_key_values=cache, use_cache=True, logits_to_keep=1)

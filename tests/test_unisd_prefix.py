@@ -8,7 +8,8 @@ import torch
 from scd.models import build_model
 from scd.tokens import right_pad
 from unisd.context import completion_forward
-from unisd.sampling import MIN_SHARED_PREFIX, sample_completions, shared_prefix_len
+from scd.heads import MIN_SHARED_PREFIX
+from unisd.sampling import sample_completions, shared_prefix_len
 from tests.conftest import tiny_config
 from tests.unisd_tiny import setup_run, step_once
 

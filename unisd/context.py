@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 from scd.data.load import load_split
 from scd.data.prompts import render_prompt
+from scd.heads import prefix_cache
 from scd.tokens import encode, right_pad, stop_token_ids
 from unisd.reduction import sequence_mean
-from unisd.sampling import prefix_cache, sample_completions, shared_prefix_len, suffix_inputs
+from unisd.sampling import sample_completions, shared_prefix_len, suffix_inputs
 
 
 @dataclasses.dataclass

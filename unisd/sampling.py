@@ -14,31 +14,15 @@ from typing import Sequence
 import torch
 from transformers import GenerationConfig
 
-from scd.tokens import left_pad
-
-
-MIN_SHARED_PREFIX = 16  # a common prompt prefix shorter than this is not worth a separate forward
+from scd.heads import prefix_cache, shared_prefix_len as heads_shared_prefix_len
+from scd.tokens import left_pad, right_pad
 
 
 def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
-    """Length S of the longest common prefix of ``prompts`` (token ids), capped so that every prompt keeps
-    at least one token of its own after it; 0 when below :data:`MIN_SHARED_PREFIX` or for one prompt."""
-    if len(prompts) < 2:
-        return 0
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    s = 0
-    while s < n and all(p[s] == first[s] for p in prompts):
-        s += 1
-    return s if s >= MIN_SHARED_PREFIX else 0
-
-
-def prefix_cache(model, prefix: Sequence[int], batch: int, device):
-    """The KV cache of one forward of ``prefix`` (batch 1), repeated ``batch`` times along the batch dim.
-    Under grad mode the repeat is differentiable (the prefix's gradient is the sum over the batch)."""
-    out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(batch)
-    return cache
+    """Length S of the longest common prefix of ``prompts`` (token id lists), as
+    :func:`scd.heads.shared_prefix_len` (each prompt keeps one token of its own; 0 below
+    ``MIN_SHARED_PREFIX`` tokens or for one prompt)."""
+    return heads_shared_prefix_len(*right_pad(prompts, 0))
 
 
 def suffix_inputs(prompts: Sequence[Sequence[int]], s: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
