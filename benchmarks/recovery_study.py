@@ -42,6 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from benchmarks.leaderboard.load import label_share, run_constant
 from benchmarks.paired import fmt_p
 from benchmarks.tasks.classification import CONSTANT_SHARE
 from benchmarks.recovery_power import correlation_markdown, correlation_views, deltas_markdown, paired_deltas
@@ -81,17 +82,6 @@ def _mean_cka(cka: dict | None) -> float:
     return sum(per) / len(per) if per else float("nan")
 
 
-def label_shares(eval_info: dict) -> list[float]:
-    """Per classification task of the run's (after) evaluation: the share of its predictions on its most
-    predicted label (``eval_info[task]["extra"]["accuracy"]["max_label_share"]``)."""
-    out = []
-    for info in eval_info.values():
-        share = (((info or {}).get("extra") or {}).get("accuracy") or {}).get("max_label_share")
-        if share is not None:
-            out.append(float(share))
-    return out
-
-
 def run_row(rec: dict, run_dir: str | Path | None = None) -> dict:
     """One run.json (recovery recipe) -> a flat row.  ``method`` is the recovery method, with ``-kl`` when
     the KL-aware budget (``recovery.budget``) decided the run."""
@@ -103,7 +93,8 @@ def run_row(rec: dict, run_dir: str | Path | None = None) -> dict:
     after = mean_primary_metric(rec.get("eval") or {}, meta)
     orig = mean_primary_metric(rec.get("eval_original") or {}, meta)
     gap = orig - before
-    shares = label_shares(rec.get("eval_info") or {})
+    tasks = list(rec.get("eval_info") or {})
+    shares = [s["share"] for s in (label_share(rec, t) for t in tasks) if s is not None]
     budget = recov.get("budget") or None
     method = recov.get("method", rec.get("method"))
     return {
@@ -126,7 +117,7 @@ def run_row(rec: dict, run_dir: str | Path | None = None) -> dict:
         "kl_after": kl.get("after", float("nan")),
         "violation": rec.get("constraint_violation", float("nan")),
         "label_share": max(shares, default=float("nan")),  # largest share of one label, over the tasks
-        "constant": any(s >= CONSTANT_SHARE for s in shares),  # the evaluation's own rule (extra.accuracy.constant)
+        "constant": any(run_constant(rec, t) for t in tasks),  # the scorer's flag, as the leaderboard reads it
         "tasks_after": task_scores(rec.get("eval") or {}, meta),
         "eval_info": rec.get("eval_info") or {},
         "run_dir": str(run_dir) if run_dir is not None else None,

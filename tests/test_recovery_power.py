@@ -88,8 +88,14 @@ def test_run_row_labels_budgeted_runs():
 
 
 def test_run_row_flags_a_constant_predictor_by_the_evaluation_rule():
-    def rec(shares):
-        info = {f"t{i}": {"extra": {"accuracy": {"max_label_share": s}}} for i, s in enumerate(shares)}
+    from benchmarks.tasks.classification import prediction_profile
+
+    def rec(shares):  # eval_info as the classification scorer writes it, for 1000 predictions per task
+        info = {}
+        for i, s in enumerate(shares):
+            k = round(s * 1000)
+            profile = prediction_profile(["a", "b"] * 500, ["a"] * k + ["b"] * (1000 - k), ["a", "b"])
+            info[f"t{i}"] = {"extra": {"accuracy": profile}}
         info["qa"] = {"extra": {}}  # a task without labels is ignored
         return {"degradation": {"name": "q", "strength": 4}, "recovery": {"method": "sd"}, "eval_info": info}
     assert run_row(rec([0.6, 0.949]))["constant"] is False and run_row(rec([0.6, 0.949]))["label_share"] == 0.949
