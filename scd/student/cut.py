@@ -90,15 +90,15 @@ def layer_view(model: nn.Module, keep: list[int], first: nn.Module | None = None
 
 
 class Replay(nn.Module):
-    """A stand-in decoder layer that ignores its input and returns ``value``: the hidden states a
-    shared prefix of layers produced, recorded once (:meth:`DevKL.drop_each`)."""
+    """A stand-in decoder layer that ignores its input and returns the next of ``values``: the hidden
+    states a shared prefix of layers produced, recorded once per batch (:meth:`DevKL.drop_each`)."""
 
-    def __init__(self):
+    def __init__(self, values: list[torch.Tensor]):
         super().__init__()
-        self.value: torch.Tensor | None = None
+        self.values = iter(values)
 
     def forward(self, hidden_states, *args, **kwargs):  # noqa: ARG002 - a decoder layer's signature
-        return self.value
+        return next(self.values)
 
 
 @contextlib.contextmanager
@@ -198,14 +198,9 @@ class DevKL:
             for batch in self.batches:
                 unwrap(model)(**{k: v.to(self.device) for k, v in batch.items() if k != "labels"},
                               use_cache=False, logits_to_keep=1)
-        replay, out = Replay(), []
-        for k in range(len(kept)):
-            total = 0.0
-            with layer_view(model, kept[k + 1:], first=replay):
-                for batch, base_lp, h in zip(self.batches, self.base_logp, inputs[k]):
-                    replay.value = h
-                    lp = self.logprobs(model, batch)  # [N_b, V]
-                    total += float(kl_divergence(base_lp.to(lp.device), lp).double().sum())
+        out = []
+        for k in range(len(kept)):  # self(model) runs the batches in order: each gets its recorded input
+            with layer_view(model, kept[k + 1:], first=Replay(inputs[k])):
+                out.append(self(model))
             inputs[k] = []  # free this prefix's states
-            out.append(total / self.n_tokens)
         return out
