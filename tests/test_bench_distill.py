@@ -32,6 +32,10 @@ def test_quick_run_schema_and_ratios(tmp_path, capsys):
     assert "ratios: fast_over_naive" in printed and printed.count("ratios:") == 4
     readme = (tmp_path / "perf" / "README.md").read_text()
     assert "python -m benchmarks.perf.bench_distill --quick" in readme and "| ours_cached |" in readme
+    assert bench_distill.PHASES_NOTE in readme
+    (tmp_path / "perf" / "README.md").unlink()  # --readme-only: the same text from the JSON, nothing measured
+    assert bench_distill.main(["--readme-only", "--out", str(out)]) == 0
+    assert (tmp_path / "perf" / "README.md").read_text() == readme and json.loads(out.read_text()) == res
 
 
 def test_bf16_table_only_where_bf16_is_fast():

@@ -45,6 +45,7 @@ per step for the profile table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -361,6 +362,14 @@ def where_time_goes(rows: list[dict]) -> str:
             + ".  The live teacher's backbone forward is what ours_fast keeps; ours_cached drops it.")
 
 
+PHASES_NOTE = ("What each phase holds differs by row, as the loss is computed: *teacher* is the teacher's work done "
+               "before the student's loss -- `ours_naive` its backbone and full-vocabulary head, `ours_fast` its "
+               "backbone only (its vocabulary head at the target positions runs fused with the student's inside "
+               "the loss and is counted in *student fwd+loss*), `ours_cached` nothing (a cache read), `trl` "
+               "nothing (TRL's `compute_loss` runs both models' forwards, all counted in *student fwd+loss*).  "
+               "Compare rows by their step time; a phase column compares rows only where it holds the same work.")
+
+
 def readme_text(res: dict) -> str:
     """results/perf/README.md: every table of a result JSON, the command and the must-show targets."""
     out = ["# Distillation step: completion-only head, teacher-logit cache, TRL", "",
@@ -371,7 +380,8 @@ def readme_text(res: dict) -> str:
            "Command (from the repo root):", "```bash", res["command"], "```", "",
            f"Models: {res['models']}.  One step = forward + backward + AdamW step of the student; loss forward "
            "KL over the target tokens.  `trl` = TRL's own `GKDTrainer.compute_loss` (lmbda 0, beta 0) driven "
-           "without the Trainer loop.  Peak memory: " + res["peak_memory"] + ".  Phase columns: median seconds.", ""]
+           "without the Trainer loop.  Peak memory: " + res["peak_memory"] + ".  Phase columns: median seconds.", "",
+           PHASES_NOTE, ""]
     for dtype, shapes in res["tables"].items():
         for shape, t in shapes.items():
             out += [f"## {dtype}, {shape} completion ({t['rows'][0]['target_tokens']} target / "
@@ -405,6 +415,8 @@ def parse_args(argv):
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--shapes", nargs="+", default=["short", "long"], choices=["short", "long"])
     ap.add_argument("--out", default="results/perf/distill_step.json", help="result JSON")
+    ap.add_argument("--readme-only", action="store_true", help="rewrite the markdown from an existing --out "
+                    "JSON without measuring (after a change to the report's text)")
     ap.add_argument("--readme", default=None, help="markdown tables (default: README.md next to a "
                     "distill_step.json --out, else --out with .md)")
     return ap.parse_args(argv)
@@ -412,6 +424,10 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.readme_only:
+        with open(args.out) as f:
+            print(f"wrote {write_readme(args, json.load(f))} from {args.out}")
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
@@ -460,12 +476,17 @@ def main(argv: list[str] | None = None) -> int:
            "out_name": os.path.basename(args.out), "matmul_gflops": rates, "skipped_tables": skipped,
            "load_average": {"start": load0, "end": os.getloadavg(), "cpus": os.cpu_count()}}
     atomic_write_json(args.out, res)
+    readme = write_readme(args, res)
+    print(f"\ntotal {res['total_s']:.0f} s; wrote {args.out} and {readme}")
+    return 0
+
+
+def write_readme(args, res: dict) -> str:
     beside = os.path.join(os.path.dirname(args.out) or ".", "README.md")
     readme = args.readme or (beside if os.path.basename(args.out) == "distill_step.json"
                              else os.path.splitext(args.out)[0] + ".md")
     atomic_write_text(readme, readme_text(res))
-    print(f"\ntotal {res['total_s']:.0f} s; wrote {args.out} and {readme}")
-    return 0
+    return readme
 
 
 def _trl_version(gkd) -> str | None:
