@@ -203,7 +203,8 @@ def recovery_seeded(root: Path, seeds: int = 3) -> list[Entry]:
             d = deltas[(deg, strength, m)]
             (blo, bhi), (lo, hi) = d["before_ci"], d["delta_ci"]
             phrase = (f"{m} on {label}: {d['after']:.3f} after vs {d['before']:.3f} [{blo:.3f}, {bhi:.3f}] degraded, "
-                      f"Δ {d['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+                      f"Δ {d['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}], {'harm' if d['harm'] else 'no harm'}, "
+                      f"constant in {d['constant']}/{d['seeds']} seeds")
             out.append(Entry(note, f"{m} Δ accuracy on {label} ({d['seeds']} seeds)", d["delta"], phrase))
     agg = aggregate_recovery(rows)
     for v in correlation_views(agg, rows, "cka_after", "score_after", families=False):

@@ -37,6 +37,7 @@ def test_seeded_recovery_verdicts_wait_for_every_seed():
     deltas = [e for e in found if " Δ accuracy on " in e.name]
     assert len(deltas) == 2 * len(N.MILD + N.GAINS)
     assert all(e.phrase.startswith(("sd on ", "sd-kl on ")) and " degraded, Δ " in e.phrase for e in deltas)
+    assert all(e.phrase.endswith(" seeds") and ("harm, constant in " in e.phrase) for e in deltas)
     corr = [e for e in found if e.name.startswith("score vs mean CKA")]
     assert {e.note for e in corr} == {"README.md", f"{N.SEEDED}/README.md"} and len(corr) == 4
     assert all(-1 <= e.value <= 1 and "configurations" in e.phrase for e in corr)
