@@ -283,7 +283,28 @@ def scd_study_dev(root: Path) -> list[Entry]:
     return [Entry(note, "teacher dev accuracy per checkpoint", ck[-1]["dev_score"],
                   f"dev accuracy {curve} at steps {steps}"),
             Entry(note, "teacher test accuracy (final checkpoint)", acc["value"],
-                  f"{acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] on all {acc['n']} test reviews")]
+                  f"{acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] on all {acc['n']} test reviews")
+            ] + scd_student_dev(root, note)
+
+
+def scd_student_dev(root: Path, note: str) -> list[Entry]:
+    """The SCD study's pruned student, from the committed copy of its run (run.json ``student``: the greedy
+    cut's trace and the healing curve)."""
+    d = root / "results/scd_study_cpu_dev/student-smollm2-keep16-236261962dcf"
+    run = json.loads((d / "run.json").read_text(encoding="utf-8"))
+    st, heal_s = run["student"], run["train"]["wall_s"]
+    cut_s = json.loads((d / "cut.json").read_text(encoding="utf-8"))["wall_s"]
+    curve = {c["step"]: c["dev_kl"] for c in st["curve"]}
+    kept = ", ".join(str(i) for i in st["kept_layers"])
+    at = " / ".join(f"{curve[s]:.2f}" for s in (10, 20, 50, 100) if s in curve)
+    return [Entry(note, "student: kept layers", len(st["kept_layers"]),
+                  f"keeps {len(st['kept_layers'])} of {st['n_layers']} layers ({kept})"),
+            Entry(note, "student: dev KL after the greedy cut (nats/token)", st["kl_cut"],
+                  f"dev KL {st['kl_cut']:.3f} nats per token after the cut"),
+            Entry(note, "student: dev KL after healing", st["kl_after"],
+                  f"{at} after 10 / 20 / 50 / 100 steps and {st['kl_after']:.3f} after {max(curve)} steps"),
+            Entry(note, "student: wall hours, cut and healing", cut_s / 3600,
+                  f"{cut_s / 3600:.1f} h for the cut and {heal_s / 3600:.1f} h for healing")]
 
 
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
