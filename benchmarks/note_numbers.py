@@ -299,8 +299,10 @@ def scd_student_dev(root: Path, note: str) -> list[Entry]:
     at = " / ".join(f"{curve[s]:.2f}" for s in (10, 20, 50, 100) if s in curve)
     return [Entry(note, "student: kept layers", len(st["kept_layers"]),
                   f"keeps {len(st['kept_layers'])} of {st['n_layers']} layers ({kept})"),
-            Entry(note, "student: dev KL after the greedy cut (nats/token)", st["kl_cut"],
-                  f"dev KL {st['kl_cut']:.3f} nats per token after the cut"),
+            *(Entry(n, "student: dev KL after the greedy cut (nats/token)", st["kl_cut"],
+                    f"dev KL {st['kl_cut']:.3f} nats per token after the cut") for n in (note, STATUS)),
+            Entry(STATUS, "student: dev KL after healing", st["kl_after"],
+                  f"{st['kl_after']:.3f} after {max(curve)} steps"),
             Entry(note, "student: dev KL after healing", st["kl_after"],
                   f"{at} after 10 / 20 / 50 / 100 steps and {st['kl_after']:.3f} after {max(curve)} steps"),
             Entry(note, "student: wall hours, cut and healing", cut_s / 3600,
