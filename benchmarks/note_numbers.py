@@ -305,8 +305,21 @@ def scd_student_dev(root: Path, note: str) -> list[Entry]:
                   f"{st['kl_after']:.3f} after {max(curve)} steps"),
             Entry(note, "student: dev KL after healing", st["kl_after"],
                   f"{at} after 10 / 20 / 50 / 100 steps and {st['kl_after']:.3f} after {max(curve)} steps"),
+            *sft_dev_check(root, note),
             Entry(note, "student: wall hours, cut and healing", cut_s / 3600,
                   f"{cut_s / 3600:.1f} h for the cut and {heal_s / 3600:.1f} h for healing")]
+
+
+def sft_dev_check(root: Path, note: str) -> list[Entry]:
+    """The SCD study's gate: the SFT student's dev accuracy vs the dev majority rate (committed copy of its run)."""
+    info = json.loads((root / "results/scd_study_cpu_dev/sft-anchor-rt-aa2dd3844840/run.json")
+                      .read_text(encoding="utf-8"))
+    acc = info["eval"]["rotten_tomatoes"]["accuracy"]
+    prof = info["eval_info"]["rotten_tomatoes"]["extra"]["accuracy"]
+    return [Entry(n, "SFT student dev accuracy vs the dev majority rate", acc["value"] - prof["majority_baseline"],
+                  f"dev accuracy {acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] vs the dev majority rate "
+                  f"{prof['majority_baseline']:.3f} (+{acc['value'] - prof['majority_baseline']:.3f}; "
+                  f"{100 * prof['max_label_share']:.0f} % of its predictions on one label)") for n in (note, STATUS)]
 
 
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
