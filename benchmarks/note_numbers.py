@@ -284,7 +284,7 @@ def scd_study_dev(root: Path) -> list[Entry]:
                   f"dev accuracy {curve} at steps {steps}"),
             Entry(note, "teacher test accuracy (final checkpoint)", acc["value"],
                   f"{acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] on all {acc['n']} test reviews")
-            ] + scd_student_dev(root, note)
+            ] + scd_student_dev(root, note) + sft_dev_check(root, note)
 
 
 def scd_student_dev(root: Path, note: str) -> list[Entry]:
@@ -305,7 +305,6 @@ def scd_student_dev(root: Path, note: str) -> list[Entry]:
                   f"{st['kl_after']:.3f} after {max(curve)} steps"),
             Entry(note, "student: dev KL after healing", st["kl_after"],
                   f"{at} after 10 / 20 / 50 / 100 steps and {st['kl_after']:.3f} after {max(curve)} steps"),
-            *sft_dev_check(root, note),
             Entry(note, "student: wall hours, cut and healing", cut_s / 3600,
                   f"{cut_s / 3600:.1f} h for the cut and {heal_s / 3600:.1f} h for healing")]
 
@@ -318,7 +317,7 @@ def sft_dev_check(root: Path, note: str) -> list[Entry]:
     prof = info["eval_info"]["rotten_tomatoes"]["extra"]["accuracy"]
     return [Entry(n, "SFT student dev accuracy vs the dev majority rate", acc["value"] - prof["majority_baseline"],
                   f"dev accuracy {acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] vs the dev majority rate "
-                  f"{prof['majority_baseline']:.3f} (+{acc['value'] - prof['majority_baseline']:.3f}; "
+                  f"{prof['majority_baseline']:.3f} ({acc['value'] - prof['majority_baseline']:+.3f}; "
                   f"{100 * prof['max_label_share']:.0f} % of its predictions on one label)") for n in (note, STATUS)]
 
 
