@@ -27,6 +27,7 @@ from scipy import stats
 
 from benchmarks.recovery_power import correlation_views, paired_deltas
 from benchmarks.recovery_study import aggregate as aggregate_recovery, load_runs as load_recovery_runs
+from benchmarks.scd_study import analyse as analyse_scd_study
 
 REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
@@ -321,10 +322,51 @@ def sft_dev_check(root: Path, note: str) -> list[Entry]:
                   f"{100 * prof['max_label_share']:.0f} % of its predictions on one label)") for n in (note, STATUS)]
 
 
+SCD_STUDY = "results/scd_study_cpu"
+
+
+def _acc_on(acc: float, n: int) -> str:
+    return f"{acc:.3f}" if n else "n/a"
+
+
+def scd_study(root: Path) -> list[Entry]:
+    """Issue 18's verdicts (:func:`benchmarks.scd_study.analyse`): each row's test accuracy over seeds, its
+    accuracy on the student- and teacher-favoured subsets, the paper's claims with paired CIs.  Nothing is
+    quoted until every run of the grid's plan has finished ok (the README says the grid is running)."""
+    grid = root / SCD_STUDY
+    plan = json.loads((grid / "plan.json").read_text(encoding="utf-8"))
+    done = {rec["run_id"] for _, rec in ok_runs(root, SCD_STUDY)}
+    if any(r["run_id"] not in done for r in plan["runs"]):
+        return []
+    res = analyse_scd_study(grid)
+    note, out = f"{SCD_STUDY}/README.md", []
+    for r in res["rows"]:
+        const = f", constant in {r['constant_runs']}/{len(r['seeds'])} seeds" if r["constant_runs"] else ""
+        out.append(Entry(note, f"{r['method']}: test accuracy over seeds", r["accuracy"],
+                         f"`{r['method']}` {r['accuracy']:.3f} ± {r['accuracy_sd']:.3f} over {len(r['seeds'])} "
+                         f"seeds{const}"))
+        if r["method"] != res["teacher"]:
+            out.append(Entry(note, f"{r['method']}: accuracy on SFS / TFS", r["sfs_acc"],
+                             f"`{r['method']}` {_acc_on(r['sfs_acc'], r['sfs_n'])} on SFS ({r['sfs_n']}), "
+                             f"{_acc_on(r['tfs_acc'], r['tfs_n'])} on TFS ({r['tfs_n']}), beats the teacher in "
+                             f"{r['beats_teacher_seeds']}/"
+                             f"{r['paired_seeds']} seeds"))
+    for c in res["claims"]:
+        if "delta" not in c:
+            out += [Entry(n, f"claim {c['claim']}", float("nan"), f"{c['claim']}: {c['verdict']}")
+                    for n in (note, STATUS)]
+            continue
+        lo, hi = c["ci"]
+        out += [Entry(n, f"claim {c['claim']}: Δ accuracy", c["delta"],
+                      f"{c['claim']}: Δ {c['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}], {c['verdict']}")
+                for n in (note, STATUS)]
+    return out
+
+
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
     "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe,
-    "scd_study_dev": scd_study_dev, "recovery_seeded": recovery_seeded}
+    "scd_study_dev": scd_study_dev, "recovery_seeded": recovery_seeded, "scd_study": scd_study}
 
 
 def entries(root: Path = REPO) -> list[Entry]:

@@ -172,8 +172,9 @@ def markdown(root: Path, task: str, table: list[dict], claim_rows: list[dict], t
     return "\n".join(lines + [""])
 
 
-def study(root: str | Path, task: str = "rotten_tomatoes", teacher: str = "teacher", anchor: str = "sft",
-          n_boot: int = 10_000) -> dict:
+def analyse(root: str | Path, task: str = "rotten_tomatoes", teacher: str = "teacher", anchor: str = "sft",
+            n_boot: int = 10_000) -> dict:
+    """The study's rows and claims from the finished runs of ``root`` (reads only; deterministic)."""
     root = Path(root)
     rows = load_rows(root, task)
     if not rows:
@@ -182,9 +183,16 @@ def study(root: str | Path, task: str = "rotten_tomatoes", teacher: str = "teach
     order = [teacher] + [m for m in STUDENT_ORDER if m in rows] + sorted(set(rows) - set(STUDENT_ORDER) - {teacher})
     summaries = {m: row_summary(m, rows[m], teachers, anchors, n_boot) for m in order if m in rows}
     claim_rows = claims(rows, summaries, teacher, n_boot)
-    res = {"task": task, "teacher": teacher, "anchor": anchor, "rows": list(summaries.values()), "claims": claim_rows}
+    return {"task": task, "teacher": teacher, "anchor": anchor, "rows": list(summaries.values()), "claims": claim_rows}
+
+
+def study(root: str | Path, task: str = "rotten_tomatoes", teacher: str = "teacher", anchor: str = "sft",
+          n_boot: int = 10_000) -> dict:
+    """:func:`analyse`, written to ``scd_study.json`` and ``scd_study.md`` in ``root``."""
+    root = Path(root)
+    res = analyse(root, task, teacher, anchor, n_boot)
     atomic_write_json(root / "scd_study.json", res)
-    atomic_write_text(root / "scd_study.md", markdown(root, task, list(summaries.values()), claim_rows, teacher, anchor))
+    atomic_write_text(root / "scd_study.md", markdown(root, task, res["rows"], res["claims"], teacher, anchor))
     return res
 
 

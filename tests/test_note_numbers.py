@@ -1,4 +1,5 @@
 """Results notes quote numbers recomputed from the committed raw files (benchmarks.note_numbers)."""
+import json
 import shutil
 
 import numpy as np
@@ -41,6 +42,41 @@ def test_seeded_recovery_verdicts_wait_for_every_seed():
     corr = [e for e in found if e.name.startswith("score vs mean CKA")]
     assert {e.note for e in corr} == {"README.md", f"{N.SEEDED}/README.md"} and len(corr) == 4
     assert all(-1 <= e.value <= 1 and "configurations" in e.phrase for e in corr)
+
+
+def _scd_run(grid, method, seed, correct):
+    d = grid / f"{method}{seed}"
+    (d / "predictions").mkdir(parents=True)
+    (d / "predictions" / "rt.jsonl").write_text("".join(
+        json.dumps({"id": i, "prediction": "x", "gold": "x", "scores": {"correct": float(c)}}) + "\n"
+        for i, c in enumerate(correct)))
+    (d / "run.json").write_text(json.dumps({
+        "run_id": f"{method}{seed}", "method": method, "seed": seed, "status": "ok", "train": {"wall_s": 1.0},
+        "eval": {"rotten_tomatoes": {"accuracy": {"value": sum(correct) / len(correct), "n": len(correct)}}},
+        "eval_info": {"rotten_tomatoes": {"predictions": "predictions/rt.jsonl",
+                                          "extra": {"accuracy": {"constant": False, "max_label_share": 0.5}}}}}))
+
+
+def test_scd_study_verdicts_wait_for_the_whole_grid(tmp_path):
+    """Nothing is quoted from the SCD study until every run of its plan finished ok; then each claim is
+    quoted in the study's README and the README Status with its paired Δ, CI and verdict."""
+    grid = tmp_path / N.SCD_STUDY
+    grid.mkdir(parents=True)
+    plan = [("teacher", 0), ("sft", 0), ("sft", 1), ("kd", 0), ("kd", 1)]
+    (grid / "plan.json").write_text(json.dumps({"runs": [{"run_id": f"{m}{s}"} for m, s in plan]}))
+    for m, s in plan[:-1]:
+        _scd_run(grid, m, s, [i < {"teacher": 16, "sft": 10, "kd": 20}[m] for i in range(20)])
+    assert N.scd_study(tmp_path) == []
+    _scd_run(grid, "kd", 1, [True] * 20)
+    found = N.scd_study(tmp_path)
+    kd = next(e for e in found if e.name == "claim kd > sft: Δ accuracy")
+    assert kd.value == pytest.approx(0.5) and kd.phrase.startswith("kd > sft: Δ +0.500 [")
+    assert kd.phrase.endswith("], supported")
+    assert {e.note for e in found if e.name.startswith("claim kd > sft")} == {"README.md", f"{N.SCD_STUDY}/README.md"}
+    assert any(e.phrase == "`kd` 1.000 ± 0.000 over 2 seeds" for e in found)
+    # the teacher is right wherever the SFT anchor is: no student-favoured example; 6 teacher-favoured per seed
+    assert any(e.phrase == "`kd` n/a on SFS (0), 1.000 on TFS (12), beats the teacher in 2/2 seeds" for e in found)
+    assert any(e.phrase == "scd_aw > cd: not measurable (row missing)" for e in found)
 
 
 def test_a_stale_note_is_reported(tmp_path):
