@@ -62,11 +62,11 @@ def candidates(example: dict, tokenizer) -> tuple[list[str], int]:
 
 
 def score(model, tokenizer, examples: Sequence[dict], contexts: Sequence[str], *,
-          batch_size: int = 8) -> dict[str, np.ndarray]:
+          batch_size: int = 8, desc: str = "probe") -> dict[str, np.ndarray]:
     """Per example: ``nll`` per reference token, and for classification ``correct`` and ``p_gold``."""
     cands = [candidates(ex, tokenizer) for ex in examples]
     ll = loglik_choices(model, tokenizer, list(contexts), [c for c, _ in cands], batch_size=batch_size,
-                        progress=False)
+                        desc=desc)
     n_tok = [len(encode_pair(tokenizer, ctx, c[g])[1]) for ctx, (c, g) in zip(contexts, cands)]
     out = {"nll": np.array([-row[g] / n for row, (_, g), n in zip(ll, cands, n_tok)])}
     if all(ex.get("label_set") for ex in examples):
@@ -88,9 +88,9 @@ def probe(model, tokenizer, examples: Sequence[dict], *, template: str = "releas
     check_template(template)
     model.eval()
     student = score(model, tokenizer, examples, [render_prompt(ex, tokenizer) for ex in examples],
-                    batch_size=batch_size)
+                    batch_size=batch_size, desc="probe: student")
     teacher = score(model, tokenizer, examples, [teacher_prompt(ex, tokenizer, template=template) for ex in examples],
-                    batch_size=batch_size)
+                    batch_size=batch_size, desc="probe: teacher")
     keys = [("accuracy", "correct"), ("p_gold", "p_gold"), ("nll", "nll")]
     rows: dict[str, dict] = {"student": {}, "teacher": {}, "difference": {}}
     for name, key in keys:
