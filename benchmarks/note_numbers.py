@@ -363,10 +363,36 @@ def scd_study(root: Path) -> list[Entry]:
     return out
 
 
+def constant_share(root: Path) -> list[Entry]:
+    """How many committed scored classification runs are constant predictors, over the finished studies
+    (result folders whose ``plan.json``, if any, has every run finished: a running grid is left out so that
+    its landings do not change the quoted count; ``results/runs``, the local cache of shared runs, is not
+    committed)."""
+    n = c = 0
+    for folder in sorted(p for p in (root / "results").iterdir() if p.is_dir() and p.name != "runs"):
+        plan = folder / "plan.json"
+        if plan.exists():
+            ids = [r["run_id"] for r in json.loads(plan.read_text(encoding="utf-8"))["runs"]]
+            status = [json.loads(f.read_text(encoding="utf-8")).get("status") if f.exists() else None
+                      for f in (folder / i / "run.json" for i in ids)]
+            if any(s not in ("ok", "failed") for s in status):
+                continue
+        for path in sorted(folder.glob("**/run.json")):
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            flags = [((i.get("extra") or {}).get("accuracy") or {}).get("constant")
+                     for i in (rec.get("eval_info") or {}).values()]
+            flags = [f for f in flags if f is not None]
+            if rec.get("status") == "ok" and flags:
+                n, c = n + 1, c + any(flags)
+    return [Entry(STATUS, "constant-predictor runs among the scored runs of finished studies", c,
+                  f"{c} of the {n} scored classification runs of the finished studies are constant")]
+
+
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
     "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe,
-    "scd_study_dev": scd_study_dev, "recovery_seeded": recovery_seeded, "scd_study": scd_study}
+    "scd_study_dev": scd_study_dev, "recovery_seeded": recovery_seeded, "scd_study": scd_study,
+    "constant_share": constant_share}
 
 
 def entries(root: Path = REPO) -> list[Entry]:

@@ -79,6 +79,27 @@ def test_scd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     assert any(e.phrase == "scd_aw > cd: not measurable (row missing)" for e in found)
 
 
+def test_constant_share_leaves_out_running_grids(tmp_path):
+    """The README's count of constant predictors covers finished studies only: a folder whose plan has an
+    unfinished run is skipped, so landing a running grid's runs cannot make the committed note stale."""
+    def run(folder, rid, status, constant):
+        d = tmp_path / "results" / folder / rid
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"run_id": rid, "status": status, "eval_info": {
+            "t": {"extra": {"accuracy": {"constant": constant}}}}}))
+
+    run("done", "a", "ok", True)
+    run("done", "b", "ok", False)
+    run("done", "c", "failed", None)
+    run("busy", "d", "ok", True)
+    run("busy", "e", "running", False)
+    run("runs", "f", "ok", True)  # the local cache of shared runs: not committed, not counted
+    for folder, ids in (("done", "abc"), ("busy", "de")):
+        (tmp_path / "results" / folder / "plan.json").write_text(json.dumps({"runs": [{"run_id": i} for i in ids]}))
+    (e,) = N.constant_share(tmp_path)
+    assert e.value == 1 and e.phrase == "1 of the 2 scored classification runs of the finished studies are constant"
+
+
 def test_a_stale_note_is_reported(tmp_path):
     for rel in {e.note for e in N.entries()}:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
