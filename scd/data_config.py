@@ -67,13 +67,21 @@ def load_examples(cfg: DataConfig, split: str | None = None) -> list[dict]:
     return out
 
 
+def load_shots(cfg: DataConfig) -> dict[str, list[dict]]:
+    """{task: the first ``cfg.shots`` dev examples}, the few-shot demonstrations of the training prompts, shown in
+    the task's label words (``cfg.prompts``) like the examples themselves; {} without ``shots``."""
+    if not cfg.shots:
+        return {}
+    out = {}
+    for task in cfg.tasks:
+        shots = load_split(task, "dev", limit=cfg.shots)
+        out[task] = [verbalize(r, cfg.prompts[task]) for r in shots] if task in cfg.prompts else shots
+    return out
+
+
 def load_training_pairs(cfg: DataConfig, tokenizer, split: str | None = None) -> list[tuple[str, str]]:
     """(prompt text, target text) pairs rendered with the tokenizer's chat template."""
     rows = load_examples(cfg, split)
-    shots_by_task: dict[str, list[dict]] = {}
-    if cfg.shots:
-        for task in cfg.tasks:
-            shots = load_split(task, "dev", limit=cfg.shots)
-            shots_by_task[task] = [verbalize(r, cfg.prompts[task]) for r in shots] if task in cfg.prompts else shots
+    shots_by_task = load_shots(cfg)
     return [(render_prompt(r, tokenizer, shots=shots_by_task.get(r["task"], ())), render_target(r, tokenizer))
             for r in rows]

@@ -7,7 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from scd.core.results import read_metrics
-from tests.unisd_tiny import grads, setup_run, step_once, tiny_unisd_cfg
+from scd.data.label_words import LabelWords, verbalize
+from scd.data.load import load_split
+from scd.data.prompts import render_prompt
+from unisd.prompts import teacher_prompt
+from tests.unisd_tiny import grads, setup_run, step_once, step_recording_teacher, tiny_unisd_cfg
 
 BASE = {"in_context_teacher": {"max_new_tokens": 6, "temperature": 0.7}}
 
@@ -185,3 +189,22 @@ def test_baseline_objectives_run(smol_tokenizer, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "rw" / "rewrites.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and rec["train"]["rewrite"]["n"] == 8
     assert all(r["target"] == (r["rewrite"] if r["accepted"] else r["original"]) for r in rows)
+
+
+def test_few_shot_demos_are_shown_in_the_label_words(smol_tokenizer):
+    """With ``data.prompts`` label words, the demonstrations of the training prompts answer in those words, like
+    the examples (a regression: UniSD's demos once kept the task's own words, fresh / rotten, under an
+    instruction asking for positive / negative), in the student's and the in-context teacher's prompts."""
+    lw = LabelWords(label_words={"fresh": "positive", "rotten": "negative"},
+                    instruction="Classify the sentiment. Answer with exactly one of: positive, negative.")
+    words = {"rotten_tomatoes": {"label_words": lw.label_words, "instruction": lw.instruction}}
+    run = setup_run(smol_tokenizer, {"in_context_teacher": {"max_new_tokens": 2}},
+                    **{"data.shots": 3, "data.prompts": words})
+    expected = [verbalize(r, lw) for r in load_split("rotten_tomatoes", "dev", limit=3)]
+    assert run.ctx.shots == {"rotten_tomatoes": expected}
+    assert [s["target"] for s in expected] != [s["target"] for s in load_split("rotten_tomatoes", "dev", limit=3)]
+    seen = []
+    step_recording_teacher(run, lambda ids: seen.extend(list(map(list, ids))))
+    exs = run.ctx.batch.examples
+    assert run.ctx.batch.prompt_ids == run.ctx.encode([render_prompt(ex, smol_tokenizer, shots=expected) for ex in exs])
+    assert seen == run.ctx.encode([teacher_prompt(ex, smol_tokenizer, shots=expected) for ex in exs])

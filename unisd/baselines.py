@@ -44,11 +44,10 @@ from scd.core.engine import Engine, barrier, init_distributed
 from scd.core.results import RunDir, atomic_write_text
 from scd.core.train import seed_everything
 from scd.data.prompts import render_prompt, render_target
-from scd.data_config import load_examples, load_training_pairs
+from scd.data_config import load_examples, load_shots, load_training_pairs
 from scd.models import build_model, save_model
 from scd.sft import train_sft
 from unisd.components.base import components_table
-from unisd.context import shots_by_task
 
 
 def rewrite_matches(example: dict, output: str) -> bool:
@@ -103,7 +102,7 @@ def rewritten_targets(cfg, model, tok, run_dir: Path, rank: int = 0) -> tuple[li
     path = run_dir / "rewrites.jsonl"
     examples = load_examples(cfg.data)
     if rank == 0 and not path.exists():
-        rows = make_rewrites(model, tok, examples, cfg.rewrite, shots_by_task(cfg.data))
+        rows = make_rewrites(model, tok, examples, cfg.rewrite, load_shots(cfg.data))
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     barrier()
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

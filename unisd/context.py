@@ -21,7 +21,6 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from scd.data.load import load_split
 from scd.data.prompts import render_prompt
 from scd.heads import prefix_cache
 from scd.tokens import encode, right_pad, stop_token_ids
@@ -89,16 +88,6 @@ def frozen_copy(model):
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def shots_by_task(data) -> dict[str, list[dict]]:
-    """Few-shot demonstrations of the training prompts (as scd.data_config.load_training_pairs).
-
-    data: a :class:`scd.data_config.DataConfig`; {} without ``data.shots``.
-    """
-    if not data.shots:
-        return {}
-    return {task: load_split(task, "dev", limit=data.shots) for task in data.tasks}
 
 
 def stable_seed(*parts: Any) -> int:

@@ -47,14 +47,14 @@ from scd.core.config import added_field, register_recipe
 from scd.core.engine import Engine, Placement, Terms, autocast, init_distributed
 from scd.core.results import RunDir
 from scd.core.train import TrainConfig, rank_batches, seed_everything
-from scd.data_config import DataConfig, load_examples
+from scd.data_config import DataConfig, load_examples, load_shots
 from scd.losses import per_token_divergence, resolve_divergence
 from scd.models import ModelConfig, build_model, save_model
 import unisd.components  # noqa: F401  (registers the built-in components)
 from unisd.baselines import run_baseline
 from unisd.components.base import (build_components, components_table, explicit_spec, load_plugins, needs_of,
                                    spec_id_view)
-from unisd.context import Context, frozen_copy, shots_by_task
+from unisd.context import Context, frozen_copy
 
 OBJECTIVES = ("self_distill", "sft", "sdft_rewrite")
 
@@ -187,7 +187,7 @@ def build_context(cfg: UniSDConfig, model, tok, examples: list[dict], components
     needs = needs_of(components)
     ctx = Context(model=model, tokenizer=tok, examples=examples, device=device, seed=cfg.seed, needs=needs,
                   max_prompt_len=cfg.loss.max_prompt_len, autocast=lambda: autocast(cfg.train, device),
-                  config=cfg, shots=shots_by_task(cfg.data), share_prefix=cfg.train.share_prefix)
+                  config=cfg, shots=load_shots(cfg.data), share_prefix=cfg.train.share_prefix)
     if "teacher_model" in needs:
         ctx.teacher = frozen_copy(model)  # the model at step 0 (before any resume loads weights)
     if cfg.train.gradient_checkpointing:
