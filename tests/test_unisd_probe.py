@@ -7,9 +7,10 @@ import pytest
 
 from benchmarks.stats import bootstrap_ci
 from benchmarks.tasks.generate import encode_pair, loglik_reference
+from scd.data.label_words import LabelWords, verbalize
 from scd.data.load import load_split
 from scd.data.prompts import render_prompt, render_target
-from scd.models import build_model
+from scd.models import ModelConfig, build_model
 from unisd import probe as P
 from unisd.prompts import teacher_prompt
 
@@ -21,8 +22,6 @@ def test_label_probs_hand_case():
 
 @pytest.fixture(scope="module")
 def tiny(request):
-    from scd.models import ModelConfig
-
     tok = request.getfixturevalue("smol_tokenizer")
     model, tok = build_model(ModelConfig(name="tiny"), seed=0, tokenizer=tok)
     return model.eval(), tok
@@ -85,5 +84,31 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert P.main(["--summarize", str(tmp_path)]) == 0
     grid = json.loads((tmp_path / "grid.json").read_text())
     assert [r["setting"] for r in grid] == ["p"] and grid[0]["difference"] == rep["difference"]
-    assert "| p | rotten_tomatoes/dev | 4 | released | fresh→positive, rotten→negative |" in (tmp_path / "grid.md").read_text()
+    assert "| p | rotten_tomatoes/dev | 4 | released | fresh→positive, rotten→negative | 0 |" in (tmp_path / "grid.md").read_text()
     assert P.main(["--summarize", str(tmp_path / "empty")]) == 2
+
+
+def test_cli_probes_a_unisd_configs_training_setting(tmp_path):
+    """--config: the config's model, label words + instruction, few-shot demos (both prompts open with them; a dev
+    probe starts after them) and teacher template -- the same numbers as probe() given that setting by hand."""
+    cfg = tmp_path / "u.yaml"
+    cfg.write_text(
+        "recipe: unisd\nmodel: {name: tiny}\n"
+        "data:\n  tasks: [rotten_tomatoes]\n  shots: 2\n  prompts:\n    rotten_tomatoes:\n"
+        "      label_words: {fresh: positive, rotten: negative}\n"
+        "      instruction: 'Classify the sentiment. Answer with exactly one of: positive, negative.'\n"
+        "components:\n  in_context_teacher: {template: ours}\n")
+    out = tmp_path / "p"
+    assert P.main(["--config", str(cfg), "--split", "dev", "--limit", "3", "--n-boot", "20", "--out", str(out),
+                   "--device", "cpu"]) == 0
+    rep = json.loads((out / "probe.json").read_text())
+    assert (rep["shots"], rep["skipped_demos"], rep["template"], rep["n"]) == (2, 2, "ours", 3)
+    assert rep["instruction"].startswith("Classify the sentiment.")
+    words = LabelWords(label_words={"fresh": "positive", "rotten": "negative"},
+                       instruction="Classify the sentiment. Answer with exactly one of: positive, negative.")
+    dev = [verbalize(ex, words) for ex in load_split("rotten_tomatoes", "dev", limit=5)]
+    model, tok = build_model(ModelConfig(name="tiny"), seed=0)
+    ref = P.probe(model.eval(), tok, dev[2:], template="ours", shots=dev[:2], n_boot=20)
+    for row in ("student", "teacher"):
+        assert rep[row]["p_gold"]["value"] == pytest.approx(ref[row]["p_gold"]["value"], abs=1e-5)
+    assert P.main(["--config", "configs/scd/study/kd_rt_cpu.yaml"]) == 2  # not a UniSD config

@@ -16,13 +16,19 @@ the same resamples for every row):
 plus p(gold) by gold label and the majority rate.  Writes ``probe.json`` and ``probe.md``::
 
     python -m unisd.probe --model smollm2-135m --task rotten_tomatoes --split dev --limit 200 \\
-        [--template released|ours] [--label-words fresh=positive,rotten=negative] [--out DIR]
+        [--template released|ours] [--label-words fresh=positive,rotten=negative] [--shots 3] [--out DIR]
+    python -m unisd.probe --config configs/unisd/study_cpu.yaml [--model RUN/model] --split dev --limit 200
+
+``--config`` probes a UniSD config's training setting: its model, the task's label words and instruction
+(``data.prompts``), its few-shot demonstrations (``data.shots``: both prompts open with them, as in training)
+and the in-context teacher's ``template``; the flags override it.
 
 ``--model`` is any ``model.name`` (a cache name, a folder such as a run's ``model/``, or ``tiny``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -34,10 +40,12 @@ import torch
 
 from benchmarks.stats import bootstrap_ci
 from benchmarks.tasks.generate import encode_pair, loglik_choices
+from scd.core.config import ConfigError, load_config
 from scd.core.results import atomic_write_text
 from scd.data.label_words import LabelWords, verbalize
 from scd.data.load import load_split
 from scd.data.prompts import render_prompt, render_target
+from scd.data_config import load_shots
 from scd.models import ModelConfig, build_model
 from unisd.prompts import check_template, teacher_prompt
 
@@ -82,14 +90,16 @@ def summary(values: np.ndarray, *, n_boot: int, seed: int) -> dict:
     return {"value": float(np.mean(values)), "ci": [lo, hi]}
 
 
-def probe(model, tokenizer, examples: Sequence[dict], *, template: str = "released", batch_size: int = 8,
-          n_boot: int = 1000, seed: int = 0) -> dict:
-    """The probe report of ``examples`` (already in their answer format); see the module doc."""
+def probe(model, tokenizer, examples: Sequence[dict], *, template: str = "released", shots: Sequence[dict] = (),
+          batch_size: int = 8, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The probe report of ``examples`` (already in their answer format; ``shots``: the few-shot
+    demonstrations both prompts open with, as in training); see the module doc."""
     check_template(template)
     model.eval()
-    student = score(model, tokenizer, examples, [render_prompt(ex, tokenizer) for ex in examples],
+    student = score(model, tokenizer, examples, [render_prompt(ex, tokenizer, shots=shots) for ex in examples],
                     batch_size=batch_size, desc="probe: student")
-    teacher = score(model, tokenizer, examples, [teacher_prompt(ex, tokenizer, template=template) for ex in examples],
+    teacher = score(model, tokenizer, examples,
+                    [teacher_prompt(ex, tokenizer, template=template, shots=shots) for ex in examples],
                     batch_size=batch_size, desc="probe: teacher")
     keys = [("accuracy", "correct"), ("p_gold", "p_gold"), ("nll", "nll")]
     rows: dict[str, dict] = {"student": {}, "teacher": {}, "difference": {}}
@@ -98,7 +108,8 @@ def probe(model, tokenizer, examples: Sequence[dict], *, template: str = "releas
             rows["student"][name] = summary(student[key], n_boot=n_boot, seed=seed)
             rows["teacher"][name] = summary(teacher[key], n_boot=n_boot, seed=seed)
             rows["difference"][name] = summary(teacher[key] - student[key], n_boot=n_boot, seed=seed)
-    report = {"schema": SCHEMA, "n": len(examples), "template": template, "n_boot": n_boot, "seed": seed,
+    report = {"schema": SCHEMA, "n": len(examples), "template": template, "shots": len(shots), "n_boot": n_boot,
+              "seed": seed,
               "higher_is_better": {k: v == "higher" for k, v in METRICS.items()}, **rows}
     if "p_gold" in student:
         gold = [ex["target"] for ex in examples]
@@ -128,6 +139,7 @@ def to_markdown(report: dict) -> str:
     words = json.dumps(report["label_words"]) if report.get("label_words") else "the task's own"
     lines = [head, "",
              f"n = {report['n']}; teacher template `{report['template']}`; label words {words}; "
+             f"{report.get('shots', 0)} few-shot demos in both prompts; "
              f"95 % percentile bootstrap CIs ({report['n_boot']} resamples, seed {report['seed']}), paired by example.",
              "", "| prompt | " + " | ".join(f"{n} ({'↑' if METRICS[n] == 'higher' else '↓'})" for n in names) + " |",
              "|---|" + "---:|" * len(names)]
@@ -154,6 +166,30 @@ def parse_label_words(text: str | None) -> LabelWords | None:
     return LabelWords(label_words={k.strip(): v.strip() for k, v in pairs})
 
 
+def resolve_setting(args: argparse.Namespace) -> dict:
+    """{model (a ModelConfig), task, words, template, shots}: the flags, else ``--config``'s training setting, else
+    the defaults."""
+    model, task, words, template, shots = ModelConfig(name="smollm2-135m"), "rotten_tomatoes", None, "released", ()
+    if args.config:
+        cfg = load_config(args.config)
+        if not all(hasattr(cfg, k) for k in ("data", "model", "components")):
+            raise ValueError(f"{args.config}: --config takes a UniSD config (recipe: unisd), got recipe "
+                             f"'{getattr(cfg, 'recipe', '?')}'")
+        model, task = dataclasses.replace(cfg.model, lora=None), cfg.data.tasks[0]  # the base, without adapters
+        words = cfg.data.prompts.get(task)
+        teacher = cfg.components.get("in_context_teacher")
+        template = (teacher or {}).get("template", template) if isinstance(teacher, dict) else template
+        shots = tuple(load_shots(cfg.data).get(task, ()))
+    model, task = ModelConfig(name=args.model) if args.model else model, args.task or task
+    if args.label_words is not None:
+        words = parse_label_words(args.label_words)
+    template = check_template(args.template or template)
+    if args.shots is not None:
+        demos = load_split(task, "dev", limit=args.shots) if args.shots else []
+        shots = tuple(verbalize(r, words) if words else r for r in demos)
+    return {"model": model, "task": task, "words": words, "template": template, "shots": shots}
+
+
 def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "probe.json", json.dumps(report, indent=2) + "\n")
@@ -168,7 +204,8 @@ def summarize(root: Path) -> str:
         r = json.loads(path.read_text(encoding="utf-8"))
         rows.append({"setting": path.parent.name, "model": r.get("model"), "task": r.get("task"),
                      "split": r.get("split"), "n": r["n"], "template": r["template"],
-                     "label_words": r.get("label_words"), "majority_rate": r.get("majority_rate"),
+                     "label_words": r.get("label_words"), "shots": r.get("shots", 0),
+                     "majority_rate": r.get("majority_rate"),
                      "student": r["student"], "teacher": r["teacher"], "difference": r["difference"]})
     if not rows:
         raise ValueError(f"{root}: no */probe.json")
@@ -177,13 +214,13 @@ def summarize(root: Path) -> str:
              "Generated by `python -m unisd.probe --summarize " + str(root) + "` from the probe.json files (do not "
              "edit by hand).  Teacher = the in-context teacher (reference answer in its prompt); Δ = teacher − "
              "student, paired by example, 95 % bootstrap CI.", "",
-             "| setting | task/split | n | template | label words | majority | student acc | teacher acc | "
-             + " | ".join(f"Δ {n}" for n in names) + " |", "|---|---|---:|---|---|---:|---:|---:|" + "---|" * len(names)]
+             "| setting | task/split | n | template | label words | shots | majority | student acc | teacher acc | "
+             + " | ".join(f"Δ {n}" for n in names) + " |", "|---|---|---:|---|---|---:|---:|---:|---:|" + "---|" * len(names)]
     for r in rows:
         words = ", ".join(f"{k}→{v}" for k, v in r["label_words"].items()) if r["label_words"] else "own"
         maj = f"{r['majority_rate']:.3f}" if r.get("majority_rate") is not None else "-"
         acc = [f"{r[k]['accuracy']['value']:.3f}" if "accuracy" in r[k] else "-" for k in ("student", "teacher")]
-        lines.append(f"| {r['setting']} | {r['task']}/{r['split']} | {r['n']} | {r['template']} | {words} | {maj} | "
+        lines.append(f"| {r['setting']} | {r['task']}/{r['split']} | {r['n']} | {r['template']} | {words} | {r['shots']} | {maj} | "
                      f"{acc[0]} | {acc[1]} | " + " | ".join(_fmt(r["difference"][n], True) for n in names) + " |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(Path(root) / "grid.md", text)
@@ -193,11 +230,15 @@ def summarize(root: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m unisd.probe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="model.name: cache name, folder, or tiny")
-    ap.add_argument("--task", default="rotten_tomatoes")
+    ap.add_argument("--config", default=None, help="a UniSD config: probe its training setting (model, the task's "
+                    "label words and instruction, few-shot demos, the in-context teacher's template); the flags "
+                    "below override it")
+    ap.add_argument("--model", default=None, help="model.name: cache name, folder, or tiny (default smollm2-135m)")
+    ap.add_argument("--task", default=None, help="default: the config's first task, else rotten_tomatoes")
     ap.add_argument("--split", default="dev")
     ap.add_argument("--limit", type=int, default=200, help="first N examples of the split")
-    ap.add_argument("--template", default="released", help="released | ours | a text with {input} and {reference}")
+    ap.add_argument("--template", default=None, help="released (default) | ours | a text with {input} and {reference}")
+    ap.add_argument("--shots", type=int, default=None, help="few-shot demos (the split dev's first N) in both prompts")
     ap.add_argument("--label-words", default=None, help="answer format: label=word,... (classification)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--n-boot", type=int, default=1000)
@@ -219,24 +260,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     try:
-        template = check_template(args.template)
-        words = parse_label_words(args.label_words)
-    except ValueError as e:
+        setting = resolve_setting(args)
+    except (ValueError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    examples = load_split(args.task, args.split, limit=args.limit)
+    task, words, template = setting["task"], setting["words"], setting["template"]
+    # the demos are the dev split's first examples: a dev probe starts after them (an example is never its own demo)
+    skip = len(setting["shots"]) if args.split == "dev" else 0
+    examples = load_split(task, args.split, limit=args.limit + skip)[skip:]
     if words is not None:
         examples = [verbalize(ex, words) for ex in examples]
-    model, tok = build_model(ModelConfig(name=args.model), seed=args.seed)
+    model, tok = build_model(setting["model"], seed=args.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     with torch.no_grad():
-        report = probe(model.to(device), tok, examples, template=template, batch_size=args.batch_size,
-                       n_boot=args.n_boot, seed=args.seed)
+        report = probe(model.to(device), tok, examples, template=template, shots=setting["shots"],
+                       batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed)
     tname = template if template in ("released", "ours") else "custom"
-    report = {**report, "model": args.model, "task": args.task, "split": args.split, "limit": args.limit,
-              "label_words": words.label_words if words else None,
+    report = {**report, "model": setting["model"].name, "task": task, "split": args.split, "limit": args.limit,
+              "config": args.config, "skipped_demos": skip, "label_words": words.label_words if words else None,
+              "instruction": words.instruction if words else None,
               "command": shlex.join(["python", "-m", "unisd.probe", *(argv if argv is not None else sys.argv[1:])])}
-    slug = f"{Path(args.model).name}-{args.task}-{args.split}-{tname}"
+    slug = f"{Path(setting['model'].name).name}-{task}-{args.split}-{tname}"
     out = Path(args.out) if args.out else Path("runs") / "probe" / slug
     write_report(report, out)
     print(to_markdown(report), end="")
