@@ -86,6 +86,12 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert [r["setting"] for r in grid] == ["p"] and grid[0]["difference"] == rep["difference"]
     assert "| p | rotten_tomatoes/dev | 4 | released | fresh→positive, rotten→negative | 0 |" in (tmp_path / "grid.md").read_text()
     assert P.main(["--summarize", str(tmp_path / "empty")]) == 2
+    # a generation task's probe (nll only) beside a classification one: its accuracy cells are "-"
+    assert P.main(["--model", "tiny", "--task", "wnut16", "--split", "dev", "--limit", "2", "--n-boot", "20",
+                   "--out", str(tmp_path / "q"), "--device", "cpu"]) == 0
+    assert P.main(["--summarize", str(tmp_path)]) == 0
+    row = next(line for line in (tmp_path / "grid.md").read_text().splitlines() if line.startswith("| q |"))
+    assert row.startswith("| q | wnut16/dev | 2 | released | own | 0 | - | - | - | - | - | ")
 
 
 def test_cli_probes_a_unisd_configs_training_setting(tmp_path):
