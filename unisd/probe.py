@@ -175,7 +175,7 @@ def resolve_setting(args: argparse.Namespace) -> dict:
         if not all(hasattr(cfg, k) for k in ("data", "model", "components")):
             raise ValueError(f"{args.config}: --config takes a UniSD config (recipe: unisd), got recipe "
                              f"'{getattr(cfg, 'recipe', '?')}'")
-        model, task = dataclasses.replace(cfg.model, lora=None), cfg.data.tasks[0]  # the base, without adapters
+        model, task = dataclasses.replace(cfg.model, lora=None), args.task or cfg.data.tasks[0]  # no adapters
         words = cfg.data.prompts.get(task)
         teacher = cfg.components.get("in_context_teacher")
         template = (teacher or {}).get("template", template) if isinstance(teacher, dict) else template
