@@ -388,11 +388,36 @@ def constant_share(root: Path) -> list[Entry]:
                   f"{c} of the {n} scored classification runs of the finished studies are constant")]
 
 
+UNISD_DEV = "results/unisd_study_cpu_dev"
+UNISD_DEV_RUNS = (("untrained-0shot", "the untrained model, 0-shot"), ("untrained-3shot", "the untrained model, 3-shot"),
+                  ("sft-319d60731b66", "SFT, scored 0-shot"), ("sft-b923c4a7d2c2", "SFT, scored 3-shot"),
+                  ("base-5421473464da", "base SD, scored 3-shot"))
+
+
+def unisd_study_dev(root: Path) -> list[Entry]:
+    """The UniSD study's dev checks (200 RT dev reviews): accuracy, the share of the top label, vs the majority rate."""
+    note, out = f"{UNISD_DEV}/README.md", []
+    for folder, label in UNISD_DEV_RUNS:
+        rec = json.loads((root / UNISD_DEV / folder / "run.json").read_text(encoding="utf-8"))
+        acc = rec["eval"]["rotten_tomatoes"]["accuracy"]
+        prof = rec["eval_info"]["rotten_tomatoes"]["extra"]["accuracy"]
+        lo, hi = acc["ci"]
+        out.append(Entry(note, f"dev accuracy: {label}", acc["value"],
+                         f"{label}: {acc['value']:.3f} [{lo:.3f}, {hi:.3f}] ({100 * prof['max_label_share']:.0f} % on "
+                         f"one label{', constant' if prof['constant'] else ''}; majority {prof['majority_baseline']:.3f})"))
+    probe = json.loads((root / "results/unisd_probe/rt-dev-study_cpu/probe.json").read_text(encoding="utf-8"))
+    d = probe["difference"]["accuracy"]
+    out += [Entry(n, "probe: teacher - student accuracy in the study's 3-shot format", d["value"],
+                  f"teacher {probe['teacher']['accuracy']['value']:.3f} vs student {probe['student']['accuracy']['value']:.3f}"
+                  f" (Δ {d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}])") for n in (note, STATUS)]
+    return out
+
+
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
     "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe,
     "scd_study_dev": scd_study_dev, "recovery_seeded": recovery_seeded, "scd_study": scd_study,
-    "constant_share": constant_share}
+    "constant_share": constant_share, "unisd_study_dev": unisd_study_dev}
 
 
 def entries(root: Path = REPO) -> list[Entry]:
