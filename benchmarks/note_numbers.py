@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
+from benchmarks.leaderboard.load import label_share
 from benchmarks.recovery_power import correlation_views, paired_deltas
 from benchmarks.recovery_study import aggregate as aggregate_recovery, load_runs as load_recovery_runs
 from benchmarks.scd_study import analyse as analyse_scd_study
@@ -60,6 +61,15 @@ def ok_runs(root: Path, grid: str) -> list[tuple[Path, dict]]:
         if rec.get("status") == "ok":
             out.append((path.parent, rec))
     return out
+
+
+def plan_statuses(folder: Path) -> list[str | None]:
+    """The status of every run of the grid plan in ``folder`` (None: not started); [] without a plan.json."""
+    plan = folder / "plan.json"
+    if not plan.exists():
+        return []
+    paths = [folder / r["run_id"] / "run.json" for r in json.loads(plan.read_text(encoding="utf-8"))["runs"]]
+    return [json.loads(p.read_text(encoding="utf-8")).get("status") if p.exists() else None for p in paths]
 
 
 def _value(rec: dict, task: str, metric: str) -> float:
@@ -334,9 +344,7 @@ def scd_study(root: Path) -> list[Entry]:
     accuracy on the student- and teacher-favoured subsets, the paper's claims with paired CIs.  Nothing is
     quoted until every run of the grid's plan has finished ok (the README says the grid is running)."""
     grid = root / SCD_STUDY
-    plan = json.loads((grid / "plan.json").read_text(encoding="utf-8"))
-    done = {rec["run_id"] for _, rec in ok_runs(root, SCD_STUDY)}
-    if any(r["run_id"] not in done for r in plan["runs"]):
+    if any(s != "ok" for s in plan_statuses(grid)):
         return []
     res = analyse_scd_study(grid)
     note, out = f"{SCD_STUDY}/README.md", []
@@ -370,20 +378,13 @@ def constant_share(root: Path) -> list[Entry]:
     committed)."""
     n = c = 0
     for folder in sorted(p for p in (root / "results").iterdir() if p.is_dir() and p.name != "runs"):
-        plan = folder / "plan.json"
-        if plan.exists():
-            ids = [r["run_id"] for r in json.loads(plan.read_text(encoding="utf-8"))["runs"]]
-            status = [json.loads(f.read_text(encoding="utf-8")).get("status") if f.exists() else None
-                      for f in (folder / i / "run.json" for i in ids)]
-            if any(s not in ("ok", "failed") for s in status):
-                continue
+        if any(s not in ("ok", "failed") for s in plan_statuses(folder)):
+            continue
         for path in sorted(folder.glob("**/run.json")):
             rec = json.loads(path.read_text(encoding="utf-8"))
-            flags = [((i.get("extra") or {}).get("accuracy") or {}).get("constant")
-                     for i in (rec.get("eval_info") or {}).values()]
-            flags = [f for f in flags if f is not None]
-            if rec.get("status") == "ok" and flags:
-                n, c = n + 1, c + any(flags)
+            shares = [x for x in (label_share(rec, task) for task in rec.get("eval_info") or {}) if x is not None]
+            if rec.get("status") == "ok" and shares:
+                n, c = n + 1, c + any(x["constant"] for x in shares)
     return [Entry(STATUS, "constant-predictor runs among the scored runs of finished studies", c,
                   f"{c} of the {n} scored classification runs of the finished studies are constant")]
 

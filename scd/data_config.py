@@ -67,16 +67,18 @@ def load_examples(cfg: DataConfig, split: str | None = None) -> list[dict]:
     return out
 
 
+def task_shots(task: str, n: int, words: LabelWords | None = None) -> list[dict]:
+    """The few-shot demonstrations of ``task``'s training prompts: its first ``n`` dev examples, shown in the label
+    ``words`` (when given) like the examples themselves."""
+    shots = load_split(task, "dev", limit=n) if n else []
+    return [verbalize(r, words) for r in shots] if words is not None else shots
+
+
 def load_shots(cfg: DataConfig) -> dict[str, list[dict]]:
-    """{task: the first ``cfg.shots`` dev examples}, the few-shot demonstrations of the training prompts, shown in
-    the task's label words (``cfg.prompts``) like the examples themselves; {} without ``shots``."""
+    """{task: :func:`task_shots` of ``cfg.shots`` in the task's label words (``cfg.prompts``)}; {} without ``shots``."""
     if not cfg.shots:
         return {}
-    out = {}
-    for task in cfg.tasks:
-        shots = load_split(task, "dev", limit=cfg.shots)
-        out[task] = [verbalize(r, cfg.prompts[task]) for r in shots] if task in cfg.prompts else shots
-    return out
+    return {task: task_shots(task, cfg.shots, cfg.prompts.get(task)) for task in cfg.tasks}
 
 
 def load_training_pairs(cfg: DataConfig, tokenizer, split: str | None = None) -> list[tuple[str, str]]:

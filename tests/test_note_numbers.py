@@ -85,8 +85,10 @@ def test_constant_share_leaves_out_running_grids(tmp_path):
     def run(folder, rid, status, constant):
         d = tmp_path / "results" / folder / rid
         d.mkdir(parents=True)
+        extra = {} if constant is None else {"accuracy": {"constant": constant,
+                                                          "max_label_share": 0.99 if constant else 0.6}}
         (d / "run.json").write_text(json.dumps({"run_id": rid, "status": status, "eval_info": {
-            "t": {"extra": {"accuracy": {"constant": constant}}}}}))
+            "t": {"extra": extra}}}))
 
     run("done", "a", "ok", True)
     run("done", "b", "ok", False)

@@ -45,7 +45,7 @@ from scd.core.results import atomic_write_text
 from scd.data.label_words import LabelWords, verbalize
 from scd.data.load import load_split
 from scd.data.prompts import render_prompt, render_target
-from scd.data_config import load_shots
+from scd.data_config import load_shots, task_shots
 from scd.models import ModelConfig, build_model
 from unisd.prompts import check_template, teacher_prompt
 
@@ -185,8 +185,7 @@ def resolve_setting(args: argparse.Namespace) -> dict:
         words = parse_label_words(args.label_words)
     template = check_template(args.template or template)
     if args.shots is not None:
-        demos = load_split(task, "dev", limit=args.shots) if args.shots else []
-        shots = tuple(verbalize(r, words) if words else r for r in demos)
+        shots = tuple(task_shots(task, args.shots, words))
     return {"model": model, "task": task, "words": words, "template": template, "shots": shots}
 
 
@@ -265,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     task, words, template = setting["task"], setting["words"], setting["template"]
-    # the demos are the dev split's first examples: a dev probe starts after them (an example is never its own demo)
+    # the demos are the dev split's first examples (task_shots): a dev probe starts after them (never its own demo)
     skip = len(setting["shots"]) if args.split == "dev" else 0
     examples = load_split(task, args.split, limit=args.limit + skip)[skip:]
     if words is not None:
