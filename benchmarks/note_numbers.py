@@ -29,6 +29,7 @@ from benchmarks.leaderboard.load import label_share
 from benchmarks.recovery_power import correlation_views, paired_deltas
 from benchmarks.recovery_study import aggregate as aggregate_recovery, load_runs as load_recovery_runs
 from benchmarks.scd_study import analyse as analyse_scd_study
+from benchmarks.unisd_study import analyse as analyse_unisd_study
 
 REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
@@ -70,6 +71,12 @@ def plan_statuses(folder: Path) -> list[str | None]:
         return []
     paths = [folder / r["run_id"] / "run.json" for r in json.loads(plan.read_text(encoding="utf-8"))["runs"]]
     return [json.loads(p.read_text(encoding="utf-8")).get("status") if p.exists() else None for p in paths]
+
+
+def plan_finished(folder: Path) -> bool:
+    """Every run of the grid plan in ``folder`` finished ok (False without a plan.json: not launched)."""
+    statuses = plan_statuses(folder)
+    return bool(statuses) and all(s == "ok" for s in statuses)
 
 
 def _value(rec: dict, task: str, metric: str) -> float:
@@ -344,7 +351,7 @@ def scd_study(root: Path) -> list[Entry]:
     accuracy on the student- and teacher-favoured subsets, the paper's claims with paired CIs.  Nothing is
     quoted until every run of the grid's plan has finished ok (the README says the grid is running)."""
     grid = root / SCD_STUDY
-    if any(s != "ok" for s in plan_statuses(grid)):
+    if not plan_finished(grid):
         return []
     res = analyse_scd_study(grid)
     note, out = f"{SCD_STUDY}/README.md", []
@@ -359,15 +366,19 @@ def scd_study(root: Path) -> list[Entry]:
                              f"{_acc_on(r['tfs_acc'], r['tfs_n'])} on TFS ({r['tfs_n']}), beats the teacher in "
                              f"{r['beats_teacher_seeds']}/"
                              f"{r['paired_seeds']} seeds"))
-    for c in res["claims"]:
+    return out + claim_entries(res["claims"], (note, STATUS))
+
+
+def claim_entries(claim_rows: Sequence[dict], notes: Sequence[str]) -> list[Entry]:
+    """One entry per claim and note: "`claim`: Δ +x [lo, hi], verdict" (just the verdict when unmeasured)."""
+    out = []
+    for c in claim_rows:
         if "delta" not in c:
-            out += [Entry(n, f"claim {c['claim']}", float("nan"), f"{c['claim']}: {c['verdict']}")
-                    for n in (note, STATUS)]
+            out += [Entry(n, f"claim {c['claim']}", float("nan"), f"{c['claim']}: {c['verdict']}") for n in notes]
             continue
         lo, hi = c["ci"]
         out += [Entry(n, f"claim {c['claim']}: Δ accuracy", c["delta"],
-                      f"{c['claim']}: Δ {c['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}], {c['verdict']}")
-                for n in (note, STATUS)]
+                      f"{c['claim']}: Δ {c['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}], {c['verdict']}") for n in notes]
     return out
 
 
@@ -414,11 +425,34 @@ def unisd_study_dev(root: Path) -> list[Entry]:
     return out
 
 
+UNISD_STUDY = "results/unisd_study_cpu"
+
+
+def unisd_study(root: Path) -> list[Entry]:
+    """Issue 20's verdicts (:func:`benchmarks.unisd_study.analyse`): each row's test accuracy over seeds and Δ vs
+    base, each leave-one-out cost, the paper's claims.  Nothing is quoted until every run of the grid's plan has
+    finished ok (the folder README says the grid is running)."""
+    grid = root / UNISD_STUDY
+    if not plan_finished(grid):
+        return []
+    res = analyse_unisd_study(grid)
+    note, out = f"{UNISD_STUDY}/README.md", []
+    for r in res["rows"]:
+        const = f", constant in {r['constant_runs']}/{len(r['seeds'])} seeds" if r["constant_runs"] else ""
+        d = r["vs_base"]
+        vs = (f", Δ vs {res['base']} {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+              if d and d["n"] else "")
+        out.append(Entry(note, f"{r['method']}: test accuracy over seeds", r["accuracy"],
+                         f"`{r['method']}` {r['accuracy']:.3f} ± {r['accuracy_sd']:.3f} over {len(r['seeds'])} "
+                         f"seeds{const}{vs}"))
+    return out + claim_entries(res["leave_one_out"], (note,)) + claim_entries(res["claims"], (note, STATUS))
+
+
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
     "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe,
     "scd_study_dev": scd_study_dev, "recovery_seeded": recovery_seeded, "scd_study": scd_study,
-    "constant_share": constant_share, "unisd_study_dev": unisd_study_dev}
+    "constant_share": constant_share, "unisd_study_dev": unisd_study_dev, "unisd_study": unisd_study}
 
 
 def entries(root: Path = REPO) -> list[Entry]:

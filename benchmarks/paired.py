@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from benchmarks.stats import bootstrap_ci
+from scd.core.results import iter_run_jsons, read_json
 
 
 def correctness(path: str | Path) -> dict[str, float]:
@@ -48,6 +49,47 @@ def paired_delta(a: Sequence[dict[str, float]], b: Sequence[dict[str, float]], n
     d = va - vb
     return {"n": len(ids), "a": float(va.mean()), "b": float(vb.mean()), "delta": float(d.mean()),
             "ci": list(bootstrap_ci(d, n_boot=n_boot, seed=seed))}
+
+
+# --------------------------------------------------------------------------- grids
+def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
+    """{method: {seed: {correct: {id: 0/1}, accuracy, constant, wall_s, run_id}}} of the finished runs."""
+    rows: dict[str, dict[int, dict]] = {}
+    for path in iter_run_jsons(root):
+        rec = read_json(path)
+        info = (rec.get("eval_info") or {}).get(task) or {}
+        if rec.get("status") != "ok" or not info.get("predictions"):
+            continue
+        pred = Path(path).parent / info["predictions"]
+        if not pred.exists():
+            continue
+        acc = (rec.get("eval") or {}).get(task, {}).get("accuracy", {})
+        extra = (info.get("extra") or {}).get("accuracy") or {}
+        rows.setdefault(rec["method"], {})[int(rec.get("seed", 0))] = {
+            "correct": correctness(pred), "accuracy": acc.get("value"), "constant": bool(extra.get("constant")),
+            "top_share": extra.get("max_label_share"), "wall_s": (rec.get("train") or {}).get("wall_s"),
+            "run_id": rec.get("run_id")}
+    return rows
+
+
+def mean_sd(vals: list[float]) -> tuple[float, float]:
+    """(mean, sample sd) of the non-None values; sd 0 for one value, NaN for none."""
+    v = [x for x in vals if x is not None]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def verdict(delta: dict, op: str) -> str:
+    """The verdict on ``A op B`` from the CI of A − B: ``>`` is supported when the CI lies above 0, contradicted
+    below 0, else not distinguishable; ``>=`` is contradicted only when the CI lies below 0."""
+    lo, hi = delta["ci"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "not measurable"
+    if op == ">":
+        return "supported" if lo > 0 else ("contradicted" if hi < 0 else "not distinguishable (CI includes 0)")
+    return "contradicted" if hi < 0 else ("supported (strictly better)" if lo > 0 else
+                                          "supported (not distinguishable, CI includes 0)")
 
 
 # --------------------------------------------------------------------------- reporting

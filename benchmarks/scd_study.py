@@ -25,38 +25,17 @@ teacher across seeds.  Correctness per example: ``scores.correct`` (:mod:`benchm
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from benchmarks.paired import common_ids, correctness, fmt, fmt_ci, paired_delta
-from scd.core.results import atomic_write_json, atomic_write_text, iter_run_jsons, read_json
+from benchmarks.paired import common_ids, fmt, fmt_ci, load_rows, mean_sd, paired_delta, verdict
+from scd.core.results import atomic_write_json, atomic_write_text
 
 CLAIMS = (("scd_aw", ">", "cd"), ("cd", ">=", "kd"), ("kd", ">", "sft"))
 STUDENT_ORDER = ("sft", "kd", "kd_ce", "cd", "scd", "scd_aw")
-
-
-def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
-    """{method: {seed: {correct: {id: 0/1}, accuracy, constant, wall_s, run_id}}} of the finished runs."""
-    rows: dict[str, dict[int, dict]] = {}
-    for path in iter_run_jsons(root):
-        rec = read_json(path)
-        info = (rec.get("eval_info") or {}).get(task) or {}
-        if rec.get("status") != "ok" or not info.get("predictions"):
-            continue
-        pred = Path(path).parent / info["predictions"]
-        if not pred.exists():
-            continue
-        acc = (rec.get("eval") or {}).get(task, {}).get("accuracy", {})
-        extra = (info.get("extra") or {}).get("accuracy") or {}
-        rows.setdefault(rec["method"], {})[int(rec.get("seed", 0))] = {
-            "correct": correctness(pred), "accuracy": acc.get("value"), "constant": bool(extra.get("constant")),
-            "top_share": extra.get("max_label_share"), "wall_s": (rec.get("train") or {}).get("wall_s"),
-            "run_id": rec.get("run_id")}
-    return rows
 
 
 def teacher_for(teachers: dict[int, dict], seed: int) -> dict | None:
@@ -72,18 +51,11 @@ def favoured_subsets(anchor: dict[str, float], teacher: dict[str, float]) -> tup
     return ([i for i in ids if anchor[i] > teacher[i]], [i for i in ids if teacher[i] > anchor[i]])
 
 
-def _mean_sd(vals: list[float]) -> tuple[float, float]:
-    v = [x for x in vals if x is not None]
-    if not v:
-        return float("nan"), float("nan")
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-
-
 def row_summary(method: str, runs: dict[int, dict], teachers: dict[int, dict], anchors: dict[int, dict],
                 n_boot: int) -> dict:
     """One row of the table: accuracy, Δ vs teacher, SFS/TFS accuracy, seeds beating the teacher."""
     seeds = sorted(runs)
-    acc, sd = _mean_sd([runs[s]["accuracy"] for s in seeds])
+    acc, sd = mean_sd([runs[s]["accuracy"] for s in seeds])
     paired = [(runs[s], teacher_for(teachers, s)) for s in seeds]
     paired = [(r, t) for r, t in paired if t is not None]
     vs_t = paired_delta([r["correct"] for r, _ in paired], [t["correct"] for _, t in paired], n_boot=n_boot)
@@ -105,16 +77,6 @@ def row_summary(method: str, runs: dict[int, dict], teachers: dict[int, dict], a
             "tfs_acc": tfs[0] / tfs[1] if tfs[1] else float("nan"), "tfs_n": tfs[1],
             "beats_teacher_seeds": beats, "paired_seeds": len(paired),
             "wall_s": float(np.mean(walls)) if walls else float("nan")}
-
-
-def verdict(delta: dict, op: str) -> str:
-    lo, hi = delta["ci"]
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return "not measurable"
-    if op == ">":
-        return "supported" if lo > 0 else ("contradicted" if hi < 0 else "not distinguishable (CI includes 0)")
-    return "contradicted" if hi < 0 else ("supported (strictly better)" if lo > 0 else
-                                          "supported (not distinguishable, CI includes 0)")
 
 
 def claims(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], teacher: str, n_boot: int) -> list[dict]:

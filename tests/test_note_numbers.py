@@ -44,7 +44,7 @@ def test_seeded_recovery_verdicts_wait_for_every_seed():
     assert all(-1 <= e.value <= 1 and "configurations" in e.phrase for e in corr)
 
 
-def _scd_run(grid, method, seed, correct):
+def _study_run(grid, method, seed, correct):
     d = grid / f"{method}{seed}"
     (d / "predictions").mkdir(parents=True)
     (d / "predictions" / "rt.jsonl").write_text("".join(
@@ -65,9 +65,9 @@ def test_scd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     plan = [("teacher", 0), ("sft", 0), ("sft", 1), ("kd", 0), ("kd", 1)]
     (grid / "plan.json").write_text(json.dumps({"runs": [{"run_id": f"{m}{s}"} for m, s in plan]}))
     for m, s in plan[:-1]:
-        _scd_run(grid, m, s, [i < {"teacher": 16, "sft": 10, "kd": 20}[m] for i in range(20)])
+        _study_run(grid, m, s, [i < {"teacher": 16, "sft": 10, "kd": 20}[m] for i in range(20)])
     assert N.scd_study(tmp_path) == []
-    _scd_run(grid, "kd", 1, [True] * 20)
+    _study_run(grid, "kd", 1, [True] * 20)
     found = N.scd_study(tmp_path)
     kd = next(e for e in found if e.name == "claim kd > sft: Δ accuracy")
     assert kd.value == pytest.approx(0.5) and kd.phrase.startswith("kd > sft: Δ +0.500 [")
@@ -77,6 +77,29 @@ def test_scd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     # the teacher is right wherever the SFT anchor is: no student-favoured example; 6 teacher-favoured per seed
     assert any(e.phrase == "`kd` n/a on SFS (0), 1.000 on TFS (12), beats the teacher in 2/2 seeds" for e in found)
     assert any(e.phrase == "scd_aw > cd: not measurable (row missing)" for e in found)
+
+
+def test_unisd_study_verdicts_wait_for_the_whole_grid(tmp_path):
+    """Nothing is quoted from the UniSD study before its grid is launched or while a run is unfinished; then
+    each row (with Δ vs base), each leave-one-out cost and each claim is quoted."""
+    grid = tmp_path / N.UNISD_STUDY
+    assert N.unisd_study(tmp_path) == []  # not launched: no folder, no plan
+    grid.mkdir(parents=True)
+    plan = [("base", 0), ("+ema", 0), ("unisd_star", 0), ("unisd_star-ema", 0)]
+    (grid / "plan.json").write_text(json.dumps({"runs": [{"run_id": f"{m}{s}"} for m, s in plan]}))
+    right = {"base": 10, "+ema": 12, "unisd_star": 20, "unisd_star-ema": 10}
+    for m, s in plan[:-1]:
+        _study_run(grid, m, s, [i < right[m] for i in range(20)])
+    assert N.unisd_study(tmp_path) == []
+    _study_run(grid, "unisd_star-ema", 0, [i < 10 for i in range(20)])
+    found = N.unisd_study(tmp_path)
+    assert any(e.phrase.startswith("`+ema` 0.600 ± 0.000 over 1 seeds, Δ vs base +0.100 [") for e in found)
+    assert any(e.phrase == "`base` 0.500 ± 0.000 over 1 seeds" for e in found)
+    loo = next(e for e in found if e.name == "claim unisd_star > unisd_star-ema: Δ accuracy")
+    assert loo.value == pytest.approx(0.5) and loo.note == f"{N.UNISD_STUDY}/README.md"
+    drive = [e for e in found if e.name.startswith("claim the component driving the gain")]
+    assert {e.note for e in drive} == {"README.md", f"{N.UNISD_STUDY}/README.md"}
+    assert drive[0].phrase.endswith("], ema (removing it from unisd_star costs the most; CI above 0)")
 
 
 def test_constant_share_leaves_out_running_grids(tmp_path):

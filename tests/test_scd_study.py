@@ -11,7 +11,7 @@ from scd.core.results import atomic_write_json
 GOLD = ["a", "b"] * 10  # 20 examples, balanced
 
 
-def _run(root, method, seed, correct, constant=False):
+def fake_run(root, method, seed, correct, constant=False):
     d = root / f"{method}{seed}"
     (d / "predictions").mkdir(parents=True)
     preds = [g if c else ("b" if g == "a" else "a") for g, c in zip(GOLD, correct)]
@@ -44,10 +44,10 @@ def test_study_on_a_synthetic_grid(tmp_path):
     # one shared teacher (seed 0): right on 0-13; the SFT anchor: right on 6-19
     teacher = [i < 14 for i in range(20)]
     for seed in (0, 1):
-        _run(tmp_path, "sft", seed, [i >= 6 for i in range(20)])
-        _run(tmp_path, "kd", seed, [True] * 20)  # better than sft on every seed
-        _run(tmp_path, "cd", seed, [i % 2 == 0 for i in range(20)], constant=True)
-    _run(tmp_path, "teacher", 0, teacher)
+        fake_run(tmp_path, "sft", seed, [i >= 6 for i in range(20)])
+        fake_run(tmp_path, "kd", seed, [True] * 20)  # better than sft on every seed
+        fake_run(tmp_path, "cd", seed, [i % 2 == 0 for i in range(20)], constant=True)
+    fake_run(tmp_path, "teacher", 0, teacher)
     res = study(tmp_path, task="t", n_boot=500)
     rows = {r["method"]: r for r in res["rows"]}
     # SFS: anchor right, teacher wrong = 14..19 (6 per seed); TFS = 0..5

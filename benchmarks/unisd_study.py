@@ -1,0 +1,179 @@
+"""The UniSD study's analysis (issue 20): component deltas vs base, leave-one-out, and the paper's claims.
+
+    python -m benchmarks.unisd_study results/unisd_study_cpu [--task rotten_tomatoes] [--base base]
+                                                           [--full unisd_star]
+
+Reads the ``run.json`` files (status ok) and saved predictions of one grid folder; one row per method
+(``method`` of the grid's runs), grouped by the grid's naming: ``base``; each component alone
+(``+<component>``); the full combination (``--full``, UniSD*) and its leave-one-out rows
+(``<full>-<component>``); every other method is a baseline.  Writes ``unisd_study.md`` and
+``unisd_study.json`` there.
+
+* **Rows**: accuracy (mean ± sd over seeds), constant-predictor runs (>= 95 % of predictions on one label:
+  such a row gets no verdict and is never "best"), Δ vs base paired by example and seed (seeds averaged per
+  example first; 95 % bootstrap CI over examples), seeds in which the row beats base (same seed), wall seconds
+  per run.
+* **Leave-one-out**: for each component, Δ = UniSD* − (UniSD* without it): what the component adds to the
+  combination (> 0: removing it hurts).
+* **Claims** (the paper's): UniSD* > the best single component; the best single component > base; UniSD* >
+  base; and which component drives the gain -- the component whose removal costs UniSD* most, named only when
+  that cost's CI lies above 0.  Verdicts as :func:`benchmarks.paired.verdict`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from benchmarks.paired import fmt, fmt_ci, load_rows, mean_sd, paired_delta, verdict
+from scd.core.results import atomic_write_json, atomic_write_text
+
+
+def groups(methods: Sequence[str], base: str, full: str) -> dict[str, list[str]]:
+    """The grid's rows by role: {base, single, full, leave_one_out, baselines} (names as in the grid)."""
+    single = sorted(m for m in methods if m.startswith("+"))
+    loo = sorted(m for m in methods if m.startswith(f"{full}-"))
+    known = {base, full, *single, *loo}
+    return {"base": [base] if base in methods else [], "single": single, "full": [full] if full in methods else [],
+            "leave_one_out": loo, "baselines": sorted(m for m in methods if m not in known)}
+
+
+def paired(rows: dict[str, dict[int, dict]], a: str, b: str, n_boot: int) -> dict:
+    """Δ = A − B over the seeds both rows have, paired by example (:func:`benchmarks.paired.paired_delta`)."""
+    seeds = sorted(set(rows.get(a, {})) & set(rows.get(b, {})))
+    return paired_delta([rows[a][s]["correct"] for s in seeds], [rows[b][s]["correct"] for s in seeds],
+                        n_boot=n_boot) | {"seeds": seeds}
+
+
+def row_summary(method: str, role: str, rows: dict[str, dict[int, dict]], base: str, n_boot: int) -> dict:
+    runs = rows[method]
+    seeds = sorted(runs)
+    acc, sd = mean_sd([runs[s]["accuracy"] for s in seeds])
+    vs_base = paired(rows, method, base, n_boot) if method != base and base in rows else None
+    same = [s for s in seeds if s in rows.get(base, {})]
+    walls = [runs[s]["wall_s"] for s in seeds if runs[s]["wall_s"] is not None]
+    return {"method": method, "role": role, "seeds": seeds, "accuracy": acc, "accuracy_sd": sd,
+            "constant_runs": sum(runs[s]["constant"] for s in seeds), "vs_base": vs_base,
+            "beats_base_seeds": sum((runs[s]["accuracy"] or 0) > (rows[base][s]["accuracy"] or 0) for s in same)
+            if method != base else None, "paired_seeds": len(same),
+            "wall_s": float(np.mean(walls)) if walls else float("nan")}
+
+
+def _judge(rows, summaries, a: str, op: str, b: str, n_boot: int, claim: str | None = None) -> dict:
+    claim = claim or f"{a} {op} {b}"
+    if a not in summaries or b not in summaries:
+        return {"claim": claim, "verdict": "not measurable (row missing)"}
+    if summaries[a]["constant_runs"] or summaries[b]["constant_runs"]:
+        return {"claim": claim, "verdict": "not measurable (a constant-predictor run)"}
+    d = paired(rows, a, b, n_boot)
+    return {"claim": claim, **d, "verdict": verdict(d, op)}
+
+
+def leave_one_out(rows, summaries, full: str, loo: Sequence[str], n_boot: int) -> list[dict]:
+    """What each component adds to the combination: Δ = full − (full without it), > 0 when removing it hurts."""
+    return [{"component": m[len(full) + 1:], **_judge(rows, summaries, full, ">", m, n_boot,
+                                                      claim=f"{full} > {m}")} for m in loo]
+
+
+def claims(rows, summaries, grp: dict[str, list[str]], base: str, full: str, loo: list[dict], n_boot: int) -> list[dict]:
+    """The paper's claims (UniSD* > best single component > base; UniSD* > base; the component driving the gain)."""
+    clean = [m for m in grp["single"] if summaries[m]["constant_runs"] == 0]
+    best = max(clean, key=lambda m: summaries[m]["accuracy"], default=None)
+    if best is None:
+        out = [{"claim": f"{full} > best single component", "verdict": "not measurable (no clean single-component row)"},
+               {"claim": f"best single component > {base}", "verdict": "not measurable (no clean single-component row)"}]
+    else:
+        out = [_judge(rows, summaries, full, ">", best, n_boot, claim=f"{full} > {best} (best single component)"),
+               _judge(rows, summaries, best, ">", base, n_boot, claim=f"{best} (best single component) > {base}")]
+    out.append(_judge(rows, summaries, full, ">", base, n_boot))
+    measured = [r for r in loo if "delta" in r]
+    driver = max(measured, key=lambda r: r["delta"], default=None)
+    if driver is None:
+        out.append({"claim": "the component driving the gain", "verdict": "not measurable (no leave-one-out row)"})
+    elif driver["ci"][0] > 0:
+        out.append({"claim": "the component driving the gain", **{k: driver[k] for k in ("n", "a", "b", "delta", "ci")},
+                    "verdict": f"{driver['component']} (removing it from {full} costs the most; CI above 0)"})
+    else:
+        out.append({"claim": "the component driving the gain", **{k: driver[k] for k in ("n", "a", "b", "delta", "ci")},
+                    "verdict": f"none identified (the largest leave-one-out cost, {driver['component']}, has a CI "
+                               "including 0)"})
+    return out
+
+
+def _delta_cell(d: dict | None) -> str:
+    if not d or not d.get("n"):
+        return "-"
+    return f"{fmt(d['delta'], sign=True)} {fmt_ci(d['ci'], sign=True)}"
+
+
+def markdown(root: Path, task: str, res: dict) -> str:
+    base = res["base"]
+    lines = [f"# UniSD study: {root.name} ({task})", "",
+             "Generated by `python -m benchmarks.unisd_study` from the run.json files and saved predictions (do not "
+             "edit by hand).  Δ = paired by example and seed (seeds averaged per example first); 95 % bootstrap CI "
+             "over examples.  ⚠ = a constant-predictor run (>= 95 % of predictions on one label): no verdict uses it.",
+             "", f"| role | method | seeds | accuracy (mean ± sd) | Δ vs {base} [95% CI] | seeds > {base} | wall s / run |",
+             "|---|---|---:|---|---|---:|---:|"]
+    for r in res["rows"]:
+        flag = f" ⚠ {r['constant_runs']} constant" if r["constant_runs"] else ""
+        beats = f"{r['beats_base_seeds']}/{r['paired_seeds']}" if r["beats_base_seeds"] is not None else "-"
+        lines.append(f"| {r['role']} | {r['method']}{flag} | {len(r['seeds'])} | {fmt(r['accuracy'])} ± "
+                     f"{fmt(r['accuracy_sd'])} | {_delta_cell(r['vs_base'])} | {beats} | {fmt(r['wall_s'], 0)} |")
+    lines += ["", f"## Leave-one-out: what each component adds to `{res['full']}`", "",
+              "| component | Δ = full − without it [95% CI] | verdict on `full > without` |", "|---|---|---|"]
+    for r in res["leave_one_out"]:
+        lines.append(f"| {r['component']} | {_delta_cell(r)} | {r['verdict']} |")
+    lines += ["", "## The paper's claims", "", "| claim | Δ [95% CI] | verdict |", "|---|---|---|"]
+    for c in res["claims"]:
+        lines.append(f"| {c['claim']} | {_delta_cell(c)} | {c['verdict']} |")
+    return "\n".join(lines + [""])
+
+
+def analyse(root: str | Path, task: str = "rotten_tomatoes", base: str = "base", full: str = "unisd_star",
+            n_boot: int = 10_000) -> dict:
+    """The study's rows, leave-one-out table and claims from the finished runs of ``root`` (reads only)."""
+    root = Path(root)
+    rows = load_rows(root, task)
+    if not rows:
+        raise ValueError(f"{root}: no finished run with predictions for task {task!r}")
+    grp = groups(list(rows), base, full)
+    summaries = {m: row_summary(m, role, rows, base, n_boot)
+                 for role in ("base", "single", "full", "leave_one_out", "baselines") for m in grp[role]}
+    loo = leave_one_out(rows, summaries, full, grp["leave_one_out"], n_boot)
+    return {"task": task, "base": base, "full": full, "rows": list(summaries.values()), "leave_one_out": loo,
+            "claims": claims(rows, summaries, grp, base, full, loo, n_boot)}
+
+
+def study(root: str | Path, task: str = "rotten_tomatoes", base: str = "base", full: str = "unisd_star",
+          n_boot: int = 10_000) -> dict:
+    """:func:`analyse`, written to ``unisd_study.json`` and ``unisd_study.md`` in ``root``."""
+    root = Path(root)
+    res = analyse(root, task, base, full, n_boot)
+    atomic_write_json(root / "unisd_study.json", res)
+    atomic_write_text(root / "unisd_study.md", markdown(root, task, res))
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.unisd_study", description=__doc__.split("\n\n")[0])
+    ap.add_argument("grid_dir")
+    ap.add_argument("--task", default="rotten_tomatoes")
+    ap.add_argument("--base", default="base", help="method name of plain self-distillation (every component off)")
+    ap.add_argument("--full", default="unisd_star", help="method name of the full combination (UniSD*)")
+    args = ap.parse_args(argv)
+    try:
+        res = study(args.grid_dir, args.task, args.base, args.full)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for c in res["claims"]:
+        print(f"[unisd_study] {c['claim']}: {c['verdict']}")
+    print(f"wrote {Path(args.grid_dir) / 'unisd_study.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
