@@ -267,6 +267,11 @@ def perf(root: Path) -> list[Entry]:
     for name, label in (("after", "completion-only head"), ("cached", "reused top-64 cache")):
         out.append(Entry(STATUS, f"demo KD row end to end, {label}", base / e2e[name]["process_wall_s"],
                          f"{base / e2e[name]['process_wall_s']:.2f}x with the {label}"))
+    few = json.loads((root / "results/perf/fewshot_eval.json").read_text(encoding="utf-8"))
+    out.append(Entry(STATUS, "few-shot likelihood scoring, shared prefix vs full contexts", few["ratio_full_over_shared"],
+                     f"{few['ratio_full_over_shared']:.2f}x per review ({few['shots']} shots, {few['n']} RT dev "
+                     f"reviews, {few['shared_prefix_tokens']} of {few['mean_context_tokens']:.0f} context tokens shared; "
+                     f"{few['predictions_changed']} predictions changed)"))
     return out
 
 

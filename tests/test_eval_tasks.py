@@ -438,6 +438,26 @@ def test_loglik_choices_match_reference(lively_model, smol_tokenizer):
                                            for c in ("c", "d")], rel=1e-5, abs=1e-3)
 
 
+def test_loglik_choices_share_the_demonstrations_prefix(lively_model, smol_tokenizer):
+    """Few-shot contexts share their demonstrations: the common prefix runs once and the rest of each context is
+    left-padded after it ([prefix | pad | suffix]); the sums still equal the one-string-at-a-time reference."""
+    from benchmarks.tasks.generate import encode_pair, loglik_choices, loglik_reference, shared_context_len
+
+    demos = "Review: a gem. Answer: positive\nReview: a mess. Answer: negative\nReview: loved it. Answer: positive\n"
+    prompts = [smol_tokenizer.apply_chat_template([{"role": "user", "content": demos + "Review: " + "x " * n + "ok"}],
+                                                  tokenize=False, add_generation_prompt=True) for n in (9, 0, 4, 1)]
+    ctxs = [encode_pair(smol_tokenizer, p, "positive")[0] for p in prompts]
+    s = shared_context_len(ctxs)
+    assert s >= 30 and len({len(c) for c in ctxs}) == 4  # a real shared prefix; suffixes of 4 lengths (padding)
+    assert shared_context_len(ctxs[:1]) == 0 and shared_context_len([[1] * 40, [2] * 40]) == 0
+    choices = [["positive", "negative"]] * 4
+    got = loglik_choices(lively_model, smol_tokenizer, prompts, choices, batch_size=4, progress=False)
+    ref = [[loglik_reference(lively_model, smol_tokenizer, p, c) for c in cs] for p, cs in zip(prompts, choices)]
+    for g, r in zip(got, ref):
+        assert g == pytest.approx(r, rel=1e-5, abs=1e-3)
+    assert len({round(g[0], 3) for g in got}) == 4  # the contexts' endings matter: the check is not vacuous
+
+
 def test_calibrated_scoring_matches_slow_reference(lively_model, smol_tokenizer):
     """scoring='calibrated' = argmax of log p(l|x) - log mean_cf p(l|cf), recomputed here one string at a time."""
     from benchmarks.tasks.classification import CONTENT_FREE

@@ -11,7 +11,8 @@
   (``_encode_pair``: trailing whitespace of the context moves to the continuation;
   the continuation tokens are the whole string's tokens after the context's),
   so both paths score the same token sequences.  Each context is run once and its
-  KV cache shared by all its candidates.
+  KV cache shared by all its candidates; a batch's common context prefix (few-shot
+  demonstrations) runs once, its KV cache shared by the batch.
 
 Text is tokenised with :func:`scd.tokens.encode` (no special tokens added when it already
 starts with the tokenizer's BOS text, as lm-eval does); stop tokens are
@@ -20,6 +21,7 @@ starts with the tokenizer's BOS text, as lm-eval does); stop tokens are
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from typing import Sequence
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from scd.heads import MIN_SHARED_PREFIX
 from scd.tokens import encode, stop_token_ids
 
 
@@ -108,12 +111,15 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
 
 
 def loglik_choices(model, tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]], *,
-                   batch_size: int = 8, progress: bool = True, desc: str = "loglik") -> list[list[float]]:
+                   batch_size: int = 8, progress: bool = True, desc: str = "loglik",
+                   share_prefix: bool = True) -> list[list[float]]:
     """``out[i][j] = sum_t log p(cont_ij[t] | context_i, cont_ij[:t])`` (float64 sums).
 
     ``batch_size`` counts contexts; each batch runs the (left-padded) contexts once,
     repeats their KV cache for every candidate and scores the right-padded
-    candidates in a second forward pass.
+    candidates in a second forward pass.  ``share_prefix``: the batch's common context
+    prefix (:func:`shared_context_len`, e.g. few-shot demonstrations) runs once (the same
+    sums to float rounding; ``False`` is the baseline of ``benchmarks.perf.bench_fewshot_eval``).
     """
     if len(contexts) != len(choices):
         raise ValueError(f"{len(contexts)} contexts but {len(choices)} choice lists")
@@ -145,7 +151,7 @@ def loglik_choices(model, tokenizer, contexts: Sequence[str], choices: Sequence[
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                out_batch = _score_batch(model, [pairs[i] for i in idx], pad, device)
+                out_batch = _score_batch(model, [pairs[i] for i in idx], pad, device, share_prefix)
                 for i, scores in zip(idx, out_batch):
                     out[i] = scores
                 bar.update(len(idx))
@@ -155,18 +161,36 @@ def loglik_choices(model, tokenizer, contexts: Sequence[str], choices: Sequence[
     return out  # type: ignore[return-value]
 
 
-def _score_batch(model, batch, pad: int, device) -> list[list[float]]:
+def shared_context_len(contexts: Sequence[Sequence[int]]) -> int:
+    """Tokens S that every context starts with (few-shot demonstrations, a system prompt), each context keeping
+    at least one token after them; 0 for a single context or when S < ``scd.heads.MIN_SHARED_PREFIX``."""
+    if len(contexts) < 2:
+        return 0
+    s = min(len(os.path.commonprefix([list(c) for c in contexts])), min(len(c) for c in contexts) - 1)
+    return s if s >= MIN_SHARED_PREFIX else 0
+
+
+def _score_batch(model, batch, pad: int, device, share_prefix: bool = True) -> list[list[float]]:
     B = len(batch)
-    width = max(len(ctx) for ctx, _ in batch)
-    ids = torch.full((B, width), pad, dtype=torch.long)  # (B, L) left-padded contexts
-    mask = torch.zeros((B, width), dtype=torch.long)
-    for r, (ctx, _) in enumerate(batch):
-        ids[r, width - len(ctx):] = torch.tensor(ctx)
-        mask[r, width - len(ctx):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L) positions ignore the padding
-    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}  # skip the (L, V) head
-    first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+    # the contexts' common prefix (S tokens) runs once, its KV cache repeated over the batch; the rest of each
+    # context is left-padded after it: [prefix | pad .. pad | suffix] (same sums to float rounding)
+    s = shared_context_len([ctx for ctx, _ in batch]) if share_prefix else 0
+    cache = None
+    if s:
+        cache = model(input_ids=torch.tensor([batch[0][0][:s]], device=device), use_cache=True,
+                      **extra).past_key_values
+        cache.batch_repeat_interleave(B)
+    width = max(len(ctx) - s for ctx, _ in batch)
+    ids = torch.full((B, width), pad, dtype=torch.long)  # (B, L) left-padded contexts (after the prefix)
+    mask = torch.ones((B, s + width), dtype=torch.long)  # (B, S + L)
+    for r, (ctx, _) in enumerate(batch):
+        ids[r, width - (len(ctx) - s):] = torch.tensor(ctx[s:])
+        mask[r, s:s + width - (len(ctx) - s)] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, s:]  # (B, L) positions ignore the padding
+    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+    first = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                  **extra)
     last_logp = F.log_softmax(first.logits[:, -1, :].double(), dim=-1)  # (B, V): next-token after context
 
     counts = [len(conts) for _, conts in batch]
@@ -184,7 +208,7 @@ def _score_batch(model, batch, pad: int, device) -> list[list[float]]:
     cids, cmask = cids.to(device), cmask.to(device)
     ctx_len = mask.sum(-1)[owner]  # (N,)
     cpos = ctx_len[:, None] + torch.arange(cw, device=device)[None, :]  # (N, C)
-    full_mask = torch.cat([mask[owner], cmask], dim=1)  # (N, L + C)
+    full_mask = torch.cat([mask[owner], cmask], dim=1)  # (N, S + L + C)
     second = model(input_ids=cids, attention_mask=full_mask, position_ids=cpos, past_key_values=cache,
                    use_cache=True)
     logp = F.log_softmax(second.logits.double(), dim=-1)  # (N, C, V)
