@@ -351,6 +351,13 @@ def _acc_on(acc: float, n: int) -> str:
     return f"{acc:.3f}" if n else "n/a"
 
 
+def row_entry(note: str, r: dict, tail: str = "") -> Entry:
+    """A study row's test accuracy over seeds: "`method` 0.772 ± 0.004 over 3 seeds[, constant in k/n seeds]<tail>"."""
+    const = f", constant in {r['constant_runs']}/{len(r['seeds'])} seeds" if r["constant_runs"] else ""
+    return Entry(note, f"{r['method']}: test accuracy over seeds", r["accuracy"],
+                 f"`{r['method']}` {r['accuracy']:.3f} ± {r['accuracy_sd']:.3f} over {len(r['seeds'])} seeds{const}{tail}")
+
+
 def scd_study(root: Path) -> list[Entry]:
     """Issue 18's verdicts (:func:`benchmarks.scd_study.analyse`): each row's test accuracy over seeds, its
     accuracy on the student- and teacher-favoured subsets, the paper's claims with paired CIs.  Nothing is
@@ -361,10 +368,7 @@ def scd_study(root: Path) -> list[Entry]:
     res = analyse_scd_study(grid)
     note, out = f"{SCD_STUDY}/README.md", []
     for r in res["rows"]:
-        const = f", constant in {r['constant_runs']}/{len(r['seeds'])} seeds" if r["constant_runs"] else ""
-        out.append(Entry(note, f"{r['method']}: test accuracy over seeds", r["accuracy"],
-                         f"`{r['method']}` {r['accuracy']:.3f} ± {r['accuracy_sd']:.3f} over {len(r['seeds'])} "
-                         f"seeds{const}"))
+        out.append(row_entry(note, r))
         if r["method"] != res["teacher"]:
             out.append(Entry(note, f"{r['method']}: accuracy on SFS / TFS", r["sfs_acc"],
                              f"`{r['method']}` {_acc_on(r['sfs_acc'], r['sfs_n'])} on SFS ({r['sfs_n']}), "
@@ -443,13 +447,9 @@ def unisd_study(root: Path) -> list[Entry]:
     res = analyse_unisd_study(grid)
     note, out = f"{UNISD_STUDY}/README.md", []
     for r in res["rows"]:
-        const = f", constant in {r['constant_runs']}/{len(r['seeds'])} seeds" if r["constant_runs"] else ""
         d = r["vs_base"]
-        vs = (f", Δ vs {res['base']} {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
-              if d and d["n"] else "")
-        out.append(Entry(note, f"{r['method']}: test accuracy over seeds", r["accuracy"],
-                         f"`{r['method']}` {r['accuracy']:.3f} ± {r['accuracy_sd']:.3f} over {len(r['seeds'])} "
-                         f"seeds{const}{vs}"))
+        out.append(row_entry(note, r, f", Δ vs {res['base']} {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+                             if d and d["n"] else ""))
     return out + claim_entries(res["leave_one_out"], (note,)) + claim_entries(res["claims"], (note, STATUS))
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from benchmarks.stats import bootstrap_ci
-from scd.core.results import iter_run_jsons, read_json
+from scd.core.results import atomic_write_json, atomic_write_text, iter_run_jsons, read_json
 
 
 def correctness(path: str | Path) -> dict[str, float]:
@@ -90,6 +91,25 @@ def verdict(delta: dict, op: str) -> str:
         return "supported" if lo > 0 else ("contradicted" if hi < 0 else "not distinguishable (CI includes 0)")
     return "contradicted" if hi < 0 else ("supported (strictly better)" if lo > 0 else
                                           "supported (not distinguishable, CI includes 0)")
+
+
+def write_study(root: Path, name: str, res: dict, markdown: str) -> None:
+    """A study's analysis -> ``root/<name>.json`` and ``root/<name>.md`` (atomic)."""
+    atomic_write_json(Path(root) / f"{name}.json", res)
+    atomic_write_text(Path(root) / f"{name}.md", markdown)
+
+
+def study_cli(name: str, grid_dir: str, run: Callable[[], dict]) -> int:
+    """Run a study's ``run()`` (analyse + write) for its CLI: print each claim's verdict; 2 on a missing input."""
+    try:
+        res = run()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for c in res["claims"]:
+        print(f"[{name}] {c['claim']}: {c['verdict']}")
+    print(f"wrote {Path(grid_dir) / f'{name}.md'}")
+    return 0
 
 
 # --------------------------------------------------------------------------- reporting

@@ -25,14 +25,12 @@ teacher across seeds.  Correctness per example: ``scores.correct`` (:mod:`benchm
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from benchmarks.paired import common_ids, fmt, fmt_ci, load_rows, mean_sd, paired_delta, verdict
-from scd.core.results import atomic_write_json, atomic_write_text
+from benchmarks.paired import common_ids, fmt, fmt_ci, load_rows, mean_sd, paired_delta, study_cli, verdict, write_study
 
 CLAIMS = (("scd_aw", ">", "cd"), ("cd", ">=", "kd"), ("kd", ">", "sft"))
 STUDENT_ORDER = ("sft", "kd", "kd_ce", "cd", "scd", "scd_aw")
@@ -153,8 +151,7 @@ def study(root: str | Path, task: str = "rotten_tomatoes", teacher: str = "teach
     """:func:`analyse`, written to ``scd_study.json`` and ``scd_study.md`` in ``root``."""
     root = Path(root)
     res = analyse(root, task, teacher, anchor, n_boot)
-    atomic_write_json(root / "scd_study.json", res)
-    atomic_write_text(root / "scd_study.md", markdown(root, task, res["rows"], res["claims"], teacher, anchor))
+    write_study(root, "scd_study", res, markdown(root, task, res["rows"], res["claims"], teacher, anchor))
     return res
 
 
@@ -165,15 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--teacher", default="teacher", help="method name of the teacher rows")
     ap.add_argument("--anchor", default="sft", help="method name of the SFT anchor rows (SFS/TFS)")
     args = ap.parse_args(argv)
-    try:
-        res = study(args.grid_dir, args.task, args.teacher, args.anchor)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for c in res["claims"]:
-        print(f"[scd_study] {c['claim']}: {c['verdict']}")
-    print(f"wrote {Path(args.grid_dir) / 'scd_study.md'}")
-    return 0
+    return study_cli("scd_study", args.grid_dir, lambda: study(args.grid_dir, args.task, args.teacher, args.anchor))
 
 
 if __name__ == "__main__":

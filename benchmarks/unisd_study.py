@@ -22,14 +22,12 @@ Reads the ``run.json`` files (status ok) and saved predictions of one grid folde
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from benchmarks.paired import fmt, fmt_ci, load_rows, mean_sd, paired_delta, verdict
-from scd.core.results import atomic_write_json, atomic_write_text
+from benchmarks.paired import fmt, fmt_ci, load_rows, mean_sd, paired_delta, study_cli, verdict, write_study
 
 
 def groups(methods: Sequence[str], base: str, full: str) -> dict[str, list[str]]:
@@ -152,8 +150,7 @@ def study(root: str | Path, task: str = "rotten_tomatoes", base: str = "base", f
     """:func:`analyse`, written to ``unisd_study.json`` and ``unisd_study.md`` in ``root``."""
     root = Path(root)
     res = analyse(root, task, base, full, n_boot)
-    atomic_write_json(root / "unisd_study.json", res)
-    atomic_write_text(root / "unisd_study.md", markdown(root, task, res))
+    write_study(root, "unisd_study", res, markdown(root, task, res))
     return res
 
 
@@ -164,15 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--base", default="base", help="method name of plain self-distillation (every component off)")
     ap.add_argument("--full", default="unisd_star", help="method name of the full combination (UniSD*)")
     args = ap.parse_args(argv)
-    try:
-        res = study(args.grid_dir, args.task, args.base, args.full)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for c in res["claims"]:
-        print(f"[unisd_study] {c['claim']}: {c['verdict']}")
-    print(f"wrote {Path(args.grid_dir) / 'unisd_study.md'}")
-    return 0
+    return study_cli("unisd_study", args.grid_dir, lambda: study(args.grid_dir, args.task, args.base, args.full))
 
 
 if __name__ == "__main__":
