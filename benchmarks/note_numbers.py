@@ -375,7 +375,7 @@ def scd_study(root: Path) -> list[Entry]:
                              f"{_acc_on(r['tfs_acc'], r['tfs_n'])} on TFS ({r['tfs_n']}), beats the teacher in "
                              f"{r['beats_teacher_seeds']}/"
                              f"{r['paired_seeds']} seeds"))
-    return out + claim_entries(res["claims"], (note, STATUS))
+    return out + claim_entries(res["claims"], (note, STATUS)) + claim_entries(res["comparisons"], (note,))
 
 
 def claim_entries(claim_rows: Sequence[dict], notes: Sequence[str]) -> list[Entry]:

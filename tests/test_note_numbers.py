@@ -77,6 +77,8 @@ def test_scd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     # the teacher is right wherever the SFT anchor is: no student-favoured example; 6 teacher-favoured per seed
     assert any(e.phrase == "`kd` n/a on SFS (0), 1.000 on TFS (12), beats the teacher in 2/2 seeds" for e in found)
     assert any(e.phrase == "scd_aw > cd: not measurable (row missing)" for e in found)
+    comp = [e for e in found if e.name.startswith("claim scd > cd")]  # a comparison: the study's README only
+    assert [e.note for e in comp] == [f"{N.SCD_STUDY}/README.md"]
 
 
 def test_unisd_study_verdicts_wait_for_the_whole_grid(tmp_path):

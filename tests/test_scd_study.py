@@ -61,6 +61,10 @@ def test_study_on_a_synthetic_grid(tmp_path):
     assert by["cd >= kd"]["verdict"].startswith("not measurable")  # cd has constant runs
     assert by["scd_aw > cd"]["verdict"] == "not measurable (row missing)"
     assert by["kd >= teacher"]["verdict"].startswith("supported")  # the best clean student is kd
+    comp = {c["claim"]: c for c in res["comparisons"]}
+    assert comp["scd > cd"]["verdict"] == "not measurable (row missing)"
+    assert "kd_ce > kd" in comp and not any("teacher" in c for c in comp)  # no best-vs-teacher row here
     md = (tmp_path / "scd_study.md").read_text()
     assert "| cd ⚠ 2 constant |" in md and "| kd > sft | +0.300" in md
+    assert "## What each ingredient adds" in md and "| scd_aw > kd_ce | - | not measurable (row missing) |" in md
     assert main([str(tmp_path), "--task", "t"]) == 0 and main([str(tmp_path), "--task", "nope"]) == 2
