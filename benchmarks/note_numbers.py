@@ -375,6 +375,18 @@ def scd_study(root: Path) -> list[Entry]:
                              f"{_acc_on(r['tfs_acc'], r['tfs_n'])} on TFS ({r['tfs_n']}), beats the teacher in "
                              f"{r['beats_teacher_seeds']}/"
                              f"{r['paired_seeds']} seeds"))
+    rows = {r["method"]: r for r in res["rows"]}
+    if res["majority"] is not None and res["anchor"] in rows:
+        maj, sft = res["majority"], rows[res["anchor"]]["accuracy"]
+        out += [Entry(n, "the SFT student above the test majority rate", sft - maj,
+                      f"test majority rate {maj:.3f}; `{res['anchor']}` is {sft - maj:+.3f} above it")
+                for n in (note, STATUS)]
+    n_runs = sum(len(r["seeds"]) for r in res["rows"])
+    n_const = sum(r["constant_runs"] for r in res["rows"])
+    top = max((r["max_top_share"] for r in res["rows"] if r["max_top_share"] is not None), default=float("nan"))
+    out.append(Entry(note, "constant-predictor runs of the study", n_const,
+                     f"{n_const} of the {n_runs} runs put >= 95 % of their predictions on one label (the largest "
+                     f"share of one label in any run: {100 * top:.0f} %)"))
     return out + claim_entries(res["claims"], (note, STATUS)) + claim_entries(res["comparisons"], (note,))
 
 

@@ -54,7 +54,8 @@ def paired_delta(a: Sequence[dict[str, float]], b: Sequence[dict[str, float]], n
 
 # --------------------------------------------------------------------------- grids
 def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
-    """{method: {seed: {correct: {id: 0/1}, accuracy, constant, wall_s, run_id}}} of the finished runs."""
+    """{method: {seed: {correct: {id: 0/1}, accuracy, constant, top_share, majority, wall_s, run_id}}} of the
+    finished runs (``top_share``: the share of the most predicted label; ``majority``: the split's majority rate)."""
     rows: dict[str, dict[int, dict]] = {}
     for path in iter_run_jsons(root):
         rec = read_json(path)
@@ -68,7 +69,8 @@ def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
         extra = (info.get("extra") or {}).get("accuracy") or {}
         rows.setdefault(rec["method"], {})[int(rec.get("seed", 0))] = {
             "correct": correctness(pred), "accuracy": acc.get("value"), "constant": bool(extra.get("constant")),
-            "top_share": extra.get("max_label_share"), "wall_s": (rec.get("train") or {}).get("wall_s"),
+            "top_share": extra.get("max_label_share"), "majority": extra.get("majority_baseline"),
+            "wall_s": (rec.get("train") or {}).get("wall_s"),
             "run_id": rec.get("run_id")}
     return rows
 

@@ -75,6 +75,8 @@ def row_summary(method: str, runs: dict[int, dict], teachers: dict[int, dict], a
     walls = [runs[s]["wall_s"] for s in seeds if runs[s]["wall_s"] is not None]
     return {"method": method, "seeds": seeds, "accuracy": acc, "accuracy_sd": sd,
             "constant_runs": sum(runs[s]["constant"] for s in seeds),
+            "max_top_share": max((runs[s]["top_share"] for s in seeds if runs[s]["top_share"] is not None),
+                                 default=None),
             "vs_teacher": vs_t, "sfs_acc": sfs[0] / sfs[1] if sfs[1] else float("nan"), "sfs_n": sfs[1],
             "tfs_acc": tfs[0] / tfs[1] if tfs[1] else float("nan"), "tfs_n": tfs[1],
             "beats_teacher_seeds": beats, "paired_seeds": len(paired),
@@ -156,7 +158,9 @@ def analyse(root: str | Path, task: str = "rotten_tomatoes", teacher: str = "tea
     teachers, anchors = rows.get(teacher, {}), rows.get(anchor, {})
     order = [teacher] + [m for m in STUDENT_ORDER if m in rows] + sorted(set(rows) - set(STUDENT_ORDER) - {teacher})
     summaries = {m: row_summary(m, rows[m], teachers, anchors, n_boot) for m in order if m in rows}
-    return {"task": task, "teacher": teacher, "anchor": anchor, "rows": list(summaries.values()),
+    majority = next((r["majority"] for runs in rows.values() for r in runs.values() if r["majority"] is not None),
+                    None)
+    return {"task": task, "teacher": teacher, "anchor": anchor, "majority": majority, "rows": list(summaries.values()),
             "claims": claims(rows, summaries, teacher, n_boot),
             "comparisons": claims(rows, summaries, teacher, n_boot, COMPARISONS, vs_teacher=False)}
 

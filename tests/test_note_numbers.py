@@ -54,7 +54,8 @@ def _study_run(grid, method, seed, correct):
         "run_id": f"{method}{seed}", "method": method, "seed": seed, "status": "ok", "train": {"wall_s": 1.0},
         "eval": {"rotten_tomatoes": {"accuracy": {"value": sum(correct) / len(correct), "n": len(correct)}}},
         "eval_info": {"rotten_tomatoes": {"predictions": "predictions/rt.jsonl",
-                                          "extra": {"accuracy": {"constant": False, "max_label_share": 0.5}}}}}))
+                                          "extra": {"accuracy": {"constant": False, "max_label_share": 0.5,
+                                                                 "majority_baseline": 0.5}}}}}))
 
 
 def test_scd_study_verdicts_wait_for_the_whole_grid(tmp_path):
@@ -77,6 +78,11 @@ def test_scd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     # the teacher is right wherever the SFT anchor is: no student-favoured example; 6 teacher-favoured per seed
     assert any(e.phrase == "`kd` n/a on SFS (0), 1.000 on TFS (12), beats the teacher in 2/2 seeds" for e in found)
     assert any(e.phrase == "scd_aw > cd: not measurable (row missing)" for e in found)
+    assert any(e.phrase == "0 of the 5 runs put >= 95 % of their predictions on one label (the largest share of one "
+                           "label in any run: 50 %)" for e in found)
+    gate = [e for e in found if e.name == "the SFT student above the test majority rate"]
+    assert {e.note for e in gate} == {"README.md", f"{N.SCD_STUDY}/README.md"}
+    assert gate[0].phrase == "test majority rate 0.500; `sft` is +0.000 above it"
     comp = [e for e in found if e.name.startswith("claim scd > cd")]  # a comparison: the study's README only
     assert [e.note for e in comp] == [f"{N.SCD_STUDY}/README.md"]
 
