@@ -375,6 +375,11 @@ def scd_study(root: Path) -> list[Entry]:
                              f"{_acc_on(r['tfs_acc'], r['tfs_n'])} on TFS ({r['tfs_n']}), beats the teacher in "
                              f"{r['beats_teacher_seeds']}/"
                              f"{r['paired_seeds']} seeds"))
+    for r in res["rows"]:
+        if any(len(v) > 1 for v in r["selections"].values()):  # staged rows (cd's order is fixed by its config)
+            sel = "; ".join(f"seed {s}: {' → '.join(map(str, v))}" for s, v in sorted(r["selections"].items()))
+            out.append(Entry(note, f"{r['method']}: teacher checkpoint (step) per stage", float("nan"),
+                             f"`{r['method']}` distilled from the checkpoints at steps {sel}"))
     rows = {r["method"]: r for r in res["rows"]}
     if res["majority"] is not None and res["anchor"] in rows:
         maj, sft = res["majority"], rows[res["anchor"]]["accuracy"]

@@ -54,8 +54,9 @@ def paired_delta(a: Sequence[dict[str, float]], b: Sequence[dict[str, float]], n
 
 # --------------------------------------------------------------------------- grids
 def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
-    """{method: {seed: {correct: {id: 0/1}, accuracy, constant, top_share, majority, wall_s, run_id}}} of the
-    finished runs (``top_share``: the share of the most predicted label; ``majority``: the split's majority rate)."""
+    """{method: {seed: {correct: {id: 0/1}, accuracy, constant, top_share, majority, wall_s, selection_steps,
+    run_id}}} of the finished runs (``top_share``: the share of the most predicted label; ``majority``: the split's
+    majority rate; ``selection_steps``: a staged distillation's teacher checkpoint (its step) per stage)."""
     rows: dict[str, dict[int, dict]] = {}
     for path in iter_run_jsons(root):
         rec = read_json(path)
@@ -71,6 +72,7 @@ def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
             "correct": correctness(pred), "accuracy": acc.get("value"), "constant": bool(extra.get("constant")),
             "top_share": extra.get("max_label_share"), "majority": extra.get("majority_baseline"),
             "wall_s": (rec.get("train") or {}).get("wall_s"),
+            "selection_steps": (rec.get("train") or {}).get("selection_steps"),
             "run_id": rec.get("run_id")}
     return rows
 

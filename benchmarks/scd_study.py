@@ -80,7 +80,8 @@ def row_summary(method: str, runs: dict[int, dict], teachers: dict[int, dict], a
             "vs_teacher": vs_t, "sfs_acc": sfs[0] / sfs[1] if sfs[1] else float("nan"), "sfs_n": sfs[1],
             "tfs_acc": tfs[0] / tfs[1] if tfs[1] else float("nan"), "tfs_n": tfs[1],
             "beats_teacher_seeds": beats, "paired_seeds": len(paired),
-            "wall_s": float(np.mean(walls)) if walls else float("nan")}
+            "wall_s": float(np.mean(walls)) if walls else float("nan"),
+            "selections": {s: runs[s]["selection_steps"] for s in seeds if runs[s]["selection_steps"]}}
 
 
 def claims(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], teacher: str, n_boot: int,
@@ -142,6 +143,15 @@ def markdown(root: Path, task: str, table: list[dict], claim_rows: list[dict], t
                      f"{fmt(v['delta'], sign=True)} {ci} | {fmt(r['sfs_acc'])} ({r['sfs_n']}) | "
                      f"{fmt(r['tfs_acc'])} ({r['tfs_n']}) | {r['beats_teacher_seeds']}/{r['paired_seeds']} | "
                      f"{fmt(r['wall_s'], 0)} |")
+    staged = [r for r in table if any(len(v) > 1 for v in r["selections"].values())]
+    if staged:
+        lines += ["", "## The teacher checkpoint (its training step) of each stage", "",
+                  "| method | " + " | ".join(f"seed {s}" for s in sorted({s for r in staged for s in r["selections"]}))
+                  + " |", "|---|" + "---|" * len({s for r in staged for s in r["selections"]})]
+        seeds = sorted({s for r in staged for s in r["selections"]})
+        for r in staged:
+            lines.append(f"| {r['method']} | " + " | ".join(" → ".join(map(str, r["selections"].get(s) or [])) or "-"
+                                                           for s in seeds) + " |")
     lines += ["", "## The paper's claims", ""] + _claim_lines(claim_rows)
     if comparisons:
         lines += ["", "## What each ingredient adds (not the paper's claims)", ""] + _claim_lines(comparisons)

@@ -11,7 +11,7 @@ from scd.core.results import atomic_write_json
 GOLD = ["a", "b"] * 10  # 20 examples, balanced
 
 
-def fake_run(root, method, seed, correct, constant=False):
+def fake_run(root, method, seed, correct, constant=False, selection_steps=None):
     d = root / f"{method}{seed}"
     (d / "predictions").mkdir(parents=True)
     preds = [g if c else ("b" if g == "a" else "a") for g, c in zip(GOLD, correct)]
@@ -20,7 +20,8 @@ def fake_run(root, method, seed, correct, constant=False):
         for i, (p, g) in enumerate(zip(preds, GOLD))))
     acc = sum(correct) / len(correct)
     atomic_write_json(d / "run.json", {
-        "run_id": f"{method}{seed}", "method": method, "seed": seed, "status": "ok", "train": {"wall_s": 10.0},
+        "run_id": f"{method}{seed}", "method": method, "seed": seed, "status": "ok",
+        "train": {"wall_s": 10.0, **({"selection_steps": selection_steps} if selection_steps else {})},
         "eval": {"t": {"accuracy": {"value": acc, "n": 20}}},
         "eval_info": {"t": {"predictions": "predictions/t.jsonl",
                             "extra": {"accuracy": {"constant": constant, "max_label_share": 0.5}}}}})
@@ -46,7 +47,8 @@ def test_study_on_a_synthetic_grid(tmp_path):
     for seed in (0, 1):
         fake_run(tmp_path, "sft", seed, [i >= 6 for i in range(20)])
         fake_run(tmp_path, "kd", seed, [True] * 20)  # better than sft on every seed
-        fake_run(tmp_path, "cd", seed, [i % 2 == 0 for i in range(20)], constant=True)
+        fake_run(tmp_path, "cd", seed, [i % 2 == 0 for i in range(20)], constant=True,
+                 selection_steps=[30, 60] if seed == 0 else [60, 60])
     fake_run(tmp_path, "teacher", 0, teacher)
     res = study(tmp_path, task="t", n_boot=500)
     rows = {r["method"]: r for r in res["rows"]}
@@ -66,5 +68,7 @@ def test_study_on_a_synthetic_grid(tmp_path):
     assert "kd_ce > kd" in comp and not any("teacher" in c for c in comp)  # no best-vs-teacher row here
     md = (tmp_path / "scd_study.md").read_text()
     assert "| cd ⚠ 2 constant |" in md and "| kd > sft | +0.300" in md
+    assert rows["cd"]["selections"] == {0: [30, 60], 1: [60, 60]} and rows["kd"]["selections"] == {}
+    assert "| cd | 30 → 60 | 60 → 60 |" in md
     assert "## What each ingredient adds" in md and "| scd_aw > kd_ce | - | not measurable (row missing) |" in md
     assert main([str(tmp_path), "--task", "t"]) == 0 and main([str(tmp_path), "--task", "nope"]) == 2
