@@ -16,7 +16,8 @@ method (``method`` of the grid's runs).  Writes ``scd_study.md`` and ``scd_study
   SCD should shrink its losses on TFS.
 * **Claims**: SCD+AW > CD, CD >= KD, KD > SFT, and the best student vs the teacher; each Δ paired by
   example and seed with its CI.  **Comparisons** (what each ingredient adds, judged the same way): SCD > CD
-  (selection vs a fixed order), SCD+AW > SCD (AW), SCD+AW > KD+CE (AW vs a fixed CE share), KD+CE > KD.  ``>``: supported when the CI lies above 0, contradicted below 0, else
+  (selection vs a fixed order), SCD+AW > SCD (AW), SCD+AW > KD+CE (AW vs a fixed CE share), KD+CE > KD,
+  SCD+AW > KD and SCD+AW > SFT.  ``>``: supported when the CI lies above 0, contradicted below 0, else
   not distinguishable; ``>=``: contradicted only when the CI lies below 0.  *not measurable* when a
   row is missing or has a constant-predictor run.
 
@@ -35,8 +36,10 @@ from benchmarks.paired import common_ids, fmt, fmt_ci, load_rows, mean_sd, paire
 
 CLAIMS = (("scd_aw", ">", "cd"), ("cd", ">=", "kd"), ("kd", ">", "sft"))
 # what each ingredient adds (not the paper's claims): checkpoint selection over a fixed order, AW over plain SCD,
-# AW over a fixed KD + CE mix (AW also sees gold labels), a fixed CE share over plain KD
-COMPARISONS = (("scd", ">", "cd"), ("scd_aw", ">", "scd"), ("scd_aw", ">", "kd_ce"), ("kd_ce", ">", "kd"))
+# AW over a fixed KD + CE mix (AW also sees gold labels), a fixed CE share over plain KD, and the full method over
+# plain KD and over SFT
+COMPARISONS = (("scd", ">", "cd"), ("scd_aw", ">", "scd"), ("scd_aw", ">", "kd_ce"), ("kd_ce", ">", "kd"),
+               ("scd_aw", ">", "kd"), ("scd_aw", ">", "sft"))
 STUDENT_ORDER = ("sft", "kd", "kd_ce", "cd", "scd", "scd_aw")
 
 
