@@ -354,8 +354,8 @@ def _acc_on(acc: float, n: int) -> str:
 def row_entry(note: str, r: dict, tail: str = "") -> Entry:
     """A study row's test accuracy over seeds: "`method` 0.772 ± 0.004 over 3 seeds[, constant in k/n seeds]<tail>"."""
     const = f", constant in {r['constant_runs']}/{len(r['seeds'])} seeds" if r["constant_runs"] else ""
-    return Entry(note, f"{r['method']}: test accuracy over seeds", r["accuracy"],
-                 f"`{r['method']}` {r['accuracy']:.3f} ± {r['accuracy_sd']:.3f} over {len(r['seeds'])} seeds{const}{tail}")
+    return Entry(note, f"{r['method']}: test score over seeds", r["score"],
+                 f"`{r['method']}` {r['score']:.3f} ± {r['score_sd']:.3f} over {len(r['seeds'])} seeds{const}{tail}")
 
 
 def scd_study(root: Path) -> list[Entry]:
@@ -370,9 +370,9 @@ def scd_study(root: Path) -> list[Entry]:
     for r in res["rows"]:
         out.append(row_entry(note, r))
         if r["method"] != res["teacher"]:
-            out.append(Entry(note, f"{r['method']}: accuracy on SFS / TFS", r["sfs_acc"],
-                             f"`{r['method']}` {_acc_on(r['sfs_acc'], r['sfs_n'])} on SFS ({r['sfs_n']}), "
-                             f"{_acc_on(r['tfs_acc'], r['tfs_n'])} on TFS ({r['tfs_n']}), beats the teacher in "
+            out.append(Entry(note, f"{r['method']}: score on SFS / TFS", r["sfs_score"],
+                             f"`{r['method']}` {_acc_on(r['sfs_score'], r['sfs_n'])} on SFS ({r['sfs_n']}), "
+                             f"{_acc_on(r['tfs_score'], r['tfs_n'])} on TFS ({r['tfs_n']}), beats the teacher in "
                              f"{r['beats_teacher_seeds']}/"
                              f"{r['paired_seeds']} seeds"))
     for r in res["rows"]:
@@ -382,7 +382,7 @@ def scd_study(root: Path) -> list[Entry]:
                              f"`{r['method']}` distilled from the checkpoints at steps {sel}"))
     rows = {r["method"]: r for r in res["rows"]}
     if res["majority"] is not None and res["anchor"] in rows:
-        maj, sft = res["majority"], rows[res["anchor"]]["accuracy"]
+        maj, sft = res["majority"], rows[res["anchor"]]["score"]
         out += [Entry(n, "the SFT student above the test majority rate", sft - maj,
                       f"test majority rate {maj:.3f}; `{res['anchor']}` is {sft - maj:+.3f} above it")
                 for n in (note, STATUS)]

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from benchmarks.stats import bootstrap_ci
+from benchmarks.stats import bootstrap_ci, micro_f1_sums
 from scd.core.results import atomic_write_json, atomic_write_text, iter_run_jsons, read_json
 
 
@@ -53,10 +53,30 @@ def paired_delta(a: Sequence[dict[str, float]], b: Sequence[dict[str, float]], n
 
 
 # --------------------------------------------------------------------------- grids
+def example_counts(path: str | Path) -> dict[str, list[float]] | None:
+    """{example id: [tp, n_pred, n_gold]} from an NER predictions file's per-example entity counts (None when
+    the file has no such counts: not an entity-F1 task)."""
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        sc = r.get("scores") or {}
+        if "tp" not in sc:
+            return None
+        out[str(r["id"])] = [float(sc["tp"]), float(sc["n_pred"]), float(sc["n_gold"])]
+    return out
+
+
 def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
-    """{method: {seed: {correct: {id: 0/1}, accuracy, constant, top_share, majority, wall_s, selection_steps,
-    run_id}}} of the finished runs (``top_share``: the share of the most predicted label; ``majority``: the split's
-    majority rate; ``selection_steps``: a staged distillation's teacher checkpoint (its step) per stage)."""
+    """{method: {seed: {score, correct, counts, metric, constant, top_share, majority, wall_s, selection_steps,
+    run_id}}} of the finished runs.
+
+    ``score`` is the task's primary metric: ``accuracy``, or for NER the entity micro-F1 (``f1_micro``), whose
+    per-example entity ``counts`` ([tp, n_pred, n_gold]) the paired comparisons resample; ``correct`` is the
+    per-example score (0/1, or the example's own entity F1, 1 when it has no gold and no predicted entity).
+    ``top_share``: the share of the most predicted label; ``majority``: the split's majority rate;
+    ``selection_steps``: a staged distillation's teacher checkpoint (its step) per stage."""
     rows: dict[str, dict[int, dict]] = {}
     for path in iter_run_jsons(root):
         rec = read_json(path)
@@ -66,15 +86,58 @@ def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
         pred = Path(path).parent / info["predictions"]
         if not pred.exists():
             continue
-        acc = (rec.get("eval") or {}).get(task, {}).get("accuracy", {})
+        metrics = (rec.get("eval") or {}).get(task, {})
+        metric = "accuracy" if "accuracy" in metrics else "f1_micro"
+        counts = example_counts(pred) if metric == "f1_micro" else None
+        correct = ({i: 1.0 if c[1] + c[2] == 0 else 2 * c[0] / (c[1] + c[2]) for i, c in counts.items()}
+                   if counts is not None else correctness(pred))
         extra = (info.get("extra") or {}).get("accuracy") or {}
         rows.setdefault(rec["method"], {})[int(rec.get("seed", 0))] = {
-            "correct": correctness(pred), "accuracy": acc.get("value"), "constant": bool(extra.get("constant")),
-            "top_share": extra.get("max_label_share"), "majority": extra.get("majority_baseline"),
-            "wall_s": (rec.get("train") or {}).get("wall_s"),
-            "selection_steps": (rec.get("train") or {}).get("selection_steps"),
-            "run_id": rec.get("run_id")}
+            "score": metrics.get(metric, {}).get("value"), "metric": metric, "correct": correct, "counts": counts,
+            "constant": bool(extra.get("constant")), "top_share": extra.get("max_label_share"),
+            "majority": extra.get("majority_baseline"), "wall_s": (rec.get("train") or {}).get("wall_s"),
+            "selection_steps": (rec.get("train") or {}).get("selection_steps"), "run_id": rec.get("run_id")}
     return rows
+
+
+def paired_f1_delta(a: Sequence[dict[str, list[float]]], b: Sequence[dict[str, list[float]]], n_boot: int = 10_000,
+                    seed: int = 0) -> dict:
+    """Entity micro-F1 of A − B, each the mean over its seeds of that seed's micro-F1 on the examples every run
+    scored (``a[i]``: seed i's {id: [tp, n_pred, n_gold]}), with a percentile-bootstrap 95 % CI over examples (one
+    resample shared by every seed of both rows).  -> {n, a, b, delta, ci} as :func:`paired_delta`."""
+    if not a or not b:
+        return {"n": 0, "a": float("nan"), "b": float("nan"), "delta": float("nan"), "ci": [float("nan")] * 2}
+    ids = common_ids(*a, *b)
+    x = np.concatenate([np.array([m[i] for i in ids], dtype=np.float64).reshape(len(ids), 3)
+                        for m in (*a, *b)], axis=1)  # (examples, 3 * (|a| + |b|))
+
+    def f1s(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (B, 3k) -> mean F1 of A, of B: (B,), (B,)
+        f = np.stack([micro_f1_sums(sums[:, 3 * j:3 * j + 3]) for j in range(len(a) + len(b))], axis=1)
+        return f[:, :len(a)].mean(axis=1), f[:, len(a):].mean(axis=1)
+
+    fa, fb = f1s(x.sum(axis=0, keepdims=True))
+    ci = bootstrap_ci(x, sum_fn=lambda sums: np.subtract(*f1s(sums)), n_boot=n_boot, seed=seed)
+    return {"n": len(ids), "a": float(fa[0]), "b": float(fb[0]), "delta": float(fa[0] - fb[0]), "ci": list(ci)}
+
+
+def paired_runs(a: Sequence[dict], b: Sequence[dict], n_boot: int = 10_000) -> dict:
+    """Δ of the primary metric between two rows' runs (``load_rows`` entries; seeds paired by position): accuracy
+    by :func:`paired_delta`, entity F1 by :func:`paired_f1_delta`."""
+    if a and b and all(r["counts"] is not None for r in (*a, *b)):
+        return paired_f1_delta([r["counts"] for r in a], [r["counts"] for r in b], n_boot=n_boot)
+    return paired_delta([r["correct"] for r in a], [r["correct"] for r in b], n_boot=n_boot)
+
+
+def pooled_score(parts: Sequence[tuple[dict, Sequence[str]]]) -> tuple[float, int]:
+    """The primary metric of runs on subsets of examples, pooled: ``parts`` = [(run, ids)] -> (score, n examples);
+    accuracy = mean correctness, entity F1 = micro-F1 of the summed counts; NaN for no example."""
+    n = sum(len(ids) for _, ids in parts)
+    if not n:
+        return float("nan"), 0
+    if all(r["counts"] is not None for r, _ in parts):
+        tot = np.sum([r["counts"][i] for r, ids in parts for i in ids], axis=0)
+        return float(micro_f1_sums(tot.reshape(1, 3))[0]), n
+    return sum(r["correct"].get(i, 0.0) for r, ids in parts for i in ids) / n, n
 
 
 def mean_sd(vals: list[float]) -> tuple[float, float]:

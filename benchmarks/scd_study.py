@@ -6,14 +6,15 @@
 Reads the ``run.json`` files (status ok) and saved predictions of one grid folder; one row per
 method (``method`` of the grid's runs).  Writes ``scd_study.md`` and ``scd_study.json`` there.
 
-* **Rows**: accuracy (mean ± sd over seeds), constant-predictor runs (>= 95 % of predictions on one
-  label: such a row is never given a verdict), Δ vs the teacher paired by example (seeds averaged per
-  example first; 95 % bootstrap CI over examples), seeds in which the student beats the teacher, and
-  wall seconds per run.
+* **Rows**: the task's primary metric (mean ± sd over seeds) -- accuracy, or entity micro-F1 for NER, whose Δ
+  resamples per-example entity counts (:func:`benchmarks.paired.paired_f1_delta`); constant-predictor runs
+  (>= 95 % of predictions on one label: such a row is never given a verdict), Δ vs the teacher paired by
+  example (seeds averaged per example first; 95 % bootstrap CI over examples), seeds in which the student beats
+  the teacher, and wall seconds per run.
 * **The mechanism** (the paper's SFS/TFS argument): per seed, *student-favoured* examples (SFS: the SFT
-  anchor right, the teacher wrong) and *teacher-favoured* ones (TFS: the teacher right, the anchor
-  wrong); each row's accuracy on both, pooled over seeds.  AW should keep the student's wins on SFS;
-  SCD should shrink its losses on TFS.
+  anchor right, the teacher wrong) and *teacher-favoured* ones (TFS: the teacher right, the anchor wrong; for
+  NER: the example's own entity F1 higher / lower); each row's score on both, pooled over seeds.  AW should
+  keep the student's wins on SFS; SCD should shrink its losses on TFS.
 * **Claims**: SCD+AW > CD, CD >= KD, KD > SFT, and the best student vs the teacher; each Δ paired by
   example and seed with its CI.  **Comparisons** (what each ingredient adds, judged the same way): SCD > CD
   (selection vs a fixed order), SCD+AW > SCD (AW), SCD+AW > KD+CE (AW vs a fixed CE share), KD+CE > KD,
@@ -32,7 +33,8 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.paired import common_ids, fmt, fmt_ci, load_rows, mean_sd, paired_delta, study_cli, verdict, write_study
+from benchmarks.paired import (common_ids, fmt, fmt_ci, load_rows, mean_sd, paired_runs, pooled_score, study_cli,
+                              verdict, write_study)
 
 CLAIMS = (("scd_aw", ">", "cd"), ("cd", ">=", "kd"), ("kd", ">", "sft"))
 # what each ingredient adds (not the paper's claims): checkpoint selection over a fixed order, AW over plain SCD,
@@ -58,30 +60,28 @@ def favoured_subsets(anchor: dict[str, float], teacher: dict[str, float]) -> tup
 
 def row_summary(method: str, runs: dict[int, dict], teachers: dict[int, dict], anchors: dict[int, dict],
                 n_boot: int) -> dict:
-    """One row of the table: accuracy, Δ vs teacher, SFS/TFS accuracy, seeds beating the teacher."""
+    """One row of the table: its score, Δ vs teacher, the score on SFS / TFS, seeds beating the teacher."""
     seeds = sorted(runs)
-    acc, sd = mean_sd([runs[s]["accuracy"] for s in seeds])
+    score, sd = mean_sd([runs[s]["score"] for s in seeds])
     paired = [(runs[s], teacher_for(teachers, s)) for s in seeds]
     paired = [(r, t) for r, t in paired if t is not None]
-    vs_t = paired_delta([r["correct"] for r, _ in paired], [t["correct"] for _, t in paired], n_boot=n_boot)
-    sfs = [0, 0]  # correct, total (pooled over seeds)
-    tfs = [0, 0]
+    vs_t = paired_runs([r for r, _ in paired], [t for _, t in paired], n_boot=n_boot)
+    sfs, tfs = [], []  # (run, ids) per seed, pooled
     for s in seeds:
         t, a = teacher_for(teachers, s), anchors.get(s)
         if t is None or a is None:
             continue
         sub_s, sub_t = favoured_subsets(a["correct"], t["correct"])
-        c = runs[s]["correct"]
-        sfs = [sfs[0] + sum(c.get(i, 0.0) for i in sub_s), sfs[1] + len(sub_s)]
-        tfs = [tfs[0] + sum(c.get(i, 0.0) for i in sub_t), tfs[1] + len(sub_t)]
-    beats = sum(1 for r, t in paired if (r["accuracy"] or 0) > (t["accuracy"] or 0))
+        sfs.append((runs[s], sub_s))
+        tfs.append((runs[s], sub_t))
+    (sfs_score, sfs_n), (tfs_score, tfs_n) = pooled_score(sfs), pooled_score(tfs)
+    beats = sum(1 for r, t in paired if (r["score"] or 0) > (t["score"] or 0))
     walls = [runs[s]["wall_s"] for s in seeds if runs[s]["wall_s"] is not None]
-    return {"method": method, "seeds": seeds, "accuracy": acc, "accuracy_sd": sd,
+    return {"method": method, "seeds": seeds, "score": score, "score_sd": sd,
             "constant_runs": sum(runs[s]["constant"] for s in seeds),
             "max_top_share": max((runs[s]["top_share"] for s in seeds if runs[s]["top_share"] is not None),
                                  default=None),
-            "vs_teacher": vs_t, "sfs_acc": sfs[0] / sfs[1] if sfs[1] else float("nan"), "sfs_n": sfs[1],
-            "tfs_acc": tfs[0] / tfs[1] if tfs[1] else float("nan"), "tfs_n": tfs[1],
+            "vs_teacher": vs_t, "sfs_score": sfs_score, "sfs_n": sfs_n, "tfs_score": tfs_score, "tfs_n": tfs_n,
             "beats_teacher_seeds": beats, "paired_seeds": len(paired),
             "wall_s": float(np.mean(walls)) if walls else float("nan"),
             "selections": {s: runs[s]["selection_steps"] for s in seeds if runs[s]["selection_steps"]}}
@@ -94,7 +94,7 @@ def claims(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], teacher
     out = []
     students = [m for m in summaries if m != teacher]
     clean = [m for m in students if summaries[m]["constant_runs"] == 0]
-    best = max(clean, key=lambda m: summaries[m]["accuracy"], default=None)
+    best = max(clean, key=lambda m: summaries[m]["score"], default=None)
     tests = list(tests) + ([(best or "best student", ">=", teacher)] if vs_teacher else [])
     for a, op, b in tests:
         claim = f"{a} {op} {b}"
@@ -108,12 +108,12 @@ def claims(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], teacher
             out.append({"claim": claim, "verdict": "not measurable (a constant-predictor run)"})
             continue
         if b == teacher:
-            da = [rows[a][s]["correct"] for s in sorted(rows[a]) if teacher_for(rows[b], s) is not None]
-            db = [teacher_for(rows[b], s)["correct"] for s in sorted(rows[a]) if teacher_for(rows[b], s) is not None]
+            da = [rows[a][s] for s in sorted(rows[a]) if teacher_for(rows[b], s) is not None]
+            db = [teacher_for(rows[b], s) for s in sorted(rows[a]) if teacher_for(rows[b], s) is not None]
         else:
             seeds = sorted(set(rows[a]) & set(rows[b]))
-            da, db = [rows[a][s]["correct"] for s in seeds], [rows[b][s]["correct"] for s in seeds]
-        d = paired_delta(da, db, n_boot=n_boot)
+            da, db = [rows[a][s] for s in seeds], [rows[b][s] for s in seeds]
+        d = paired_runs(da, db, n_boot=n_boot)
         out.append({"claim": claim + (" (best student vs teacher)" if b == teacher else ""), **d,
                     "verdict": verdict(d, op)})
     return out
@@ -129,22 +129,22 @@ def _claim_lines(rows: list[dict]) -> list[str]:
 
 
 def markdown(root: Path, task: str, table: list[dict], claim_rows: list[dict], teacher: str, anchor: str,
-             comparisons: Sequence[dict] = ()) -> str:
+             comparisons: Sequence[dict] = (), metric: str = "accuracy") -> str:
     lines = [f"# SCD study: {root.name} ({task})", "",
              "Generated by `python -m benchmarks.scd_study` from the run.json files and saved predictions "
              "(do not edit by hand).  Δ = paired by example, seeds averaged per example first; 95 % bootstrap "
              f"CI over examples.  SFS / TFS: examples where the SFT anchor (`{anchor}`) is right and the teacher "
              f"(`{teacher}`) wrong / the reverse, per seed, pooled.  ⚠ = a constant-predictor run (>= 95 % of "
              "predictions on one label): no verdict uses it.", "",
-             "| method | seeds | accuracy (mean ± sd) | Δ vs teacher [95% CI] | acc on SFS (n) | acc on TFS (n) | "
+             f"| method | seeds | {metric} (mean ± sd) | Δ vs teacher [95% CI] | on SFS (n) | on TFS (n) | "
              "seeds > teacher | wall s / run |", "|---|---:|---|---|---|---|---:|---:|"]
     for r in table:
         flag = f" ⚠ {r['constant_runs']} constant" if r["constant_runs"] else ""
         v = r["vs_teacher"]
         ci = fmt_ci(v["ci"], sign=True) if v["n"] else ""
-        lines.append(f"| {r['method']}{flag} | {len(r['seeds'])} | {fmt(r['accuracy'])} ± {fmt(r['accuracy_sd'])} | "
-                     f"{fmt(v['delta'], sign=True)} {ci} | {fmt(r['sfs_acc'])} ({r['sfs_n']}) | "
-                     f"{fmt(r['tfs_acc'])} ({r['tfs_n']}) | {r['beats_teacher_seeds']}/{r['paired_seeds']} | "
+        lines.append(f"| {r['method']}{flag} | {len(r['seeds'])} | {fmt(r['score'])} ± {fmt(r['score_sd'])} | "
+                     f"{fmt(v['delta'], sign=True)} {ci} | {fmt(r['sfs_score'])} ({r['sfs_n']}) | "
+                     f"{fmt(r['tfs_score'])} ({r['tfs_n']}) | {r['beats_teacher_seeds']}/{r['paired_seeds']} | "
                      f"{fmt(r['wall_s'], 0)} |")
     staged = [r for r in table if any(len(v) > 1 for v in r["selections"].values())]
     if staged:
@@ -173,7 +173,9 @@ def analyse(root: str | Path, task: str = "rotten_tomatoes", teacher: str = "tea
     summaries = {m: row_summary(m, rows[m], teachers, anchors, n_boot) for m in order if m in rows}
     majority = next((r["majority"] for runs in rows.values() for r in runs.values() if r["majority"] is not None),
                     None)
-    return {"task": task, "teacher": teacher, "anchor": anchor, "majority": majority, "rows": list(summaries.values()),
+    metric = next(r["metric"] for runs in rows.values() for r in runs.values())
+    return {"task": task, "metric": metric, "teacher": teacher, "anchor": anchor, "majority": majority,
+            "rows": list(summaries.values()),
             "claims": claims(rows, summaries, teacher, n_boot),
             "comparisons": claims(rows, summaries, teacher, n_boot, COMPARISONS, vs_teacher=False)}
 
@@ -184,7 +186,7 @@ def study(root: str | Path, task: str = "rotten_tomatoes", teacher: str = "teach
     root = Path(root)
     res = analyse(root, task, teacher, anchor, n_boot)
     write_study(root, "scd_study", res, markdown(root, task, res["rows"], res["claims"], teacher, anchor,
-                                                 res["comparisons"]))
+                                                 res["comparisons"], res["metric"]))
     return res
 
 

@@ -54,8 +54,8 @@ def test_study_on_a_synthetic_grid(tmp_path):
     rows = {r["method"]: r for r in res["rows"]}
     # SFS: anchor right, teacher wrong = 14..19 (6 per seed); TFS = 0..5
     assert rows["kd"]["sfs_n"] == 12 and rows["kd"]["tfs_n"] == 12
-    assert rows["kd"]["sfs_acc"] == 1.0 and rows["kd"]["tfs_acc"] == 1.0
-    assert rows["sft"]["sfs_acc"] == 1.0 and rows["sft"]["tfs_acc"] == 0.0
+    assert rows["kd"]["sfs_score"] == 1.0 and rows["kd"]["tfs_score"] == 1.0
+    assert rows["sft"]["sfs_score"] == 1.0 and rows["sft"]["tfs_score"] == 0.0
     assert rows["kd"]["vs_teacher"]["delta"] == pytest.approx(1.0 - 0.7)
     assert rows["kd"]["beats_teacher_seeds"] == 2 and rows["cd"]["constant_runs"] == 2
     by = {c["claim"].split(" (")[0]: c for c in res["claims"]}
@@ -72,3 +72,69 @@ def test_study_on_a_synthetic_grid(tmp_path):
     assert "| cd | 30 → 60 | 60 → 60 |" in md
     assert "## What each ingredient adds" in md and "| scd_aw > kd_ce | - | not measurable (row missing) |" in md
     assert main([str(tmp_path), "--task", "t"]) == 0 and main([str(tmp_path), "--task", "nope"]) == 2
+
+
+def _ner_run(root, method, seed, counts):
+    """A finished NER run: per-example entity counts [tp, n_pred, n_gold] as benchmarks.tasks.ner writes them."""
+    d = root / f"{method}{seed}"
+    (d / "predictions").mkdir(parents=True)
+    (d / "predictions" / "n.jsonl").write_text("".join(
+        json.dumps({"id": i, "prediction": [], "gold": [], "scores": {"tp": c[0], "n_pred": c[1], "n_gold": c[2]}})
+        + "\n" for i, c in enumerate(counts)))
+    tp, npred, ngold = (sum(c[k] for c in counts) for k in range(3))
+    atomic_write_json(d / "run.json", {
+        "run_id": f"{method}{seed}", "method": method, "seed": seed, "status": "ok", "train": {"wall_s": 1.0},
+        "eval": {"n": {"f1_micro": {"value": 2 * tp / (npred + ngold), "n": len(counts)}}},
+        "eval_info": {"n": {"predictions": "predictions/n.jsonl"}}})
+
+
+def test_entity_f1_rows_are_paired_by_resampling_examples(tmp_path):
+    """An NER study is scored by entity micro-F1: Δ and its CI come from resampled per-example counts (checked
+    against a slow loop over the same resamples), SFS / TFS by micro-F1 on the subsets."""
+    import numpy as np
+
+    from benchmarks.paired import load_rows, paired_f1_delta
+    from benchmarks.stats import resample_indices
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 3, size=30)
+
+    def counts(p_hit):
+        hit = [int(rng.binomial(g, p_hit)) for g in gold]
+        return [[h, h + int(rng.integers(0, 2)), int(g)] for h, g in zip(hit, gold)]
+
+    for seed in (0, 1):
+        _ner_run(tmp_path, "sft", seed, counts(0.4))
+        _ner_run(tmp_path, "kd", seed, counts(0.7))
+    _ner_run(tmp_path, "teacher", 0, counts(0.9))
+    rows = load_rows(tmp_path, "n")
+    assert rows["kd"][0]["metric"] == "f1_micro" and rows["kd"][0]["counts"] is not None
+    a, b = [rows["kd"][s]["counts"] for s in (0, 1)], [rows["sft"][s]["counts"] for s in (0, 1)]
+    d = paired_f1_delta(a, b, n_boot=300, seed=0)
+
+    order = sorted(str(i) for i in range(len(gold)))  # the examples in paired_f1_delta's order (common_ids)
+
+    def f1(maps, idx):  # slow: the mean over seeds of each seed's micro-F1 on the resampled examples
+        ids = [order[i] for i in idx]
+        out = []
+        for m in maps:
+            tp, npred, ngold = (sum(m[i][k] for i in ids) for k in range(3))
+            out.append(2 * tp / (npred + ngold) if npred + ngold else 0.0)
+        return sum(out) / len(out)
+
+    all_ids = range(len(gold))
+    assert d["delta"] == pytest.approx(f1(a, all_ids) - f1(b, all_ids))
+    slow = [f1(a, idx) - f1(b, idx) for block in resample_indices(len(gold), 300, 0) for idx in block]
+    assert d["ci"] == pytest.approx([float(np.percentile(slow, 2.5)), float(np.percentile(slow, 97.5))])
+    res = study(tmp_path, task="n", n_boot=300)
+    r = {x["method"]: x for x in res["rows"]}
+    assert res["metric"] == "f1_micro" and r["kd"]["vs_teacher"]["n"] == len(gold)
+    assert r["kd"]["score"] == pytest.approx(np.mean([rows["kd"][s]["score"] for s in (0, 1)]))
+    by = {c["claim"]: c for c in res["claims"]}
+    assert by["kd > sft"]["delta"] == pytest.approx(d["delta"], abs=1e-12)
+    assert "| method | seeds | f1_micro (mean ± sd) |" in (tmp_path / "scd_study.md").read_text()
+    from benchmarks.paired import pooled_score
+    k0, k1 = rows["kd"][0], rows["kd"][1]
+    tot = np.sum([k0["counts"]["1"], k0["counts"]["2"], k1["counts"]["2"]], axis=0)
+    assert pooled_score([(k0, ["1", "2"]), (k1, ["2"])]) == (pytest.approx(2 * tot[0] / (tot[1] + tot[2])), 3)
+    assert pooled_score([(k0, [])])[1] == 0
