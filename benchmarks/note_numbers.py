@@ -427,6 +427,7 @@ def constant_share(root: Path) -> list[Entry]:
 
 
 UNISD_DEV = "results/unisd_study_cpu_dev"
+UNISD_BASE0 = "results/unisd_study_cpu/15edb4d5379a"  # the study grid's base run, seed 0
 UNISD_DEV_RUNS = (("untrained-0shot", "the untrained model, 0-shot"), ("untrained-3shot", "the untrained model, 3-shot"),
                   ("sft-319d60731b66", "SFT, scored 0-shot"), ("sft-b923c4a7d2c2", "SFT, scored 3-shot"),
                   ("base-5421473464da", "base SD, scored 3-shot"))
@@ -443,6 +444,16 @@ def unisd_study_dev(root: Path) -> list[Entry]:
         out.append(Entry(note, f"dev accuracy: {label}", acc["value"],
                          f"{label}: {acc['value']:.3f} [{lo:.3f}, {hi:.3f}] ({100 * prof['max_label_share']:.0f} % on "
                          f"one label{', constant' if prof['constant'] else ''}; majority {prof['majority_baseline']:.3f})"))
+    # agreement at UniSD*'s gamma (0.001) on the test split, seed 0, vs the grid's base run of seed 0
+    ag = root / UNISD_DEV / "agreement-gamma0.001-seed0"
+    w = min(m["multi_teacher_agreement/weight_mean"] for m in _jsonl(ag / "metrics.jsonl")
+            if "multi_teacher_agreement/weight_mean" in m)
+    base = {r["id"]: r["prediction"] for r in _jsonl(root / UNISD_BASE0 / "predictions/rotten_tomatoes.jsonl")}
+    agree = {r["id"]: r["prediction"] for r in _jsonl(ag / "predictions/rotten_tomatoes.jsonl")}
+    n_diff = sum(agree[i] != base[i] for i in base)
+    out.append(Entry(note, "agreement at gamma 0.001: the smallest logged mean weight", w,
+                     f"the mean agreement weight was at least {w:.4f} at every logged step, and {n_diff} of the "
+                     f"{len(base)} test predictions differ from base's"))
     probe = json.loads((root / "results/unisd_probe/rt-dev-study_cpu/probe.json").read_text(encoding="utf-8"))
     d = probe["difference"]["accuracy"]
     out += [Entry(n, "probe: teacher - student accuracy in the study's 3-shot format", d["value"],
