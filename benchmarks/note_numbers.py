@@ -26,6 +26,7 @@ import numpy as np
 from scipy import stats
 
 from benchmarks.leaderboard.load import label_share
+from benchmarks.paired import fmt_seed_deltas
 from benchmarks.recovery_power import correlation_views, paired_deltas
 from benchmarks.recovery_study import aggregate as aggregate_recovery, load_runs as load_recovery_runs
 from benchmarks.scd_study import analyse as analyse_scd_study
@@ -392,11 +393,13 @@ def scd_study(root: Path) -> list[Entry]:
     out.append(Entry(note, "constant-predictor runs of the study", n_const,
                      f"{n_const} of the {n_runs} runs put >= 95 % of their predictions on one label (the largest "
                      f"share of one label in any run: {100 * top:.0f} %)"))
-    return out + claim_entries(res["claims"], (note, STATUS)) + claim_entries(res["comparisons"], (note,))
+    return (out + claim_entries(res["claims"], (note, STATUS), seeds_in=note)
+            + claim_entries(res["comparisons"], (note,), seeds_in=note))
 
 
-def claim_entries(claim_rows: Sequence[dict], notes: Sequence[str]) -> list[Entry]:
-    """One entry per claim and note: "`claim`: Δ +x [lo, hi], verdict" (just the verdict when unmeasured)."""
+def claim_entries(claim_rows: Sequence[dict], notes: Sequence[str], seeds_in: str | None = None) -> list[Entry]:
+    """One entry per claim and note: "`claim`: Δ +x [lo, hi], verdict" (just the verdict when unmeasured); with
+    ``seeds_in`` also its per-seed Δ in that note ("claim: per seed +a / +b / +c (A ahead in k/n seeds)")."""
     out = []
     for c in claim_rows:
         if "delta" not in c:
@@ -405,6 +408,9 @@ def claim_entries(claim_rows: Sequence[dict], notes: Sequence[str]) -> list[Entr
         lo, hi = c["ci"]
         out += [Entry(n, f"claim {c['claim']}: Δ accuracy", c["delta"],
                       f"{c['claim']}: Δ {c['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}], {c['verdict']}") for n in notes]
+        if seeds_in and c.get("seed_deltas"):
+            out.append(Entry(seeds_in, f"claim {c['claim']}: Δ per seed", min(c["seed_deltas"]),
+                             f"{c['claim']}: per seed {fmt_seed_deltas(c['seed_deltas'])}"))
     return out
 
 
@@ -478,7 +484,8 @@ def unisd_study(root: Path) -> list[Entry]:
         d = r["vs_base"]
         out.append(row_entry(note, r, f", Δ vs {res['base']} {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
                              if d and d["n"] else ""))
-    return out + claim_entries(res["leave_one_out"], (note,)) + claim_entries(res["claims"], (note, STATUS))
+    return (out + claim_entries(res["leave_one_out"], (note,), seeds_in=note)
+            + claim_entries(res["claims"], (note, STATUS), seeds_in=note))
 
 
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {

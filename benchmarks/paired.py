@@ -122,10 +122,22 @@ def paired_f1_delta(a: Sequence[dict[str, list[float]]], b: Sequence[dict[str, l
 
 def paired_runs(a: Sequence[dict], b: Sequence[dict], n_boot: int = 10_000) -> dict:
     """Δ of the primary metric between two rows' runs (``load_rows`` entries; seeds paired by position): accuracy
-    by :func:`paired_delta`, entity F1 by :func:`paired_f1_delta`."""
+    by :func:`paired_delta`, entity F1 by :func:`paired_f1_delta`, plus ``seed_deltas`` (A − B per seed pair)."""
     if a and b and all(r["counts"] is not None for r in (*a, *b)):
-        return paired_f1_delta([r["counts"] for r in a], [r["counts"] for r in b], n_boot=n_boot)
-    return paired_delta([r["correct"] for r in a], [r["correct"] for r in b], n_boot=n_boot)
+        d = paired_f1_delta([r["counts"] for r in a], [r["counts"] for r in b], n_boot=n_boot)
+    else:
+        d = paired_delta([r["correct"] for r in a], [r["correct"] for r in b], n_boot=n_boot)
+    # the CI is over examples (training seeds averaged first); the seed-to-seed spread is shown beside it
+    return d | {"seed_deltas": [ra["score"] - rb["score"] for ra, rb in zip(a, b)
+                                if ra["score"] is not None and rb["score"] is not None]}
+
+
+def fmt_seed_deltas(deltas: Sequence[float]) -> str:
+    """Per-seed Δ of the primary metric: "+0.010 / -0.004 / +0.021 (A ahead in 2/3 seeds)" ("-" when none)."""
+    if not deltas:
+        return "-"
+    return (" / ".join(f"{x:+.3f}" for x in deltas) + f" (A ahead in {sum(x > 0 for x in deltas)}/{len(deltas)} "
+            "seeds)")
 
 
 def pooled_score(parts: Sequence[tuple[dict, Sequence[str]]]) -> tuple[float, int]:

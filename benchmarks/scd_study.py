@@ -20,7 +20,8 @@ method (``method`` of the grid's runs).  Writes ``scd_study.md`` and ``scd_study
   (selection vs a fixed order), SCD+AW > SCD (AW), SCD+AW > KD+CE (AW vs a fixed CE share), KD+CE > KD,
   SCD+AW > KD and SCD+AW > SFT.  ``>``: supported when the CI lies above 0, contradicted below 0, else
   not distinguishable; ``>=``: contradicted only when the CI lies below 0.  *not measurable* when a
-  row is missing or has a constant-predictor run.
+  row is missing or has a constant-predictor run.  Each claim also lists its Δ per seed: the CI is over examples
+  (seeds averaged first) and does not include the seed-to-seed spread of training.
 
 The teacher of a seed is the ``--teacher`` run with that seed, or the only one when the study shares one
 teacher across seeds.  Correctness per example: ``scores.correct`` (:mod:`benchmarks.paired`).
@@ -33,8 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.paired import (common_ids, fmt, fmt_ci, load_rows, mean_sd, paired_runs, pooled_score, study_cli,
-                              verdict, write_study)
+from benchmarks.paired import (common_ids, fmt, fmt_ci, fmt_seed_deltas, load_rows, mean_sd, paired_runs,
+                              pooled_score, study_cli, verdict, write_study)
 
 CLAIMS = (("scd_aw", ">", "cd"), ("cd", ">=", "kd"), ("kd", ">", "sft"))
 # what each ingredient adds (not the paper's claims): checkpoint selection over a fixed order, AW over plain SCD,
@@ -120,11 +121,11 @@ def claims(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], teacher
 
 
 def _claim_lines(rows: list[dict]) -> list[str]:
-    lines = ["| claim | Δ [95% CI] | verdict |", "|---|---|---|"]
+    lines = ["| claim | Δ [95% CI over examples] | Δ per seed | verdict |", "|---|---|---|---|"]
     for c in rows:
         d = (f"{fmt(c['delta'], sign=True)} {fmt_ci(c['ci'], sign=True)} "
              f"(n = {c['n']})") if "delta" in c else "-"
-        lines.append(f"| {c['claim']} | {d} | {c['verdict']} |")
+        lines.append(f"| {c['claim']} | {d} | {fmt_seed_deltas(c.get('seed_deltas', []))} | {c['verdict']} |")
     return lines
 
 

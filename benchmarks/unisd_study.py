@@ -17,7 +17,8 @@ Reads the ``run.json`` files (status ok) and saved predictions of one grid folde
   combination (> 0: removing it hurts).
 * **Claims** (the paper's): UniSD* > the best single component; the best single component > base; UniSD* >
   base; and which component drives the gain -- the component whose removal costs UniSD* most, named only when
-  that cost's CI lies above 0.  Verdicts as :func:`benchmarks.paired.verdict`.
+  that cost's CI lies above 0.  Verdicts as :func:`benchmarks.paired.verdict`.  Each Δ also lists its value per
+  seed: the CI is over examples (seeds averaged first) and does not include the seed-to-seed spread of training.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.paired import fmt, fmt_ci, load_rows, mean_sd, paired_runs, study_cli, verdict, write_study
+from benchmarks.paired import (fmt, fmt_ci, fmt_seed_deltas, load_rows, mean_sd, paired_runs, study_cli, verdict,
+                              write_study)
 
 
 def groups(methods: Sequence[str], base: str, full: str) -> dict[str, list[str]]:
@@ -91,10 +93,10 @@ def claims(rows, summaries, grp: dict[str, list[str]], base: str, full: str, loo
     if driver is None:
         out.append({"claim": "the component driving the gain", "verdict": "not measurable (no leave-one-out row)"})
     elif driver["ci"][0] > 0:
-        out.append({"claim": "the component driving the gain", **{k: driver[k] for k in ("n", "a", "b", "delta", "ci")},
+        out.append({"claim": "the component driving the gain", **{k: driver[k] for k in ("n", "a", "b", "delta", "ci", "seed_deltas")},
                     "verdict": f"{driver['component']} (removing it from {full} costs the most; CI above 0)"})
     else:
-        out.append({"claim": "the component driving the gain", **{k: driver[k] for k in ("n", "a", "b", "delta", "ci")},
+        out.append({"claim": "the component driving the gain", **{k: driver[k] for k in ("n", "a", "b", "delta", "ci", "seed_deltas")},
                     "verdict": f"none identified (the largest leave-one-out cost, {driver['component']}, has a CI "
                                "including 0)"})
     return out
@@ -120,12 +122,15 @@ def markdown(root: Path, task: str, res: dict) -> str:
         lines.append(f"| {r['role']} | {r['method']}{flag} | {len(r['seeds'])} | {fmt(r['score'])} ± "
                      f"{fmt(r['score_sd'])} | {_delta_cell(r['vs_base'])} | {beats} | {fmt(r['wall_s'], 0)} |")
     lines += ["", f"## Leave-one-out: what each component adds to `{res['full']}`", "",
-              "| component | Δ = full − without it [95% CI] | verdict on `full > without` |", "|---|---|---|"]
+              "| component | Δ = full − without it [95% CI] | Δ per seed | verdict on `full > without` |",
+              "|---|---|---|---|"]
     for r in res["leave_one_out"]:
-        lines.append(f"| {r['component']} | {_delta_cell(r)} | {r['verdict']} |")
-    lines += ["", "## The paper's claims", "", "| claim | Δ [95% CI] | verdict |", "|---|---|---|"]
+        lines.append(f"| {r['component']} | {_delta_cell(r)} | {fmt_seed_deltas(r.get('seed_deltas', []))} | "
+                     f"{r['verdict']} |")
+    lines += ["", "## The paper's claims", "", "| claim | Δ [95% CI] | Δ per seed | verdict |", "|---|---|---|---|"]
     for c in res["claims"]:
-        lines.append(f"| {c['claim']} | {_delta_cell(c)} | {c['verdict']} |")
+        lines.append(f"| {c['claim']} | {_delta_cell(c)} | {fmt_seed_deltas(c.get('seed_deltas', []))} | "
+                     f"{c['verdict']} |")
     return "\n".join(lines + [""])
 
 

@@ -73,6 +73,9 @@ def test_scd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     kd = next(e for e in found if e.name == "claim kd > sft: Δ accuracy")
     assert kd.value == pytest.approx(0.5) and kd.phrase.startswith("kd > sft: Δ +0.500 [")
     assert kd.phrase.endswith("], supported")
+    per_seed = next(e for e in found if e.name == "claim kd > sft: Δ per seed")
+    assert per_seed.note == f"{N.SCD_STUDY}/README.md"
+    assert per_seed.phrase == "kd > sft: per seed +0.500 / +0.500 (A ahead in 2/2 seeds)"
     assert {e.note for e in found if e.name.startswith("claim kd > sft")} == {"README.md", f"{N.SCD_STUDY}/README.md"}
     assert any(e.phrase == "`kd` 1.000 ± 0.000 over 2 seeds" for e in found)
     # the teacher is right wherever the SFT anchor is: no student-favoured example; 6 teacher-favoured per seed

@@ -60,6 +60,7 @@ def test_study_on_a_synthetic_grid(tmp_path):
     assert rows["kd"]["beats_teacher_seeds"] == 2 and rows["cd"]["constant_runs"] == 2
     by = {c["claim"].split(" (")[0]: c for c in res["claims"]}
     assert by["kd > sft"]["delta"] == pytest.approx(1.0 - 0.7) and by["kd > sft"]["verdict"] == "supported"
+    assert by["kd > sft"]["seed_deltas"] == pytest.approx([0.3, 0.3])  # the seed-to-seed spread, beside the CI
     assert by["cd >= kd"]["verdict"].startswith("not measurable")  # cd has constant runs
     assert by["scd_aw > cd"]["verdict"] == "not measurable (row missing)"
     assert by["kd >= teacher"]["verdict"].startswith("supported")  # the best clean student is kd
@@ -68,9 +69,10 @@ def test_study_on_a_synthetic_grid(tmp_path):
     assert "kd_ce > kd" in comp and not any("teacher" in c for c in comp)  # no best-vs-teacher row here
     md = (tmp_path / "scd_study.md").read_text()
     assert "| cd ⚠ 2 constant |" in md and "| kd > sft | +0.300" in md
+    assert "| +0.300 / +0.300 (A ahead in 2/2 seeds) | supported |" in md
     assert rows["cd"]["selections"] == {0: [30, 60], 1: [60, 60]} and rows["kd"]["selections"] == {}
     assert "| cd | 30 → 60 | 60 → 60 |" in md
-    assert "## What each ingredient adds" in md and "| scd_aw > kd_ce | - | not measurable (row missing) |" in md
+    assert "## What each ingredient adds" in md and "| scd_aw > kd_ce | - | - | not measurable (row missing) |" in md
     assert main([str(tmp_path), "--task", "t"]) == 0 and main([str(tmp_path), "--task", "nope"]) == 2
 
 
