@@ -149,10 +149,9 @@ def markdown(root: Path, task: str, table: list[dict], claim_rows: list[dict], t
                      f"{fmt(r['wall_s'], 0)} |")
     staged = [r for r in table if any(len(v) > 1 for v in r["selections"].values())]
     if staged:
-        lines += ["", "## The teacher checkpoint (its training step) of each stage", "",
-                  "| method | " + " | ".join(f"seed {s}" for s in sorted({s for r in staged for s in r["selections"]}))
-                  + " |", "|---|" + "---|" * len({s for r in staged for s in r["selections"]})]
         seeds = sorted({s for r in staged for s in r["selections"]})
+        lines += ["", "## The teacher checkpoint (its training step) of each stage", "",
+                  "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
         for r in staged:
             lines.append(f"| {r['method']} | " + " | ".join(" → ".join(map(str, r["selections"].get(s) or [])) or "-"
                                                            for s in seeds) + " |")

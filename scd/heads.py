@@ -29,8 +29,12 @@ dtype: ``target_logits`` returns the head's output in whatever dtype the head ra
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
+
+from scd.tokens import right_pad
 
 IGNORE_INDEX = -100
 Tensor = torch.Tensor
@@ -110,6 +114,12 @@ def shared_prefix_len(input_ids: Tensor, attention_mask: Tensor | None = None) -
     s = int(same.int().cumprod(0).sum()) if T else 0
     s = min(s, cap)
     return s if s >= MIN_SHARED_PREFIX else 0
+
+
+def prompts_shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Length S of the longest common prefix of ``prompts`` (token id lists), as :func:`shared_prefix_len`
+    (each prompt keeps one token of its own; 0 below ``MIN_SHARED_PREFIX`` tokens or for one prompt)."""
+    return shared_prefix_len(*right_pad(prompts, 0))
 
 
 def prefix_cache(model: nn.Module, prefix, batch: int, device=None):

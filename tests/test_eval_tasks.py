@@ -441,15 +441,16 @@ def test_loglik_choices_match_reference(lively_model, smol_tokenizer):
 def test_loglik_choices_share_the_demonstrations_prefix(lively_model, smol_tokenizer):
     """Few-shot contexts share their demonstrations: the common prefix runs once and the rest of each context is
     left-padded after it ([prefix | pad | suffix]); the sums still equal the one-string-at-a-time reference."""
-    from benchmarks.tasks.generate import encode_pair, loglik_choices, loglik_reference, shared_context_len
+    from benchmarks.tasks.generate import encode_pair, loglik_choices, loglik_reference
+    from scd.heads import prompts_shared_prefix_len
 
     demos = "Review: a gem. Answer: positive\nReview: a mess. Answer: negative\nReview: loved it. Answer: positive\n"
     prompts = [smol_tokenizer.apply_chat_template([{"role": "user", "content": demos + "Review: " + "x " * n + "ok"}],
                                                   tokenize=False, add_generation_prompt=True) for n in (9, 0, 4, 1)]
     ctxs = [encode_pair(smol_tokenizer, p, "positive")[0] for p in prompts]
-    s = shared_context_len(ctxs)
+    s = prompts_shared_prefix_len(ctxs)
     assert s >= 30 and len({len(c) for c in ctxs}) == 4  # a real shared prefix; suffixes of 4 lengths (padding)
-    assert shared_context_len(ctxs[:1]) == 0 and shared_context_len([[1] * 40, [2] * 40]) == 0
+    assert prompts_shared_prefix_len(ctxs[:1]) == 0 and prompts_shared_prefix_len([[1] * 40, [2] * 40]) == 0
     choices = [["positive", "negative"]] * 4
     got = loglik_choices(lively_model, smol_tokenizer, prompts, choices, batch_size=4, progress=False)
     ref = [[loglik_reference(lively_model, smol_tokenizer, p, c) for c in cs] for p, cs in zip(prompts, choices)]

@@ -14,15 +14,9 @@ from typing import Sequence
 import torch
 from transformers import GenerationConfig
 
-from scd.heads import prefix_cache, shared_prefix_len as heads_shared_prefix_len
-from scd.tokens import left_pad, right_pad
-
-
-def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
-    """Length S of the longest common prefix of ``prompts`` (token id lists), as
-    :func:`scd.heads.shared_prefix_len` (each prompt keeps one token of its own; 0 below
-    ``MIN_SHARED_PREFIX`` tokens or for one prompt)."""
-    return heads_shared_prefix_len(*right_pad(prompts, 0))
+from scd.heads import prefix_cache
+from scd.heads import prompts_shared_prefix_len as shared_prefix_len  # noqa: F401  (used here and by unisd.context)
+from scd.tokens import left_pad
 
 
 def suffix_inputs(prompts: Sequence[Sequence[int]], s: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

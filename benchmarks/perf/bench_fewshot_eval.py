@@ -22,10 +22,11 @@ import time
 
 import torch
 
-from benchmarks.tasks.generate import encode_pair, loglik_choices, shared_context_len
+from benchmarks.tasks.generate import encode_pair, loglik_choices
 from benchmarks.tasks.classification import ClassificationScorer
 from benchmarks.tasks.suite import few_shot_examples, task_examples
 from scd.core.results import atomic_write_json
+from scd.heads import prompts_shared_prefix_len
 from scd.data.label_words import LabelWords, verbalize
 from scd.models import ModelConfig, build_model
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     prompts = scorer.prompts(examples, tok, demos)
     cands = [scorer.candidates(e, tok) for e in examples]
     ctxs = [encode_pair(tok, p, c[0])[0] for p, c in zip(prompts, cands)]
-    prefix = shared_context_len(ctxs)
+    prefix = prompts_shared_prefix_len(ctxs)
     times: dict[str, list[float]] = {"full": [], "shared": []}
     out: dict[str, list] = {}
     for _ in range(args.rounds):

@@ -21,7 +21,6 @@ starts with the tokenizer's BOS text, as lm-eval does); stop tokens are
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from typing import Sequence
 
@@ -30,8 +29,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from scd.heads import MIN_SHARED_PREFIX
-from scd.tokens import encode, stop_token_ids
+from scd.heads import prefix_cache, prompts_shared_prefix_len
+from scd.tokens import encode, left_pad, stop_token_ids
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -118,7 +117,7 @@ def loglik_choices(model, tokenizer, contexts: Sequence[str], choices: Sequence[
     ``batch_size`` counts contexts; each batch runs the (left-padded) contexts once,
     repeats their KV cache for every candidate and scores the right-padded
     candidates in a second forward pass.  ``share_prefix``: the batch's common context
-    prefix (:func:`shared_context_len`, e.g. few-shot demonstrations) runs once (the same
+    prefix (:func:`scd.heads.prompts_shared_prefix_len`, e.g. few-shot demonstrations) runs once (the same
     sums to float rounding; ``False`` is the baseline of ``benchmarks.perf.bench_fewshot_eval``).
     """
     if len(contexts) != len(choices):
@@ -161,32 +160,15 @@ def loglik_choices(model, tokenizer, contexts: Sequence[str], choices: Sequence[
     return out  # type: ignore[return-value]
 
 
-def shared_context_len(contexts: Sequence[Sequence[int]]) -> int:
-    """Tokens S that every context starts with (few-shot demonstrations, a system prompt), each context keeping
-    at least one token after them; 0 for a single context or when S < ``scd.heads.MIN_SHARED_PREFIX``."""
-    if len(contexts) < 2:
-        return 0
-    s = min(len(os.path.commonprefix([list(c) for c in contexts])), min(len(c) for c in contexts) - 1)
-    return s if s >= MIN_SHARED_PREFIX else 0
-
-
 def _score_batch(model, batch, pad: int, device, share_prefix: bool = True) -> list[list[float]]:
     B = len(batch)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}  # skip the (L, V) head
     # the contexts' common prefix (S tokens) runs once, its KV cache repeated over the batch; the rest of each
     # context is left-padded after it: [prefix | pad .. pad | suffix] (same sums to float rounding)
-    s = shared_context_len([ctx for ctx, _ in batch]) if share_prefix else 0
-    cache = None
-    if s:
-        cache = model(input_ids=torch.tensor([batch[0][0][:s]], device=device), use_cache=True,
-                      **extra).past_key_values
-        cache.batch_repeat_interleave(B)
-    width = max(len(ctx) - s for ctx, _ in batch)
-    ids = torch.full((B, width), pad, dtype=torch.long)  # (B, L) left-padded contexts (after the prefix)
-    mask = torch.ones((B, s + width), dtype=torch.long)  # (B, S + L)
-    for r, (ctx, _) in enumerate(batch):
-        ids[r, width - (len(ctx) - s):] = torch.tensor(ctx[s:])
-        mask[r, s:s + width - (len(ctx) - s)] = 0
+    s = prompts_shared_prefix_len([ctx for ctx, _ in batch]) if share_prefix else 0
+    cache = prefix_cache(model, batch[0][0][:s], B, device) if s else None
+    ids, rest = left_pad([ctx[s:] for ctx, _ in batch], pad)  # (B, L) the contexts after the prefix
+    mask = torch.cat([torch.ones((B, s), dtype=torch.long), rest], dim=1)  # (B, S + L)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, s:]  # (B, L) positions ignore the padding
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
     first = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
