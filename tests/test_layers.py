@@ -21,7 +21,7 @@ PACKAGES = ("scd", "unisd", "benchmarks")
 # (layer, module-name pattern); the first match wins, so more specific patterns come first.
 LAYERS = [
     (5, r"^scd\.(cli|__main__|assets)$"),
-    (5, r"^benchmarks\.(grid|leaderboard|recovery_study|scd_study|note_numbers|perf|demo)(\.|$)"),
+    (5, r"^benchmarks\.(grid|leaderboard|recovery_study|scd_study|unisd_study|note_numbers|perf|demo)(\.|$)"),
     (0, r"^scd\.core(\.|$)"),
     (0, r"^(scd|unisd|benchmarks)$"),  # package __init__ files
     (0, r"^scd\.recipes$"),  # name -> module table, imports by string on demand
