@@ -91,7 +91,7 @@ def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
         counts = example_counts(pred) if metric == "f1_micro" else None
         correct = ({i: 1.0 if c[1] + c[2] == 0 else 2 * c[0] / (c[1] + c[2]) for i, c in counts.items()}
                    if counts is not None else correctness(pred))
-        extra = (info.get("extra") or {}).get("accuracy") or {}
+        extra = (info.get("extra") or {}).get(metric) or {}  # the constant flag: accuracy's, or NER's on f1_micro
         rows.setdefault(rec["method"], {})[int(rec.get("seed", 0))] = {
             "score": metrics.get(metric, {}).get("value"), "metric": metric, "correct": correct, "counts": counts,
             "constant": bool(extra.get("constant")), "top_share": extra.get("max_label_share"),

@@ -142,6 +142,21 @@ def test_ner_unplaced_entities_are_false_positives():
     assert sc.score(examples, old)["f1_micro"]["value"] == pytest.approx(4 / 6, abs=1e-6)
 
 
+def test_ner_flags_a_run_that_answers_none_for_nearly_every_sentence():
+    sc = SCORERS.build("ner", n_boot=50, seed=0)
+    examples = [_ner(i, ["John", "ran"], ["B-person", "O"] if i < 5 else ["O", "O"]) for i in range(20)]
+    outputs = ["none"] * 19 + ["person: John"]
+    extra = sc.score(examples, sc.predictions_from_outputs(examples, outputs))["f1_micro"]["extra"]
+    assert (extra["max_label_share"], extra["most_predicted"], extra["constant"]) == (0.95, "none", True)
+    # 18 of 20 "none" (90 %) is not constant; the same entity list counts as one answer
+    outputs = ["none"] * 18 + ["person: John", "person: John"]
+    extra = sc.score(examples, sc.predictions_from_outputs(examples, outputs))["f1_micro"]["extra"]
+    assert (extra["max_label_share"], extra["constant"]) == (0.9, False)
+    # predictions saved without the parsed list are read from their output
+    old = [{"id": ex["id"], "output": "none"} for ex in examples]
+    assert sc.score(examples, old)["f1_micro"]["extra"]["constant"] is True
+
+
 def test_ner_scores_by_hand():
     sc = SCORERS.build("ner", n_boot=200, seed=0)
     preds = sc.predictions_from_outputs(NER_EXAMPLES, NER_OUTPUTS)

@@ -20,6 +20,11 @@ it is not dropped), and the share of such entities is reported as
   holds per-type precision / recall / F1 / support.  Chance level 0.
 * CIs: bootstrap over sentences of per-sentence (tp, predicted, gold) entity
   counts, overall (micro) and per type (macro).
+* constant predictor: ``extra`` of ``f1_micro`` holds ``max_label_share`` (the share of
+  sentences whose entity list is the most frequent one, ``"none"`` for no entity),
+  ``most_predicted`` and ``constant`` (share >= 0.95, the classification rule): a model
+  that answers "none" for nearly every tweet is flagged as a constant predictor, whatever
+  its F1.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from seqeval.metrics.sequence_labeling import get_entities
 
 from benchmarks.stats import bootstrap_ci, f1_from_counts, macro_f1_sums, metric_entry, micro_f1_sums, safe_div
 from benchmarks.tasks.base import SCORERS, Scorer
+from benchmarks.tasks.classification import CONSTANT_SHARE
 from scd.data.prompts import entities_to_bio, parse_entities
 
 NONE_ANSWERS = ("none",)
@@ -105,6 +111,25 @@ def per_type_report(per_type: np.ndarray, types: Sequence[str]) -> dict[str, dic
                 "f1-score": round(float(f[i]), 6), "support": int(gold[i])} for i, t in enumerate(types)}
 
 
+def answer_key(entities: Sequence[Sequence[str]]) -> str:
+    """One sentence's predicted entity list as a string (``"none"`` when empty): the 'label' whose
+    share decides whether a NER run is a constant predictor."""
+    return "; ".join(f"{t}: {x}" for t, x in entities) or "none"
+
+
+def answer_profile(keys: Sequence[str]) -> dict:
+    """``max_label_share`` (share of the most frequent answer; ties -> the first seen),
+    ``most_predicted`` and ``constant`` (share >= CONSTANT_SHARE) of per-sentence answer keys."""
+    if not keys:
+        return {"max_label_share": 0.0, "most_predicted": None, "constant": False}
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    top = max(counts, key=counts.__getitem__)
+    share = round(counts[top] / len(keys), 6)
+    return {"max_label_share": share, "most_predicted": top, "constant": bool(share >= CONSTANT_SHARE)}
+
+
 @SCORERS.register("ner")
 class NERScorer(Scorer):
     family = "ner"
@@ -158,7 +183,9 @@ class NERScorer(Scorer):
                     if types else (0.0, 0.0))
         n_items = sum(len(p.get("prediction") or []) for p in predictions)
         unplaced = sum(len(u) for _, _, u in parsed)
-        extra = {"per_type": per_type_report(type_c.sum(0), types) if n else {},
+        keys = [answer_key(p["prediction"] if isinstance(p.get("prediction"), list)
+                           else self.parse(ex, p.get("output") or "")) for ex, p in zip(examples, predictions)]
+        extra = {"per_type": per_type_report(type_c.sum(0), types) if n else {}, **answer_profile(keys),
                  "n_gold_entities": int(micro_c[:, 2].sum()), "n_pred_entities": int(micro_c[:, 1].sum()),
                  "n_unplaced_entities": int(unplaced),
                  "unplaced_rate": round(unplaced / n_items, 6) if n_items else 0.0}
