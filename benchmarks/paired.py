@@ -132,6 +132,34 @@ def paired_runs(a: Sequence[dict], b: Sequence[dict], n_boot: int = 10_000) -> d
                                 if ra["score"] is not None and rb["score"] is not None]}
 
 
+def shared_run(runs: dict[int, dict], seed: int) -> dict | None:
+    """The run of a row paired with ``seed``: its own seed's, else the only one (a row shared by all seeds, e.g.
+    one teacher)."""
+    if seed in runs:
+        return runs[seed]
+    return next(iter(runs.values())) if len(runs) == 1 else None
+
+
+def judge(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], a: str, op: str, b: str, n_boot: int,
+          claim: str | None = None, shared: str | None = None) -> dict:
+    """The verdict on ``A op B`` (``rows``: :func:`load_rows`; ``summaries[m]["constant_runs"]``): not measurable
+    when a row is missing or has a constant-predictor run, else Δ by :func:`paired_runs` over the seeds both rows
+    have -- or, when ``b`` is the ``shared`` row (one run for every seed), every seed of A against it."""
+    claim = claim or f"{a} {op} {b}"
+    if a not in rows or b not in rows:
+        return {"claim": claim, "verdict": "not measurable (row missing)"}
+    if summaries[a]["constant_runs"] or summaries[b]["constant_runs"]:
+        return {"claim": claim, "verdict": "not measurable (a constant-predictor run)"}
+    if b == shared:
+        seeds = [s for s in sorted(rows[a]) if shared_run(rows[b], s) is not None]
+        pairs = [(rows[a][s], shared_run(rows[b], s)) for s in seeds]
+    else:
+        seeds = sorted(set(rows[a]) & set(rows[b]))
+        pairs = [(rows[a][s], rows[b][s]) for s in seeds]
+    d = paired_runs([x for x, _ in pairs], [y for _, y in pairs], n_boot=n_boot) | {"seeds": seeds}
+    return {"claim": claim, **d, "verdict": verdict(d, op)}
+
+
 def fmt_seed_deltas(deltas: Sequence[float]) -> str:
     """Per-seed Δ of the primary metric: "+0.010 / -0.004 / +0.021 (A ahead in 2/3 seeds)" ("-" when none)."""
     if not deltas:

@@ -34,8 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.paired import (common_ids, fmt, fmt_ci, fmt_seed_deltas, load_rows, mean_sd, paired_runs,
-                              pooled_score, study_cli, verdict, write_study)
+from benchmarks.paired import (common_ids, fmt, fmt_ci, fmt_seed_deltas, judge, load_rows, mean_sd, paired_runs,
+                              pooled_score, shared_run, study_cli, write_study)
 
 CLAIMS = (("scd_aw", ">", "cd"), ("cd", ">=", "kd"), ("kd", ">", "sft"))
 # what each ingredient adds (not the paper's claims): checkpoint selection over a fixed order, AW over plain SCD,
@@ -44,13 +44,6 @@ CLAIMS = (("scd_aw", ">", "cd"), ("cd", ">=", "kd"), ("kd", ">", "sft"))
 COMPARISONS = (("scd", ">", "cd"), ("scd_aw", ">", "scd"), ("scd_aw", ">", "kd_ce"), ("kd_ce", ">", "kd"),
                ("scd_aw", ">", "kd"), ("scd_aw", ">", "sft"))
 STUDENT_ORDER = ("sft", "kd", "kd_ce", "cd", "scd", "scd_aw")
-
-
-def teacher_for(teachers: dict[int, dict], seed: int) -> dict | None:
-    """The teacher run paired with ``seed``: its own seed's, else the only one (a shared teacher)."""
-    if seed in teachers:
-        return teachers[seed]
-    return next(iter(teachers.values())) if len(teachers) == 1 else None
 
 
 def favoured_subsets(anchor: dict[str, float], teacher: dict[str, float]) -> tuple[list[str], list[str]]:
@@ -64,12 +57,12 @@ def row_summary(method: str, runs: dict[int, dict], teachers: dict[int, dict], a
     """One row of the table: its score, Δ vs teacher, the score on SFS / TFS, seeds beating the teacher."""
     seeds = sorted(runs)
     score, sd = mean_sd([runs[s]["score"] for s in seeds])
-    paired = [(runs[s], teacher_for(teachers, s)) for s in seeds]
+    paired = [(runs[s], shared_run(teachers, s)) for s in seeds]
     paired = [(r, t) for r, t in paired if t is not None]
     vs_t = paired_runs([r for r, _ in paired], [t for _, t in paired], n_boot=n_boot)
     sfs, tfs = [], []  # (run, ids) per seed, pooled
     for s in seeds:
-        t, a = teacher_for(teachers, s), anchors.get(s)
+        t, a = shared_run(teachers, s), anchors.get(s)
         if t is None or a is None:
             continue
         sub_s, sub_t = favoured_subsets(a["correct"], t["correct"])
@@ -98,25 +91,11 @@ def claims(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], teacher
     best = max(clean, key=lambda m: summaries[m]["score"], default=None)
     tests = list(tests) + ([(best or "best student", ">=", teacher)] if vs_teacher else [])
     for a, op, b in tests:
-        claim = f"{a} {op} {b}"
         if best is None and b == teacher:
-            out.append({"claim": claim, "verdict": "not measurable (every student row has a constant run)"})
+            out.append({"claim": f"{a} {op} {b}", "verdict": "not measurable (every student row has a constant run)"})
             continue
-        if a not in rows or b not in rows:
-            out.append({"claim": claim, "verdict": "not measurable (row missing)"})
-            continue
-        if summaries[a]["constant_runs"] or summaries[b]["constant_runs"]:
-            out.append({"claim": claim, "verdict": "not measurable (a constant-predictor run)"})
-            continue
-        if b == teacher:
-            da = [rows[a][s] for s in sorted(rows[a]) if teacher_for(rows[b], s) is not None]
-            db = [teacher_for(rows[b], s) for s in sorted(rows[a]) if teacher_for(rows[b], s) is not None]
-        else:
-            seeds = sorted(set(rows[a]) & set(rows[b]))
-            da, db = [rows[a][s] for s in seeds], [rows[b][s] for s in seeds]
-        d = paired_runs(da, db, n_boot=n_boot)
-        out.append({"claim": claim + (" (best student vs teacher)" if b == teacher else ""), **d,
-                    "verdict": verdict(d, op)})
+        claim = f"{a} {op} {b}" + (" (best student vs teacher)" if b == teacher else "")
+        out.append(judge(rows, summaries, a, op, b, n_boot, claim=claim, shared=teacher))
     return out
 
 

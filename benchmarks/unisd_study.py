@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.paired import (fmt, fmt_ci, fmt_seed_deltas, load_rows, mean_sd, paired_runs, study_cli, verdict,
+from benchmarks.paired import (fmt, fmt_ci, fmt_seed_deltas, judge, load_rows, mean_sd, paired_runs, study_cli,
                               write_study)
 
 
@@ -61,19 +61,9 @@ def row_summary(method: str, role: str, rows: dict[str, dict[int, dict]], base: 
             "wall_s": float(np.mean(walls)) if walls else float("nan")}
 
 
-def _judge(rows, summaries, a: str, op: str, b: str, n_boot: int, claim: str | None = None) -> dict:
-    claim = claim or f"{a} {op} {b}"
-    if a not in summaries or b not in summaries:
-        return {"claim": claim, "verdict": "not measurable (row missing)"}
-    if summaries[a]["constant_runs"] or summaries[b]["constant_runs"]:
-        return {"claim": claim, "verdict": "not measurable (a constant-predictor run)"}
-    d = paired(rows, a, b, n_boot)
-    return {"claim": claim, **d, "verdict": verdict(d, op)}
-
-
 def leave_one_out(rows, summaries, full: str, loo: Sequence[str], n_boot: int) -> list[dict]:
     """What each component adds to the combination: Δ = full − (full without it), > 0 when removing it hurts."""
-    return [{"component": m[len(full) + 1:], **_judge(rows, summaries, full, ">", m, n_boot,
+    return [{"component": m[len(full) + 1:], **judge(rows, summaries, full, ">", m, n_boot,
                                                       claim=f"{full} > {m}")} for m in loo]
 
 
@@ -85,9 +75,9 @@ def claims(rows, summaries, grp: dict[str, list[str]], base: str, full: str, loo
         out = [{"claim": f"{full} > best single component", "verdict": "not measurable (no clean single-component row)"},
                {"claim": f"best single component > {base}", "verdict": "not measurable (no clean single-component row)"}]
     else:
-        out = [_judge(rows, summaries, full, ">", best, n_boot, claim=f"{full} > {best} (best single component)"),
-               _judge(rows, summaries, best, ">", base, n_boot, claim=f"{best} (best single component) > {base}")]
-    out.append(_judge(rows, summaries, full, ">", base, n_boot))
+        out = [judge(rows, summaries, full, ">", best, n_boot, claim=f"{full} > {best} (best single component)"),
+               judge(rows, summaries, best, ">", base, n_boot, claim=f"{best} (best single component) > {base}")]
+    out.append(judge(rows, summaries, full, ">", base, n_boot))
     measured = [r for r in loo if "delta" in r]
     driver = max(measured, key=lambda r: r["delta"], default=None)
     if driver is None:

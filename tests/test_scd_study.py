@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from benchmarks.scd_study import favoured_subsets, main, study, verdict
+from benchmarks.paired import verdict
+from benchmarks.scd_study import favoured_subsets, main, study
 from scd.core.results import atomic_write_json
 
 GOLD = ["a", "b"] * 10  # 20 examples, balanced
