@@ -106,6 +106,17 @@ def test_grid_file_is_a_registered_recipe(tmp_path):
     assert isinstance(cfg, G.GridConfig) and cfg.name == "g"
 
 
+def test_a_variant_can_run_for_some_seeds_only(tmp_path):
+    path = make_grid(tmp_path, seeds=[0, 1, 2], runs=[{"method": "teacher", "seeds": [0]}, {"method": "kd"}])
+    plan = G.expand_grid(G.load_grid(path), path)
+    assert [(r.method, r.seed) for r in plan.runs] == [("teacher", 0), ("kd", 0), ("kd", 1), ("kd", 2)]
+    teacher = plan.runs[0]
+    assert "seeds" not in teacher.config and "seeds" not in teacher.overrides
+    # the narrowed variant has the id it would have without `seeds`
+    plain = make_grid(tmp_path, name="h", fname="h", seeds=[0], runs=[{"method": "teacher"}], baseline="teacher")
+    assert G.expand_grid(G.load_grid(plain), plain).runs[0].run_id == teacher.run_id
+
+
 @pytest.mark.parametrize("keys, match", [
     ({"seeds": [0, 0]}, r"g\.yaml:\d+: key 'seeds': seeds must be unique"),
     ({"zip": {"quality": [0.1, 0.2], "train.lr": [0.1]}}, r"key 'zip': zipped axes must have equal lengths"),
@@ -118,6 +129,8 @@ def test_grid_file_is_a_registered_recipe(tmp_path):
     ({"base": "nope.yaml"}, r"key 'base': config file 'nope.yaml' not found"),
     ({"runs": [{"method": "kd"}, {"method": "kd"}]}, r"resolves to the same config as runs\[0\]"),
     ({"name": "../escape"}, r"g\.yaml:\d+: key 'name': '\.\./escape' must be a plain directory name"),
+    ({"seeds": [0, 1], "runs": [{"method": "kd", "seeds": [2]}]},
+     r"key 'runs\[0\]\.seeds': a variant's seeds must be a non-empty subset of the grid's seeds \[0, 1\]"),
 ])
 def test_bad_grid_files_give_one_line_errors(tmp_path, keys, match):
     path = make_grid(tmp_path, **keys)

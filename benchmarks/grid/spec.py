@@ -98,7 +98,12 @@ def grid_problems(g: GridConfig) -> list[tuple[str, str]]:
         if not isinstance(v, dict):
             out.append((f"runs[{i}]", f"each variant is a mapping of overrides, got {v!r}"))
         elif "seed" in v or "grid" in v:
-            out.append((f"runs[{i}]", "set seeds with the grid's `seeds:` list, not per variant"))
+            out.append((f"runs[{i}]", "set seeds with the grid's `seeds:` list (a variant may narrow it with "
+                                      "`seeds: [...]`), not per variant"))
+        elif "seeds" in v and (not isinstance(v["seeds"], (list, tuple)) or not v["seeds"]
+                               or not set(v["seeds"]) <= set(g.seeds) or len(set(v["seeds"])) != len(v["seeds"])):
+            out.append((f"runs[{i}].seeds", f"a variant's seeds must be a non-empty subset of the grid's seeds "
+                                            f"{list(g.seeds)}, got {v['seeds']!r}"))
     for axis_kind in ("product", "zip"):
         axes = getattr(g, axis_kind)
         for key, values in axes.items():
@@ -306,7 +311,10 @@ def expand_grid(grid: GridConfig, grid_path: str | os.PathLike | None = None) ->
     runs: list[PlannedRun] = []
     seen: dict[str, str] = {}
     for seed in grid.seeds:
-        for vi, variant in enumerate(grid.runs):
+        for vi, full_variant in enumerate(grid.runs):
+            if seed not in full_variant.get("seeds", grid.seeds):
+                continue  # a variant run for some seeds only (e.g. one deterministic teacher eval shared by all)
+            variant = {k: v for k, v in full_variant.items() if k != "seeds"}
             for axes in combos:
                 data = apply_mapping(base, variant)
                 data = apply_mapping(data, axes)
