@@ -129,11 +129,14 @@ def test_early_stop_when_probe_kl_plateaus_and_resume_is_exact(tmp_path):
                 metrics=Boom(tmp_path / "metrics.jsonl"),
                 stopper=KLEarlyStop(ES, kl0, lambda: token_kl(s1, teacher, HELD)))
     assert (tmp_path / "ckpt" / "last").exists()
+    saved_wall = torch.load(tmp_path / "ckpt" / "last" / "state.pt", weights_only=False)["extra"]["wall_s"]
+    assert saved_wall > 0  # the first session's training time travels with the checkpoint
     s2, c2 = _pruned(teacher)
     st2 = KLEarlyStop(ES, kl0, lambda: token_kl(s2, teacher, HELD))
     stats2 = recover(s2, teacher, TRAIN, cfg1, method="sd", constraint=c2, seed=3, run_dir=tmp_path,
                      metrics=MetricsWriter(tmp_path / "metrics.jsonl"), stopper=st2)
     assert stats2["steps"] == stop and st2.state() == st_ref.state()
+    assert stats2["wall_s"] > saved_wall  # wall time summed over both sessions, not the last one alone
     for (n, p), (_, q) in zip(ref.named_parameters(), s2.named_parameters()):
         assert torch.equal(p, q), n
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, stop + 1))

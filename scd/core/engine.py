@@ -417,6 +417,8 @@ class Engine:
         else:
             self.backend = TorchBackend(module, train, self.device)
         self.tokens = 0
+        self.wall_prior = 0.0  # training seconds of earlier sessions of this run (restored on resume)
+        self._t0: float | None = None
         self.new_schedule(train.max_steps)  # fit() re-creates it when it trains another number of steps
         self.step = 0
         self.last_stats: dict[str, float] = {}  # the logged values of the last step trained
@@ -449,7 +451,8 @@ class Engine:
 
     def save(self, step: int, recipe=None) -> None:
         if self.run_dir is not None:
-            extra = {"tokens": self.tokens, "recipe": recipe.state() if hasattr(recipe, "state") else {}}
+            extra = {"tokens": self.tokens, "wall_s": self.wall_s(),
+                     "recipe": recipe.state() if hasattr(recipe, "state") else {}}
             self.backend.save_state(self.run_dir, step, extra)
 
     def final_module(self, rebuild):
@@ -466,6 +469,10 @@ class Engine:
         module = rebuild()
         module.load_state_dict(sd, strict=False)
         return module.to(self.device)
+
+    def wall_s(self) -> float:
+        """Training seconds so far, summed over the sessions of a resumed run (each up to its last checkpoint)."""
+        return round(self.wall_prior + (time.time() - self._t0 if self._t0 is not None else 0.0), 2)
 
     def clear_state(self) -> None:
         if self.run_dir is not None:
@@ -484,6 +491,7 @@ class Engine:
             recipe.before_resume(self)  # e.g. the schedule the checkpoint's state belongs to
         step, extra = self.backend.load_state(self.run_dir)
         self.tokens = int(extra.get("tokens", 0))
+        self.wall_prior = float(extra.get("wall_s", 0.0))  # 0 for a checkpoint written before wall_s was saved
         if hasattr(recipe, "load_state"):
             recipe.load_state(extra.get("recipe") or {})
         if self.metrics is not None:
@@ -537,7 +545,7 @@ class Engine:
         """Train ``total_steps`` optimiser steps (resuming if a checkpoint exists) -> train stats."""
         tc = self.train_cfg
         start = self.resume(recipe, total_steps)
-        t0 = time.time()
+        self._t0 = time.time()
         bar, stopped = None, None
         if tqdm is not None and self.dist.rank == 0:
             bar = tqdm(total=total_steps, initial=start, desc=self.name, mininterval=5, disable=None)
@@ -571,5 +579,5 @@ class Engine:
         if bar is not None:
             bar.close()
         steps = total_steps if stopped is None else stopped
-        return {"tokens": self.tokens, "steps": steps, "wall_s": round(time.time() - t0, 2),
+        return {"tokens": self.tokens, "steps": steps, "wall_s": self.wall_s(),
                 "peak_mem": peak_memory(self.device)}
