@@ -31,6 +31,7 @@ from benchmarks.recovery_power import correlation_views, paired_deltas
 from benchmarks.recovery_study import aggregate as aggregate_recovery, load_runs as load_recovery_runs
 from benchmarks.scd_study import analyse as analyse_scd_study
 from benchmarks.unisd_study import analyse as analyse_unisd_study
+from benchmarks.tasks.ner import answer_key, answer_profile
 
 REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
@@ -345,6 +346,50 @@ def sft_dev_check(root: Path, note: str) -> list[Entry]:
                   f"{100 * prof['max_label_share']:.0f} % of its predictions on one label)") for n in (note, STATUS)]
 
 
+WNUT_TEACHER = "results/scd_study_cpu_dev/teacher-wnut-0c2cb721d55b"
+WNUT_ANCHOR = "results/scd_study_cpu_dev/sft-anchor-wnut-fdb416103134"
+
+
+def none_share(pred_path: Path) -> dict:
+    """The answer profile of saved NER predictions (:func:`benchmarks.tasks.ner.answer_profile`: the share of the
+    most frequent entity list, usually "none")."""
+    return answer_profile([answer_key(r.get("prediction") or []) for r in _jsonl(pred_path)])
+
+
+def _f1(m: dict) -> str:
+    return f"{m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
+
+
+def scd_study_wnut_dev(root: Path) -> list[Entry]:
+    """The SCD study's second task (WNUT-16) on dev: the teacher's dev entity F1 and "none" share per checkpoint,
+    its test F1, and the SFT student's dev gate (committed copies of the runs, without weights)."""
+    note, out = "results/scd_study_cpu_dev/README.md", []
+    d = root / WNUT_TEACHER
+    if (d / "run.json").exists():
+        ck = json.loads((d / "manifest.json").read_text(encoding="utf-8"))["checkpoints"]
+        shares = [none_share(d / "dev_eval" / c["path"] / "predictions/wnut16.jsonl") for c in ck]
+        out.append(Entry(note, "WNUT teacher dev F1 per checkpoint", ck[-1]["dev_score"],
+                         "dev entity F1 " + " / ".join(f"{c['dev_score']:.3f}" for c in ck) + " at steps "
+                         + " / ".join(str(c["step"]) for c in ck) + " ('none' for "
+                         + " / ".join(f"{100 * s['max_label_share']:.0f}" for s in shares) + " % of the dev tweets)"))
+        run = json.loads((d / "run.json").read_text(encoding="utf-8"))
+        f1 = (run.get("eval") or {}).get("wnut16", {}).get("f1_micro")
+        if f1:
+            prof = none_share(d / "predictions/wnut16.jsonl")
+            out += [Entry(n, "WNUT teacher test F1 (final checkpoint)", f1["value"],
+                          f"test entity F1 {_f1(f1)} on all {f1['n']} test tweets ('{prof['most_predicted']}' for "
+                          f"{100 * prof['max_label_share']:.0f} %)") for n in (note, STATUS)]
+    d = root / WNUT_ANCHOR
+    if (d / "run.json").exists():
+        f1 = json.loads((d / "run.json").read_text(encoding="utf-8"))["eval"]["wnut16"]["f1_micro"]
+        prof = none_share(d / "predictions/wnut16.jsonl")
+        out += [Entry(n, "WNUT SFT student dev F1", f1["value"],
+                      f"dev entity F1 {_f1(f1)} on {f1['n']} dev tweets ('{prof['most_predicted']}' for "
+                      f"{100 * prof['max_label_share']:.0f} %{', a constant predictor' if prof['constant'] else ''})")
+                for n in (note, STATUS)]
+    return out
+
+
 SCD_STUDY = "results/scd_study_cpu"
 
 
@@ -491,7 +536,7 @@ def unisd_study(root: Path) -> list[Entry]:
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
     "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe,
-    "scd_study_dev": scd_study_dev, "recovery_seeded": recovery_seeded, "scd_study": scd_study,
+    "scd_study_dev": scd_study_dev, "scd_study_wnut_dev": scd_study_wnut_dev, "recovery_seeded": recovery_seeded, "scd_study": scd_study,
     "constant_share": constant_share, "unisd_study_dev": unisd_study_dev, "unisd_study": unisd_study}
 
 
