@@ -425,3 +425,31 @@ def test_spec_class_label_ids_are_mapped_to_names(monkeypatch):
     assert cls["label"] == "pos" and cls["label_set"] == ["neg", "pos"] and cls["input"] == "Ada Lovelace !"
     with pytest.raises(DataError, match="row 0: 'input' should be a string, got list"):
         load_split("hub:someone/cls", "test", family="classification", mapping={"text": "words", "label": "stars"})
+
+
+def test_keep_empty_thins_only_the_empty_answers_of_the_train_split():
+    from scd.data_config import DataConfig, has_empty_answer, keep_share
+    ner = [{"id": f"n{i}", "family": "ner", "entities": [] if i % 3 else [["person", "x"]]} for i in range(300)]
+    qa = [{"id": "q0", "family": "qa", "answers": [], "answerable": False},
+          {"id": "q1", "family": "qa", "answers": ["a"], "answerable": True}]
+    assert [has_empty_answer(r) for r in ner[:3]] == [False, True, True]
+    assert [has_empty_answer(r) for r in qa] == [True, False]
+    assert not has_empty_answer({"id": "c", "family": "classification", "label": "positive"})
+    kept = keep_share(ner, 0.3)
+    assert [r for r in kept if not has_empty_answer(r)] == [r for r in ner if not has_empty_answer(r)]  # all kept
+    n_empty = sum(has_empty_answer(r) for r in kept)
+    assert 0.2 * 200 < n_empty < 0.4 * 200  # about 30 % of the 200 empty ones
+    assert [r["id"] for r in keep_share(list(reversed(ner)), 0.3)] == [r["id"] for r in reversed(kept)]  # by id
+    assert keep_share(ner, 1.0) is ner
+    assert {r["id"] for r in keep_share(ner, 0.1)} < {r["id"] for r in kept}  # nested: a smaller share is a subset
+    with pytest.raises(ValueError, match=r"data.keep_empty must be in \(0, 1\]"):
+        DataConfig(tasks=("wnut16",), keep_empty=0.0)
+
+
+def test_load_examples_thins_train_but_never_dev_or_test(monkeypatch):
+    import scd.data_config as dc
+    rows = [{"id": f"n{i}", "task": "wnut16", "family": "ner", "entities": []} for i in range(100)]
+    monkeypatch.setattr(dc, "load_split", lambda task, split, **kw: list(rows))
+    cfg = dc.DataConfig(tasks=("wnut16",), keep_empty=0.5)
+    assert 30 < len(dc.load_examples(cfg)) < 70
+    assert len(dc.load_examples(cfg, "dev")) == len(dc.load_examples(cfg, "test")) == 100
