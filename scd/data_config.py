@@ -29,7 +29,7 @@ class DataConfig:
     # chosen by a hash of the example id (the same subset for every seed and row); 1.0 keeps all.  Dev and test
     # are never filtered.  For tasks where "none" dominates (62 % of WNUT-16 train tweets) and small models
     # learn to answer it for everything.
-    keep_empty: float = 1.0
+    keep_empty: float = added_field(default=1.0)
     # per-task label words (and instruction) of classification tasks, as the eval block's `prompts`
     prompts: dict[str, LabelWords] = added_field(default_factory=dict)
 
