@@ -347,7 +347,7 @@ def sft_dev_check(root: Path, note: str) -> list[Entry]:
 
 
 WNUT_TEACHER = "results/scd_study_cpu_dev/teacher-wnut-0c2cb721d55b"
-WNUT_ANCHOR = "results/scd_study_cpu_dev/sft-anchor-wnut-fdb416103134"
+WNUT_DEV = "results/scd_study_cpu_dev"
 
 
 def none_share(pred_path: Path) -> dict:
@@ -379,14 +379,14 @@ def scd_study_wnut_dev(root: Path) -> list[Entry]:
             out += [Entry(n, "WNUT teacher test F1 (final checkpoint)", f1["value"],
                           f"test entity F1 {_f1(f1)} on all {f1['n']} test tweets ('{prof['most_predicted']}' for "
                           f"{100 * prof['max_label_share']:.0f} %)") for n in (note, STATUS)]
-    d = root / WNUT_ANCHOR
-    if (d / "run.json").exists():
-        f1 = json.loads((d / "run.json").read_text(encoding="utf-8"))["eval"]["wnut16"]["f1_micro"]
-        prof = none_share(d / "predictions/wnut16.jsonl")
-        out += [Entry(n, "WNUT SFT student dev F1", f1["value"],
-                      f"dev entity F1 {_f1(f1)} on {f1['n']} dev tweets ('{prof['most_predicted']}' for "
-                      f"{100 * prof['max_label_share']:.0f} %{', a constant predictor' if prof['constant'] else ''})")
-                for n in (note, STATUS)]
+    for d in sorted((root / WNUT_DEV).glob("sft-anchor-wnut-*/run.json")):
+        run = json.loads(d.read_text(encoding="utf-8"))
+        f1, cfg = run["eval"]["wnut16"]["f1_micro"], run["config"]
+        prof = none_share(d.parent / "predictions/wnut16.jsonl")
+        setting = f"lr {cfg['train']['lr']:g}, keep_empty {cfg['data'].get('keep_empty', 1.0):g}"
+        out.append(Entry(note, f"WNUT SFT student dev F1 ({setting})", f1["value"],
+                         f"{setting}: dev entity F1 {_f1(f1)} on {f1['n']} dev tweets ('{prof['most_predicted']}' "
+                         f"for {100 * prof['max_label_share']:.0f} %{', a constant predictor' if prof['constant'] else ''})"))
     return out
 
 
