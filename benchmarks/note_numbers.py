@@ -348,6 +348,7 @@ def sft_dev_check(root: Path, note: str) -> list[Entry]:
 
 WNUT_TEACHER = "results/scd_study_cpu_dev/teacher-wnut-0c2cb721d55b"
 WNUT_DEV = "results/scd_study_cpu_dev"
+WNUT_ANCHOR = "sft-anchor-wnut-9b2978efc64b"  # the setting the grid uses
 
 
 def none_share(pred_path: Path) -> dict:
@@ -384,9 +385,10 @@ def scd_study_wnut_dev(root: Path) -> list[Entry]:
         f1, cfg = run["eval"]["wnut16"]["f1_micro"], run["config"]
         prof = none_share(d.parent / "predictions/wnut16.jsonl")
         setting = f"lr {cfg['train']['lr']:g}, keep_empty {cfg['data'].get('keep_empty', 1.0):g}"
-        out.append(Entry(note, f"WNUT SFT student dev F1 ({setting})", f1["value"],
+        out += [Entry(n, f"WNUT SFT student dev F1 ({setting})", f1["value"],
                          f"{setting}: dev entity F1 {_f1(f1)} on {f1['n']} dev tweets ('{prof['most_predicted']}' "
-                         f"for {100 * prof['max_label_share']:.0f} %{', a constant predictor' if prof['constant'] else ''})"))
+                         f"for {100 * prof['max_label_share']:.0f} %{', a constant predictor' if prof['constant'] else ''})")
+                for n in ((note, STATUS) if d.parent.name == WNUT_ANCHOR else (note,))]
     return out
 
 
@@ -460,7 +462,8 @@ def claim_entries(claim_rows: Sequence[dict], notes: Sequence[str], seeds_in: st
 
 
 def constant_share(root: Path) -> list[Entry]:
-    """How many committed scored classification runs are constant predictors, over the finished studies
+    """How many committed scored runs (classification; NER since its scorer records the share) are constant
+    predictors, over the finished studies
     (result folders whose ``plan.json``, if any, has every run finished: a running grid is left out so that
     its landings do not change the quoted count; ``results/runs``, the local cache of shared runs, is not
     committed)."""
@@ -474,7 +477,7 @@ def constant_share(root: Path) -> list[Entry]:
             if rec.get("status") == "ok" and shares:
                 n, c = n + 1, c + any(x["constant"] for x in shares)
     return [Entry(STATUS, "constant-predictor runs among the scored runs of finished studies", c,
-                  f"{c} of the {n} scored classification runs of the finished studies are constant")]
+                  f"{c} of the {n} scored runs of the finished studies are constant")]
 
 
 UNISD_DEV = "results/unisd_study_cpu_dev"

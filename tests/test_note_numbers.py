@@ -133,7 +133,7 @@ def test_constant_share_leaves_out_running_grids(tmp_path):
     for folder, ids in (("done", "abc"), ("busy", "de")):
         (tmp_path / "results" / folder / "plan.json").write_text(json.dumps({"runs": [{"run_id": i} for i in ids]}))
     (e,) = N.constant_share(tmp_path)
-    assert e.value == 1 and e.phrase == "1 of the 2 scored classification runs of the finished studies are constant"
+    assert e.value == 1 and e.phrase == "1 of the 2 scored runs of the finished studies are constant"
 
 
 def test_a_stale_note_is_reported(tmp_path):
