@@ -346,7 +346,7 @@ def sft_dev_check(root: Path, note: str) -> list[Entry]:
                   f"{100 * prof['max_label_share']:.0f} % of its predictions on one label)") for n in (note, STATUS)]
 
 
-WNUT_TEACHER = "results/scd_study_cpu_dev/teacher-wnut-0c2cb721d55b"
+WNUT_TEACHER = "teacher-wnut-e0a80dfcf57f"  # the teacher the grid uses (configs/scd/study/teacher_wnut_cpu.yaml)
 WNUT_DEV = "results/scd_study_cpu_dev"
 WNUT_ANCHOR = "sft-anchor-wnut-9b2978efc64b"  # the setting the grid uses
 
@@ -361,34 +361,38 @@ def _f1(m: dict) -> str:
     return f"{m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
 
 
+def _setting(cfg: dict) -> str:
+    return f"lr {cfg['train']['lr']:g}, keep_empty {cfg['data'].get('keep_empty', 1.0):g}"
+
+
 def scd_study_wnut_dev(root: Path) -> list[Entry]:
-    """The SCD study's second task (WNUT-16) on dev: the teacher's dev entity F1 and "none" share per checkpoint,
-    its test F1, and the SFT student's dev gate (committed copies of the runs, without weights)."""
+    """The SCD study's second task (WNUT-16) on dev, from the committed copies of its runs (without weights): each
+    teacher's dev entity F1 and "none" share per checkpoint and its test F1, each SFT student's dev gate; README
+    Status quotes the settings the grid uses (``WNUT_TEACHER``, ``WNUT_ANCHOR``)."""
     note, out = "results/scd_study_cpu_dev/README.md", []
-    d = root / WNUT_TEACHER
-    if (d / "run.json").exists():
+    for d in sorted(p.parent for p in (root / WNUT_DEV).glob("teacher-wnut-*/run.json")):
+        run = json.loads((d / "run.json").read_text(encoding="utf-8"))
+        setting, notes = _setting(run["config"]), ((note, STATUS) if d.name == WNUT_TEACHER else (note,))
         ck = json.loads((d / "manifest.json").read_text(encoding="utf-8"))["checkpoints"]
         shares = [none_share(d / "dev_eval" / c["path"] / "predictions/wnut16.jsonl") for c in ck]
-        out.append(Entry(note, "WNUT teacher dev F1 per checkpoint", ck[-1]["dev_score"],
-                         "dev entity F1 " + " / ".join(f"{c['dev_score']:.3f}" for c in ck) + " at steps "
-                         + " / ".join(str(c["step"]) for c in ck) + " ('none' for "
-                         + " / ".join(f"{100 * s['max_label_share']:.0f}" for s in shares) + " % of the dev tweets)"))
+        out += [Entry(n, f"WNUT teacher dev F1 per checkpoint ({setting})", ck[-1]["dev_score"],
+                      f"{setting}: dev entity F1 " + " / ".join(f"{c['dev_score']:.3f}" for c in ck) + " at steps "
+                      + " / ".join(str(c["step"]) for c in ck) + " ('none' for "
+                      + " / ".join(f"{100 * s['max_label_share']:.0f}" for s in shares) + " % of the dev tweets)")
+                for n in notes]
+        f1 = run["eval"]["wnut16"]["f1_micro"]
+        prof = none_share(d / "predictions/wnut16.jsonl")
+        out += [Entry(n, f"WNUT teacher test F1, final checkpoint ({setting})", f1["value"],
+                      f"{setting}: test entity F1 {_f1(f1)} on all {f1['n']} test tweets ('{prof['most_predicted']}' "
+                      f"for {100 * prof['max_label_share']:.0f} %)") for n in notes]
+    for d in sorted(p.parent for p in (root / WNUT_DEV).glob("sft-anchor-wnut-*/run.json")):
         run = json.loads((d / "run.json").read_text(encoding="utf-8"))
-        f1 = (run.get("eval") or {}).get("wnut16", {}).get("f1_micro")
-        if f1:
-            prof = none_share(d / "predictions/wnut16.jsonl")
-            out += [Entry(n, "WNUT teacher test F1 (final checkpoint)", f1["value"],
-                          f"test entity F1 {_f1(f1)} on all {f1['n']} test tweets ('{prof['most_predicted']}' for "
-                          f"{100 * prof['max_label_share']:.0f} %)") for n in (note, STATUS)]
-    for d in sorted((root / WNUT_DEV).glob("sft-anchor-wnut-*/run.json")):
-        run = json.loads(d.read_text(encoding="utf-8"))
-        f1, cfg = run["eval"]["wnut16"]["f1_micro"], run["config"]
-        prof = none_share(d.parent / "predictions/wnut16.jsonl")
-        setting = f"lr {cfg['train']['lr']:g}, keep_empty {cfg['data'].get('keep_empty', 1.0):g}"
+        f1, setting = run["eval"]["wnut16"]["f1_micro"], _setting(run["config"])
+        prof = none_share(d / "predictions/wnut16.jsonl")
         out += [Entry(n, f"WNUT SFT student dev F1 ({setting})", f1["value"],
-                         f"{setting}: dev entity F1 {_f1(f1)} on {f1['n']} dev tweets ('{prof['most_predicted']}' "
-                         f"for {100 * prof['max_label_share']:.0f} %{', a constant predictor' if prof['constant'] else ''})")
-                for n in ((note, STATUS) if d.parent.name == WNUT_ANCHOR else (note,))]
+                      f"{setting}: dev entity F1 {_f1(f1)} on {f1['n']} dev tweets ('{prof['most_predicted']}' "
+                      f"for {100 * prof['max_label_share']:.0f} %{', a constant predictor' if prof['constant'] else ''})")
+                for n in ((note, STATUS) if d.name == WNUT_ANCHOR else (note,))]
     return out
 
 
