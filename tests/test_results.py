@@ -188,3 +188,32 @@ def test_code_state_outside_a_checkout_is_none(tmp_path, monkeypatch):
     assert code_state() is None and git_sha() is None
     rec = RunDir(tmp_path / "run").start(_Cfg(), recipe="sft").read()
     assert rec["git_sha"] is None and rec["code_patch_sha256"] is None
+
+
+# folders committed before config fields were added as `added_field`s: their configs re-resolve to other ids (the
+# grids are finished smoke studies and are never re-planned); every other committed run must keep its id
+LEGACY_RUN_ID_FOLDERS = ("results/unisd_ablation_cpu/", "results/unisd_long_cpu/")
+
+
+def test_committed_runs_keep_their_run_ids():
+    """Every committed run directory's config.yaml re-resolves to its run.json run_id with the current code, so a
+    config field added without :func:`scd.core.config.added_field` fails here -- including the standalone
+    dependency runs (teachers, students, SFT anchors) that no grid plan covers."""
+    import json
+    import subprocess
+
+    from scd.core.config import load_config, to_dict
+    from scd.core.results import run_id
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["git", "ls-files", "results/*config.yaml"], cwd=root, capture_output=True, text=True)
+    files = [f for f in out.stdout.split() if f.endswith("/config.yaml") and not f.startswith(LEGACY_RUN_ID_FOLDERS)]
+    checked = 0
+    for f in files:
+        rec = root / Path(f).parent / "run.json"
+        if not rec.exists():
+            continue
+        want = json.loads(rec.read_text(encoding="utf-8"))["run_id"]
+        assert run_id(to_dict(load_config(root / f))) == want, f"{f}: its config now resolves to another run id"
+        checked += 1
+    assert checked > 100
