@@ -397,6 +397,7 @@ def scd_study_wnut_dev(root: Path) -> list[Entry]:
 
 
 SCD_STUDY = "results/scd_study_cpu"
+SCD_STUDY_WNUT = "results/scd_study_wnut_cpu"  # the second task (entity F1)
 
 
 def _acc_on(acc: float, n: int) -> str:
@@ -410,15 +411,16 @@ def row_entry(note: str, r: dict, tail: str = "") -> Entry:
                  f"`{r['method']}` {r['score']:.3f} ± {r['score_sd']:.3f} over {len(r['seeds'])} seeds{const}{tail}")
 
 
-def scd_study(root: Path) -> list[Entry]:
-    """Issue 18's verdicts (:func:`benchmarks.scd_study.analyse`): each row's test accuracy over seeds, its
-    accuracy on the student- and teacher-favoured subsets, the paper's claims with paired CIs.  Nothing is
-    quoted until every run of the grid's plan has finished ok (the README says the grid is running)."""
-    grid = root / SCD_STUDY
+def scd_study(root: Path, folder: str = SCD_STUDY, task: str = "rotten_tomatoes") -> list[Entry]:
+    """Issue 18's verdicts (:func:`benchmarks.scd_study.analyse`) on ``task``: each row's test score (accuracy,
+    or entity F1 for NER) over seeds, its score on the student- and teacher-favoured subsets, the paper's claims
+    with paired CIs.  Nothing is quoted until every run of the grid's plan has finished ok (the README says the
+    grid is running)."""
+    grid = root / folder
     if not plan_finished(grid):
         return []
-    res = analyse_scd_study(grid)
-    note, out = f"{SCD_STUDY}/README.md", []
+    res = analyse_scd_study(grid, task)
+    note, out = f"{folder}/README.md", []
     for r in res["rows"]:
         out.append(row_entry(note, r))
         if r["method"] != res["teacher"]:
@@ -457,7 +459,7 @@ def claim_entries(claim_rows: Sequence[dict], notes: Sequence[str], seeds_in: st
             out += [Entry(n, f"claim {c['claim']}", float("nan"), f"{c['claim']}: {c['verdict']}") for n in notes]
             continue
         lo, hi = c["ci"]
-        out += [Entry(n, f"claim {c['claim']}: Δ accuracy", c["delta"],
+        out += [Entry(n, f"claim {c['claim']}: Δ score", c["delta"],
                       f"{c['claim']}: Δ {c['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}], {c['verdict']}") for n in notes]
         if seeds_in and c.get("seed_deltas"):
             out.append(Entry(seeds_in, f"claim {c['claim']}: Δ per seed", min(c["seed_deltas"]),
@@ -544,6 +546,7 @@ SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
     "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe,
     "scd_study_dev": scd_study_dev, "scd_study_wnut_dev": scd_study_wnut_dev, "recovery_seeded": recovery_seeded, "scd_study": scd_study,
+    "scd_study_wnut": lambda root: scd_study(root, SCD_STUDY_WNUT, "wnut16"),
     "constant_share": constant_share, "unisd_study_dev": unisd_study_dev, "unisd_study": unisd_study}
 
 

@@ -70,7 +70,7 @@ def test_scd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     assert N.scd_study(tmp_path) == []
     _study_run(grid, "kd", 1, [True] * 20)
     found = N.scd_study(tmp_path)
-    kd = next(e for e in found if e.name == "claim kd > sft: Δ accuracy")
+    kd = next(e for e in found if e.name == "claim kd > sft: Δ score")
     assert kd.value == pytest.approx(0.5) and kd.phrase.startswith("kd > sft: Δ +0.500 [")
     assert kd.phrase.endswith("], supported")
     per_seed = next(e for e in found if e.name == "claim kd > sft: Δ per seed")
@@ -106,7 +106,7 @@ def test_unisd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     found = N.unisd_study(tmp_path)
     assert any(e.phrase.startswith("`+ema` 0.600 ± 0.000 over 1 seeds, Δ vs base +0.100 [") for e in found)
     assert any(e.phrase == "`base` 0.500 ± 0.000 over 1 seeds" for e in found)
-    loo = next(e for e in found if e.name == "claim unisd_star > unisd_star-ema: Δ accuracy")
+    loo = next(e for e in found if e.name == "claim unisd_star > unisd_star-ema: Δ score")
     assert loo.value == pytest.approx(0.5) and loo.note == f"{N.UNISD_STUDY}/README.md"
     drive = [e for e in found if e.name.startswith("claim the component driving the gain")]
     assert {e.note for e in drive} == {"README.md", f"{N.UNISD_STUDY}/README.md"}
@@ -169,3 +169,35 @@ def test_committed_prediction_paths_exist():
              for i in (json.loads(p.read_text()).get("eval_info") or {}).values() if i.get("predictions")]
     assert len(paths) >= 100
     assert [(str(p), rel) for p, rel in paths if not (p.parent / rel).is_file()] == []
+
+
+def _ner_run(grid, method, seed, tp):
+    """A WNUT-16 study run: 20 tweets with one gold entity each, found (tp 1) on the first ``tp`` tweets."""
+    d = grid / f"{method}{seed}"
+    (d / "predictions").mkdir(parents=True)
+    (d / "predictions" / "wnut16.jsonl").write_text("".join(
+        json.dumps({"id": i, "output": "x", "prediction": [["person", "x"]], "gold": "person: x",
+                    "scores": {"tp": int(i < tp), "n_pred": 1, "n_gold": 1, "parse_failed": 0.0}}) + "\n"
+        for i in range(20)))
+    (d / "run.json").write_text(json.dumps({
+        "run_id": f"{method}{seed}", "method": method, "seed": seed, "status": "ok", "train": {"wall_s": 1.0},
+        "eval": {"wnut16": {"f1_micro": {"value": tp / 20, "n": 20}}},
+        "eval_info": {"wnut16": {"predictions": "predictions/wnut16.jsonl",
+                                 "extra": {"f1_micro": {"constant": False, "max_label_share": 0.05}}}}}))
+
+
+def test_scd_study_wnut_section_scores_entity_f1(tmp_path):
+    """The second task's section: the same verdicts on entity F1 (paired by resampling per-tweet counts), quoted
+    only once its plan has finished, in its own README and the README Status."""
+    grid = tmp_path / N.SCD_STUDY_WNUT
+    grid.mkdir(parents=True)
+    plan = [("teacher", 0), ("sft", 0), ("sft", 1), ("kd", 0), ("kd", 1)]
+    (grid / "plan.json").write_text(json.dumps({"runs": [{"run_id": f"{m}{s}"} for m, s in plan]}))
+    for m, s in plan:
+        _ner_run(grid, m, s, {"teacher": 16, "sft": 10, "kd": 20}[m])
+    found = N.SECTIONS["scd_study_wnut"](tmp_path)
+    kd = next(e for e in found if e.name.startswith("claim kd > sft"))
+    assert kd.value == pytest.approx(0.5) and kd.phrase.endswith("], supported")  # F1 1.0 vs 0.5 (tp 10 of 20)
+    assert {e.note for e in found if e.name.startswith("claim kd > sft")} == {"README.md", f"{N.SCD_STUDY_WNUT}/README.md"}
+    assert any(e.phrase == "`kd` 1.000 ± 0.000 over 2 seeds" for e in found)
+    assert not any(e.name == "the SFT student above the test majority rate" for e in found)  # no majority for F1
