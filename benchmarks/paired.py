@@ -140,23 +140,32 @@ def shared_run(runs: dict[int, dict], seed: int) -> dict | None:
     return next(iter(runs.values())) if len(runs) == 1 else None
 
 
+def seed_pairs(a: dict[int, dict], b: dict[int, dict], shared: bool = False) -> list[tuple[int, dict, dict]]:
+    """(seed, A's run, B's run) over the seeds both rows have -- or, when B is ``shared`` (one run for every seed,
+    e.g. one teacher), every seed of A with :func:`shared_run` of B."""
+    if shared:
+        return [(s, a[s], shared_run(b, s)) for s in sorted(a) if shared_run(b, s) is not None]
+    return [(s, a[s], b[s]) for s in sorted(set(a) & set(b))]
+
+
+def paired_rows(a: dict[int, dict], b: dict[int, dict], n_boot: int, shared: bool = False) -> dict:
+    """Δ = A − B of two rows' runs ({seed: run}) paired by :func:`seed_pairs`: :func:`paired_runs` + ``seeds``."""
+    pairs = seed_pairs(a, b, shared)
+    return paired_runs([x for _, x, _ in pairs], [y for _, _, y in pairs], n_boot=n_boot) | {
+        "seeds": [s for s, _, _ in pairs]}
+
+
 def judge(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], a: str, op: str, b: str, n_boot: int,
           claim: str | None = None, shared: str | None = None) -> dict:
     """The verdict on ``A op B`` (``rows``: :func:`load_rows`; ``summaries[m]["constant_runs"]``): not measurable
-    when a row is missing or has a constant-predictor run, else Δ by :func:`paired_runs` over the seeds both rows
-    have -- or, when ``b`` is the ``shared`` row (one run for every seed), every seed of A against it."""
+    when a row is missing or has a constant-predictor run, else Δ by :func:`paired_rows` (every seed of A against
+    B when ``b`` is the ``shared`` row)."""
     claim = claim or f"{a} {op} {b}"
     if a not in rows or b not in rows:
         return {"claim": claim, "verdict": "not measurable (row missing)"}
     if summaries[a]["constant_runs"] or summaries[b]["constant_runs"]:
         return {"claim": claim, "verdict": "not measurable (a constant-predictor run)"}
-    if b == shared:
-        seeds = [s for s in sorted(rows[a]) if shared_run(rows[b], s) is not None]
-        pairs = [(rows[a][s], shared_run(rows[b], s)) for s in seeds]
-    else:
-        seeds = sorted(set(rows[a]) & set(rows[b]))
-        pairs = [(rows[a][s], rows[b][s]) for s in seeds]
-    d = paired_runs([x for x, _ in pairs], [y for _, y in pairs], n_boot=n_boot) | {"seeds": seeds}
+    d = paired_rows(rows[a], rows[b], n_boot, shared=b == shared)
     return {"claim": claim, **d, "verdict": verdict(d, op)}
 
 

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from benchmarks.paired import (common_ids, fmt, fmt_ci, fmt_seed_deltas, judge, load_rows, mean_sd, paired_runs,
-                              pooled_score, shared_run, study_cli, write_study)
+                              pooled_score, seed_pairs, shared_run, study_cli, write_study)
 
 CLAIMS = (("scd_aw", ">", "cd"), ("cd", ">=", "kd"), ("kd", ">", "sft"))
 # what each ingredient adds (not the paper's claims): checkpoint selection over a fixed order, AW over plain SCD,
@@ -57,8 +57,7 @@ def row_summary(method: str, runs: dict[int, dict], teachers: dict[int, dict], a
     """One row of the table: its score, Δ vs teacher, the score on SFS / TFS, seeds beating the teacher."""
     seeds = sorted(runs)
     score, sd = mean_sd([runs[s]["score"] for s in seeds])
-    paired = [(runs[s], shared_run(teachers, s)) for s in seeds]
-    paired = [(r, t) for r, t in paired if t is not None]
+    paired = [(r, t) for _, r, t in seed_pairs(runs, teachers, shared=True)]
     vs_t = paired_runs([r for r, _ in paired], [t for _, t in paired], n_boot=n_boot)
     sfs, tfs = [], []  # (run, ids) per seed, pooled
     for s in seeds:

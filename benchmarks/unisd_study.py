@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.paired import (fmt, fmt_ci, fmt_seed_deltas, judge, load_rows, mean_sd, paired_runs, study_cli,
+from benchmarks.paired import (fmt, fmt_ci, fmt_seed_deltas, judge, load_rows, mean_sd, paired_rows, study_cli,
                               write_study)
 
 
@@ -41,17 +41,11 @@ def groups(methods: Sequence[str], base: str, full: str) -> dict[str, list[str]]
             "leave_one_out": loo, "baselines": sorted(m for m in methods if m not in known)}
 
 
-def paired(rows: dict[str, dict[int, dict]], a: str, b: str, n_boot: int) -> dict:
-    """Δ = A − B over the seeds both rows have, paired by example (:func:`benchmarks.paired.paired_delta`)."""
-    seeds = sorted(set(rows.get(a, {})) & set(rows.get(b, {})))
-    return paired_runs([rows[a][s] for s in seeds], [rows[b][s] for s in seeds], n_boot=n_boot) | {"seeds": seeds}
-
-
 def row_summary(method: str, role: str, rows: dict[str, dict[int, dict]], base: str, n_boot: int) -> dict:
     runs = rows[method]
     seeds = sorted(runs)
     score, sd = mean_sd([runs[s]["score"] for s in seeds])
-    vs_base = paired(rows, method, base, n_boot) if method != base and base in rows else None
+    vs_base = paired_rows(runs, rows[base], n_boot) if method != base and base in rows else None
     same = [s for s in seeds if s in rows.get(base, {})]
     walls = [runs[s]["wall_s"] for s in seeds if runs[s]["wall_s"] is not None]
     return {"method": method, "role": role, "seeds": seeds, "score": score, "score_sd": sd,
