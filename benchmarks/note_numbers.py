@@ -545,8 +545,8 @@ def unisd_study(root: Path) -> list[Entry]:
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "scd_baselines": scd_baselines, "fine_tuned_teacher": fine_tuned_teacher, "eval": eval_notes,
     "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe,
-    "scd_study_dev": scd_study_dev, "scd_study_wnut_dev": scd_study_wnut_dev, "recovery_seeded": recovery_seeded, "scd_study": scd_study,
-    "scd_study_wnut": lambda root: scd_study(root, SCD_STUDY_WNUT, "wnut16"),
+    "scd_study_dev": scd_study_dev, "scd_study_wnut_dev": scd_study_wnut_dev, "recovery_seeded": recovery_seeded,
+    "scd_study": scd_study, "scd_study_wnut": lambda root: scd_study(root, SCD_STUDY_WNUT, "wnut16"),
     "constant_share": constant_share, "unisd_study_dev": unisd_study_dev, "unisd_study": unisd_study}
 
 

@@ -28,6 +28,7 @@ it is not dropped), and the share of such entities is reported as
 """
 from __future__ import annotations
 
+import collections
 from typing import Sequence
 
 import numpy as np
@@ -122,11 +123,8 @@ def answer_profile(keys: Sequence[str]) -> dict:
     ``most_predicted`` and ``constant`` (share >= CONSTANT_SHARE) of per-sentence answer keys."""
     if not keys:
         return {"max_label_share": 0.0, "most_predicted": None, "constant": False}
-    counts: dict[str, int] = {}
-    for k in keys:
-        counts[k] = counts.get(k, 0) + 1
-    top = max(counts, key=counts.__getitem__)
-    share = round(counts[top] / len(keys), 6)
+    (top, count), = collections.Counter(keys).most_common(1)
+    share = round(count / len(keys), 6)
     return {"max_label_share": share, "most_predicted": top, "constant": bool(share >= CONSTANT_SHARE)}
 
 
