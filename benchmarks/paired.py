@@ -189,6 +189,13 @@ def pooled_score(parts: Sequence[tuple[dict, Sequence[str]]]) -> tuple[float, in
     return sum(r["correct"].get(i, 0.0) for r, ids in parts for i in ids) / n, n
 
 
+def median_wall(runs: dict[int, dict], seeds: Sequence[int]) -> float:
+    """A row's wall seconds per run: the median over its seeds' ``train.wall_s``, so that one run slowed by a
+    concurrent job or paused (its wall clock kept running) does not set the row's time (nan when none)."""
+    walls = [runs[s]["wall_s"] for s in seeds if runs[s]["wall_s"] is not None]
+    return float(np.median(walls)) if walls else float("nan")
+
+
 def mean_sd(vals: list[float]) -> tuple[float, float]:
     """(mean, sample sd) of the non-None values; sd 0 for one value, NaN for none."""
     v = [x for x in vals if x is not None]

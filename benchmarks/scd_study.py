@@ -10,7 +10,7 @@ method (``method`` of the grid's runs).  Writes ``scd_study.md`` and ``scd_study
   resamples per-example entity counts (:func:`benchmarks.paired.paired_f1_delta`); constant-predictor runs
   (>= 95 % of predictions on one label: such a row is never given a verdict), Δ vs the teacher paired by
   example (seeds averaged per example first; 95 % bootstrap CI over examples), seeds in which the student beats
-  the teacher, and wall seconds per run.
+  the teacher, and median wall seconds per run.
 * **The mechanism** (the paper's SFS/TFS argument): per seed, *student-favoured* examples (SFS: the SFT
   anchor right, the teacher wrong) and *teacher-favoured* ones (TFS: the teacher right, the anchor wrong; for
   NER: the example's own entity F1 higher / lower); each row's score on both, pooled over seeds.  AW should
@@ -32,10 +32,8 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from benchmarks.paired import (common_ids, fmt, fmt_ci, fmt_seed_deltas, judge, load_rows, mean_sd, paired_runs,
-                              pooled_score, seed_pairs, shared_run, study_cli, write_study)
+from benchmarks.paired import (common_ids, fmt, fmt_ci, fmt_seed_deltas, judge, load_rows, mean_sd, median_wall,
+                              paired_runs, pooled_score, seed_pairs, shared_run, study_cli, write_study)
 
 CLAIMS = (("scd_aw", ">", "cd"), ("cd", ">=", "kd"), ("kd", ">", "sft"))
 # what each ingredient adds (not the paper's claims): checkpoint selection over a fixed order, AW over plain SCD,
@@ -69,14 +67,13 @@ def row_summary(method: str, runs: dict[int, dict], teachers: dict[int, dict], a
         tfs.append((runs[s], sub_t))
     (sfs_score, sfs_n), (tfs_score, tfs_n) = pooled_score(sfs), pooled_score(tfs)
     beats = sum(1 for r, t in paired if (r["score"] or 0) > (t["score"] or 0))
-    walls = [runs[s]["wall_s"] for s in seeds if runs[s]["wall_s"] is not None]
     return {"method": method, "seeds": seeds, "score": score, "score_sd": sd,
             "constant_runs": sum(runs[s]["constant"] for s in seeds),
             "max_top_share": max((runs[s]["top_share"] for s in seeds if runs[s]["top_share"] is not None),
                                  default=None),
             "vs_teacher": vs_t, "sfs_score": sfs_score, "sfs_n": sfs_n, "tfs_score": tfs_score, "tfs_n": tfs_n,
             "beats_teacher_seeds": beats, "paired_seeds": len(paired),
-            "wall_s": float(np.mean(walls)) if walls else float("nan"),
+            "wall_s": median_wall(runs, seeds),
             "selections": {s: runs[s]["selection_steps"] for s in seeds if runs[s]["selection_steps"]}}
 
 
@@ -116,7 +113,7 @@ def markdown(root: Path, task: str, table: list[dict], claim_rows: list[dict], t
              f"(`{teacher}`) wrong / the reverse, per seed, pooled.  ⚠ = a constant-predictor run (>= 95 % of "
              "predictions on one label): no verdict uses it.", "",
              f"| method | seeds | {metric} (mean ± sd) | Δ vs teacher [95% CI] | on SFS (n) | on TFS (n) | "
-             "seeds > teacher | wall s / run |", "|---|---:|---|---|---|---|---:|---:|"]
+             "seeds > teacher | wall s / run (median) |", "|---|---:|---|---|---|---|---:|---:|"]
     for r in table:
         flag = f" ⚠ {r['constant_runs']} constant" if r["constant_runs"] else ""
         v = r["vs_teacher"]

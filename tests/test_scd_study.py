@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.paired import verdict
+from benchmarks.paired import median_wall, verdict
 from benchmarks.scd_study import favoured_subsets, main, study
 from scd.core.results import atomic_write_json
 
@@ -32,6 +32,14 @@ def test_favoured_subsets():
     anchor = {"0": 1.0, "1": 0.0, "2": 1.0, "3": 0.0}
     teacher = {"0": 0.0, "1": 1.0, "2": 1.0, "3": 0.0}
     assert favoured_subsets(anchor, teacher) == (["0"], ["1"])
+
+
+def test_row_wall_time_is_the_median_over_seeds():
+    # one paused seed (its wall clock ran on) must not set the row's time; a run without a time is skipped
+    runs = {0: {"wall_s": 400.0}, 1: {"wall_s": 5000.0}, 2: {"wall_s": 420.0}, 3: {"wall_s": None}}
+    assert median_wall(runs, [0, 1, 2, 3]) == 420.0
+    assert median_wall(runs, [0, 1]) == 2700.0
+    assert median_wall(runs, [3]) != median_wall(runs, [3])  # nan
 
 
 def test_verdicts():
