@@ -26,12 +26,13 @@ import numpy as np
 from scipy import stats
 
 from benchmarks.leaderboard.load import label_share
-from benchmarks.paired import fmt_seed_deltas
+from benchmarks.paired import fmt_changed, fmt_seed_deltas
 from benchmarks.recovery_power import correlation_views, paired_deltas
 from benchmarks.recovery_study import aggregate as aggregate_recovery, load_runs as load_recovery_runs
 from benchmarks.scd_study import analyse as analyse_scd_study
 from benchmarks.unisd_study import analyse as analyse_unisd_study
 from benchmarks.tasks.ner import answer_key, answer_profile
+from scd.core.results import iter_run_jsons
 
 REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
@@ -538,8 +539,25 @@ def unisd_study(root: Path) -> list[Entry]:
         d = r["vs_base"]
         out.append(row_entry(note, r, f", Δ vs {res['base']} {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
                              if d and d["n"] else ""))
+        if d and d.get("changed"):
+            out.append(Entry(note, f"{r['method']}: test predictions that differ from {res['base']}'s",
+                             max(d["changed"]), f"`{r['method']}` answers {fmt_changed(d)} test reviews differently "
+                                                f"from `{res['base']}` (per seed)"))
+    for c in (*res["leave_one_out"], *res["comparisons"]):
+        if c.get("changed"):
+            what = (f"removing {c['component']} from `{res['full']}`" if "component" in c
+                    else c["claim"].split(":")[0])
+            out.append(Entry(note, f"{what}: test predictions changed", max(c["changed"]),
+                             f"{what}: {fmt_changed(c)} test predictions change (per seed)"))
+    for path in iter_run_jsons(grid):  # SDFT-rewrite: how many of the teacher's rewrites were accepted
+        rec = json.loads(Path(path).read_text(encoding="utf-8"))
+        if rec.get("status") == "ok" and (rec.get("train") or {}).get("rewrite"):
+            rw = rec["train"]["rewrite"]
+            out.append(Entry(note, f"{rec['method']} seed {rec['seed']}: accepted rewrites", rw["accepted"],
+                             f"`{rec['method']}` seed {rec['seed']}: {rw['accepted']}/{rw['n']} rewrites accepted"))
     return (out + claim_entries(res["leave_one_out"], (note,), seeds_in=note)
-            + claim_entries(res["claims"], (note, STATUS), seeds_in=note))
+            + claim_entries(res["claims"], (note, STATUS), seeds_in=note)
+            + claim_entries(res["comparisons"], (note,), seeds_in=note))
 
 
 SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {

@@ -32,6 +32,18 @@ def correctness(path: str | Path) -> dict[str, float]:
     return out
 
 
+def predictions(path: str | Path) -> dict[str, str]:
+    """{example id: the saved prediction as text} (what the model answered, right or wrong)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return {str(r["id"]): str(r["prediction"]) for r in (json.loads(line) for line in lines if line.strip())}
+
+
+def n_changed(a: dict[str, str], b: dict[str, str]) -> int:
+    """How many examples both runs answered get a different prediction (0: the runs are indistinguishable on this
+    split, whatever their scores' CIs say)."""
+    return sum(a[i] != b[i] for i in set(a) & set(b))
+
+
 def common_ids(*maps: dict[str, float]) -> list[str]:
     """Example ids present in every map, sorted."""
     return sorted(set.intersection(*(set(m) for m in maps))) if maps else []
@@ -69,8 +81,8 @@ def example_counts(path: str | Path) -> dict[str, list[float]] | None:
 
 
 def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
-    """{method: {seed: {score, correct, counts, metric, constant, top_share, majority, wall_s, selection_steps,
-    run_id}}} of the finished runs.
+    """{method: {seed: {score, correct, predictions, counts, metric, constant, top_share, majority, wall_s,
+    selection_steps, run_id}}} of the finished runs.
 
     ``score`` is the task's primary metric: ``accuracy``, or for NER the entity micro-F1 (``f1_micro``), whose
     per-example entity ``counts`` ([tp, n_pred, n_gold]) the paired comparisons resample; ``correct`` is the
@@ -93,7 +105,8 @@ def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
                    if counts is not None else correctness(pred))
         extra = (info.get("extra") or {}).get(metric) or {}  # the constant flag: accuracy's, or NER's on f1_micro
         rows.setdefault(rec["method"], {})[int(rec.get("seed", 0))] = {
-            "score": metrics.get(metric, {}).get("value"), "metric": metric, "correct": correct, "counts": counts,
+            "score": metrics.get(metric, {}).get("value"), "metric": metric, "correct": correct,
+            "predictions": predictions(pred), "counts": counts,
             "constant": bool(extra.get("constant")), "top_share": extra.get("max_label_share"),
             "majority": extra.get("majority_baseline"), "wall_s": (rec.get("train") or {}).get("wall_s"),
             "selection_steps": (rec.get("train") or {}).get("selection_steps"), "run_id": rec.get("run_id")}
@@ -149,10 +162,12 @@ def seed_pairs(a: dict[int, dict], b: dict[int, dict], shared: bool = False) -> 
 
 
 def paired_rows(a: dict[int, dict], b: dict[int, dict], n_boot: int, shared: bool = False) -> dict:
-    """Δ = A − B of two rows' runs ({seed: run}) paired by :func:`seed_pairs`: :func:`paired_runs` + ``seeds``."""
+    """Δ = A − B of two rows' runs ({seed: run}) paired by :func:`seed_pairs`: :func:`paired_runs` + ``seeds`` +
+    ``changed`` (per seed pair, how many examples get a different prediction: :func:`n_changed`)."""
     pairs = seed_pairs(a, b, shared)
     return paired_runs([x for _, x, _ in pairs], [y for _, _, y in pairs], n_boot=n_boot) | {
-        "seeds": [s for s, _, _ in pairs]}
+        "seeds": [s for s, _, _ in pairs],
+        "changed": [n_changed(x["predictions"], y["predictions"]) for _, x, y in pairs]}
 
 
 def judge(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], a: str, op: str, b: str, n_boot: int,
@@ -167,6 +182,13 @@ def judge(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], a: str, 
         return {"claim": claim, "verdict": "not measurable (a constant-predictor run)"}
     d = paired_rows(rows[a], rows[b], n_boot, shared=b == shared)
     return {"claim": claim, **d, "verdict": verdict(d, op)}
+
+
+def fmt_changed(d: dict | None) -> str:
+    """Per seed pair, the examples whose prediction differs: "0 / 3 / 1 of 500" ("-" when not compared)."""
+    if not d or not d.get("changed"):
+        return "-"
+    return " / ".join(map(str, d["changed"])) + f" of {d['n']}"
 
 
 def fmt_seed_deltas(deltas: Sequence[float]) -> str:
@@ -206,10 +228,13 @@ def mean_sd(vals: list[float]) -> tuple[float, float]:
 
 def verdict(delta: dict, op: str) -> str:
     """The verdict on ``A op B`` from the CI of A − B: ``>`` is supported when the CI lies above 0, contradicted
-    below 0, else not distinguishable; ``>=`` is contradicted only when the CI lies below 0."""
+    below 0, else not distinguishable; ``>=`` is contradicted only when the CI lies below 0; ``!=`` (a comparison,
+    not a claim) says which row is higher when the CI excludes 0."""
     lo, hi = delta["ci"]
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return "not measurable"
+    if op == "!=":
+        return "A higher" if lo > 0 else ("A lower" if hi < 0 else "not distinguishable (CI includes 0)")
     if op == ">":
         return "supported" if lo > 0 else ("contradicted" if hi < 0 else "not distinguishable (CI includes 0)")
     return "contradicted" if hi < 0 else ("supported (strictly better)" if lo > 0 else

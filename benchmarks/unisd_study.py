@@ -12,9 +12,10 @@ Reads the ``run.json`` files (status ok) and saved predictions of one grid folde
 * **Rows**: the task's primary metric (accuracy; entity micro-F1 for NER) as mean ± sd over seeds,
   constant-predictor runs (>= 95 % of predictions on one label: such a row gets no verdict and is never "best"),
   Δ vs base paired by example and seed (seeds averaged per example first; 95 % bootstrap CI over examples),
-  seeds in which the row beats base (same seed), median wall seconds per run.
+  seeds in which the row beats base (same seed), how many test predictions differ from base's (per seed: 0 means
+  the row is indistinguishable from base on this split), median wall seconds per run.
 * **Leave-one-out**: for each component, Δ = UniSD* − (UniSD* without it): what the component adds to the
-  combination (> 0: removing it hurts).
+  combination (> 0: removing it hurts), and how many test predictions removing it changes (per seed).
 * **Claims** (the paper's): UniSD* > the best single component; the best single component > base; UniSD* >
   base; and which component drives the gain -- the component whose removal costs UniSD* most, named only when
   that cost's CI lies above 0.  Verdicts as :func:`benchmarks.paired.verdict`.  Each Δ also lists its value per
@@ -26,8 +27,12 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.paired import (fmt, fmt_ci, fmt_seed_deltas, judge, load_rows, mean_sd, median_wall, paired_rows,
+from benchmarks.paired import (fmt, fmt_changed, fmt_ci, fmt_seed_deltas, judge, load_rows, mean_sd, median_wall, paired_rows,
                               study_cli, write_study)
+
+
+# baselines that differ from another row in one ingredient: (A, B, what A − B measures)
+COMPARISONS = (("sdft_rewrite", "sft", "what the teacher's rewrites add to SFT on the gold answers"),)
 
 
 def groups(methods: Sequence[str], base: str, full: str) -> dict[str, list[str]]:
@@ -96,23 +101,30 @@ def markdown(root: Path, task: str, res: dict) -> str:
              "edit by hand).  Δ = paired by example and seed (seeds averaged per example first); 95 % bootstrap CI "
              "over examples.  ⚠ = a constant-predictor run (>= 95 % of predictions on one label): no verdict uses it.",
              "", f"| role | method | seeds | {res['metric']} (mean ± sd) | Δ vs {base} [95% CI] | seeds > {base} | "
-             "wall s / run (median) |",
-             "|---|---|---:|---|---|---:|---:|"]
+             f"predictions ≠ {base} (per seed) | wall s / run (median) |",
+             "|---|---|---:|---|---|---:|---|---:|"]
     for r in res["rows"]:
         flag = f" ⚠ {r['constant_runs']} constant" if r["constant_runs"] else ""
         beats = f"{r['beats_base_seeds']}/{r['paired_seeds']}" if r["beats_base_seeds"] is not None else "-"
         lines.append(f"| {r['role']} | {r['method']}{flag} | {len(r['seeds'])} | {fmt(r['score'])} ± "
-                     f"{fmt(r['score_sd'])} | {_delta_cell(r['vs_base'])} | {beats} | {fmt(r['wall_s'], 0)} |")
+                     f"{fmt(r['score_sd'])} | {_delta_cell(r['vs_base'])} | {beats} | {fmt_changed(r['vs_base'])} | "
+                     f"{fmt(r['wall_s'], 0)} |")
     lines += ["", f"## Leave-one-out: what each component adds to `{res['full']}`", "",
-              "| component | Δ = full − without it [95% CI] | Δ per seed | verdict on `full > without` |",
-              "|---|---|---|---|"]
+              "| component | Δ = full − without it [95% CI] | Δ per seed | predictions changed (per seed) | "
+              "verdict on `full > without` |", "|---|---|---|---|---|"]
     for r in res["leave_one_out"]:
         lines.append(f"| {r['component']} | {_delta_cell(r)} | {fmt_seed_deltas(r.get('seed_deltas', []))} | "
-                     f"{r['verdict']} |")
+                     f"{fmt_changed(r)} | {r['verdict']} |")
     lines += ["", "## The paper's claims", "", "| claim | Δ [95% CI] | Δ per seed | verdict |", "|---|---|---|---|"]
     for c in res["claims"]:
         lines.append(f"| {c['claim']} | {_delta_cell(c)} | {fmt_seed_deltas(c.get('seed_deltas', []))} | "
                      f"{c['verdict']} |")
+    if res.get("comparisons"):
+        lines += ["", "## Baselines against each other", "",
+                  "| comparison | Δ [95% CI] | Δ per seed | predictions changed (per seed) | verdict |", "|---|---|---|---|---|"]
+        for c in res["comparisons"]:
+            lines.append(f"| {c['claim']} | {_delta_cell(c)} | {fmt_seed_deltas(c.get('seed_deltas', []))} | "
+                         f"{fmt_changed(c)} | {c['verdict']} |")
     return "\n".join(lines + [""])
 
 
@@ -128,9 +140,11 @@ def analyse(root: str | Path, task: str = "rotten_tomatoes", base: str = "base",
                  for role in ("base", "single", "full", "leave_one_out", "baselines") for m in grp[role]}
     loo = leave_one_out(rows, summaries, full, grp["leave_one_out"], n_boot)
     metric = next(r["metric"] for runs in rows.values() for r in runs.values())
+    comparisons = [judge(rows, summaries, a, "!=", b, n_boot, claim=f"{a} vs {b}: {what}")
+                   for a, b, what in COMPARISONS if a in rows and b in rows]
     return {"task": task, "metric": metric, "base": base, "full": full, "rows": list(summaries.values()),
-            "leave_one_out": loo,
-            "claims": claims(rows, summaries, grp, base, full, loo, n_boot)}
+            "leave_one_out": loo, "claims": claims(rows, summaries, grp, base, full, loo, n_boot),
+            "comparisons": comparisons}
 
 
 def study(root: str | Path, task: str = "rotten_tomatoes", base: str = "base", full: str = "unisd_star",

@@ -48,7 +48,7 @@ def _study_run(grid, method, seed, correct):
     d = grid / f"{method}{seed}"
     (d / "predictions").mkdir(parents=True)
     (d / "predictions" / "rt.jsonl").write_text("".join(
-        json.dumps({"id": i, "prediction": "x", "gold": "x", "scores": {"correct": float(c)}}) + "\n"
+        json.dumps({"id": i, "prediction": "x" if c else "y", "gold": "x", "scores": {"correct": float(c)}}) + "\n"
         for i, c in enumerate(correct)))
     (d / "run.json").write_text(json.dumps({
         "run_id": f"{method}{seed}", "method": method, "seed": seed, "status": "ok", "train": {"wall_s": 1.0},
@@ -111,6 +111,8 @@ def test_unisd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     drive = [e for e in found if e.name.startswith("claim the component driving the gain")]
     assert {e.note for e in drive} == {"README.md", f"{N.UNISD_STUDY}/README.md"}
     assert drive[0].phrase.endswith("], ema (removing it from unisd_star costs the most; CI above 0)")
+    changed = next(e for e in found if e.name == "removing ema from `unisd_star`: test predictions changed")
+    assert changed.value == 10 and changed.phrase.endswith(": 10 of 20 test predictions change (per seed)")
 
 
 def test_constant_share_leaves_out_running_grids(tmp_path):

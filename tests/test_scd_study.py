@@ -48,6 +48,8 @@ def test_verdicts():
     assert verdict({"ci": [-0.01, 0.05]}, ">").startswith("not distinguishable")
     assert verdict({"ci": [-0.01, 0.05]}, ">=").startswith("supported (not distinguishable")
     assert verdict({"ci": [-0.05, -0.01]}, ">=") == "contradicted"
+    assert verdict({"ci": [0.01, 0.05]}, "!=") == "A higher" and verdict({"ci": [-0.05, -0.01]}, "!=") == "A lower"
+    assert verdict({"ci": [-0.01, 0.05]}, "!=").startswith("not distinguishable")
 
 
 def test_study_on_a_synthetic_grid(tmp_path):

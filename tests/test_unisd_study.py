@@ -24,6 +24,7 @@ def test_study_on_a_synthetic_grid(tmp_path):
         fake_run(tmp_path, "unisd_star-ema", seed, [i < 10 for i in range(N)])  # removing EMA costs 0.40
         fake_run(tmp_path, "unisd_star-agreement", seed, [i < 17 for i in range(N)])  # costs 0.05
         fake_run(tmp_path, "sft", seed, [True] * N)
+        fake_run(tmp_path, "sdft_rewrite", seed, [True] * N)  # SFT on rewrites that equal the gold answers
     res = study(tmp_path, task="t", n_boot=500)
     rows = {r["method"]: r for r in res["rows"]}
     assert rows["base"]["vs_base"] is None and rows["base"]["role"] == "base"
@@ -32,6 +33,11 @@ def test_study_on_a_synthetic_grid(tmp_path):
     loo = {r["component"]: r for r in res["leave_one_out"]}
     assert loo["ema"]["delta"] == pytest.approx(0.4) and loo["ema"]["verdict"] == "supported"
     assert loo["agreement"]["delta"] == pytest.approx(0.05)
+    # predictions that differ, per seed: i < 18 vs i < 10 disagree on 8 reviews, i < 18 vs i < 17 on 1
+    assert loo["ema"]["changed"] == [8, 8] and loo["agreement"]["changed"] == [1, 1]
+    assert rows["sft"]["vs_base"]["changed"] == [10, 10]
+    (cmp,) = res["comparisons"]
+    assert cmp["claim"].startswith("sdft_rewrite vs sft") and cmp["changed"] == [0, 0] and cmp["delta"] == 0
     by = {c["claim"]: c for c in res["claims"]}
     assert by["unisd_star > +ema (best single component)"]["delta"] == pytest.approx(0.3)
     assert by["+ema (best single component) > base"]["delta"] == pytest.approx(0.1)
@@ -52,3 +58,6 @@ def test_no_driver_is_named_when_every_leave_one_out_ci_includes_zero(tmp_path):
     assert by["the component driving the gain"]["verdict"].startswith("none identified")
     assert by["unisd_star > best single component"]["verdict"].startswith("not measurable")
     assert by["unisd_star > base"]["verdict"].startswith("not distinguishable")
+    # identical predictions: the table says so, seed by seed
+    md = (tmp_path / "unisd_study.md").read_text()
+    assert "| ema | +0.000 [+0.000, +0.000] | +0.000 / +0.000 / +0.000 (A ahead in 0/3 seeds) | 0 / 0 / 0 of 20 |" in md
