@@ -82,15 +82,15 @@ def keep_share(rows: list[dict], keep: float) -> list[dict]:
 def load_examples(cfg: DataConfig, split: str | None = None) -> list[dict]:
     """The examples of ``cfg.tasks`` on ``split`` (default ``cfg.split``); the train split is thinned by
     ``cfg.keep_empty``."""
+    split = split or cfg.split
     out: list[dict] = []
     for task in cfg.tasks:
         if not is_spec(task):
             TASKS.get(task)  # unknown task -> did-you-mean error
-        rows = load_split(task, split or cfg.split, limit=cfg.limit_per_task,
-                          skip_malformed=cfg.skip_malformed)
+        rows = load_split(task, split, limit=cfg.limit_per_task, skip_malformed=cfg.skip_malformed)
         if not rows:
-            raise ValueError(f"task '{task}' split '{split or cfg.split}' is empty")
-        if (split or cfg.split) == "train":
+            raise ValueError(f"task '{task}' split '{split}' is empty")
+        if split == "train":
             rows = keep_share(rows, cfg.keep_empty)
         if task in cfg.prompts:
             rows = [verbalize(r, cfg.prompts[task]) for r in rows]

@@ -143,34 +143,34 @@ class NERScorer(Scorer):
                      unplaced_types=parsed["unplaced_types"])
         return preds
 
-    def _tags(self, ex: dict, p: dict) -> tuple[list[str], bool, list[str]]:
-        """(BIO tags, parse failed, types of the unplaced entities) of one prediction."""
-        if "tags" in p and "parse_failed" in p and "unplaced_types" in p:
-            return list(p["tags"]), bool(p["parse_failed"]), list(p["unplaced_types"])
-        parsed = parse_ner_output(p.get("output") or "", ex["tokens"])
-        return parsed["tags"], parsed["failed"], parsed["unplaced_types"]
+    def _parsed(self, ex: dict, p: dict) -> dict:
+        """One prediction's parse (:func:`parse_ner_output`'s keys): the fields its record saved, else one parse of
+        its output."""
+        if isinstance(p.get("prediction"), list) and all(k in p for k in ("tags", "parse_failed", "unplaced_types")):
+            return {"entities": p["prediction"], "tags": list(p["tags"]), "failed": bool(p["parse_failed"]),
+                    "unplaced_types": list(p["unplaced_types"])}
+        return parse_ner_output(p.get("output") or "", ex["tokens"])
 
     def per_example(self, examples, predictions) -> list[dict]:
         self._check(examples, predictions)
         rows = []
         for ex, p in zip(examples, predictions):
-            tags, failed, unplaced = self._tags(ex, p)
-            g, q = entity_sets(ex["tags"]), entity_sets(tags)
-            tp = len(g & q)
-            rows.append({"tp": tp, "n_pred": len(q) + len(unplaced), "n_gold": len(g),
-                         "parse_failed": float(failed)})
+            parsed = self._parsed(ex, p)
+            g, q = entity_sets(ex["tags"]), entity_sets(parsed["tags"])
+            rows.append({"tp": len(g & q), "n_pred": len(q) + len(parsed["unplaced_types"]), "n_gold": len(g),
+                         "parse_failed": float(parsed["failed"])})
         return rows
 
     def score(self, examples, predictions) -> dict[str, dict]:
         self._check(examples, predictions)
         n = len(examples)
         gold = [list(ex["tags"]) for ex in examples]
-        parsed = [self._tags(ex, p) for ex, p in zip(examples, predictions)]
-        pred = [t for t, _, _ in parsed]
+        parsed = [self._parsed(ex, p) for ex, p in zip(examples, predictions)]
+        pred = [q["tags"] for q in parsed]
         for ex, t in zip(examples, pred):
             if len(t) != len(ex["tags"]):
                 raise ValueError(f"{ex.get('id')}: {len(t)} predicted tags for {len(ex['tags'])} tokens")
-        micro_c, type_c, types = ner_counts(gold, pred, [u for _, _, u in parsed])
+        micro_c, type_c, types = ner_counts(gold, pred, [q["unplaced_types"] for q in parsed])
         if n:
             f1_micro = float(micro_f1_sums(micro_c.sum(0, keepdims=True))[0])
             f1_macro = float(macro_f1_sums(len(types))(type_c.sum(0, keepdims=True))[0]) if types else 0.0
@@ -179,10 +179,9 @@ class NERScorer(Scorer):
         ci_micro = bootstrap_ci(micro_c, sum_fn=micro_f1_sums, n_boot=self.n_boot, seed=self.seed)
         ci_macro = (bootstrap_ci(type_c, sum_fn=macro_f1_sums(len(types)), n_boot=self.n_boot, seed=self.seed)
                     if types else (0.0, 0.0))
-        n_items = sum(len(p.get("prediction") or []) for p in predictions)
-        unplaced = sum(len(u) for _, _, u in parsed)
-        keys = [answer_key(p["prediction"] if isinstance(p.get("prediction"), list)
-                           else self.parse(ex, p.get("output") or "")) for ex, p in zip(examples, predictions)]
+        n_items = sum(len(q["entities"]) for q in parsed)
+        unplaced = sum(len(q["unplaced_types"]) for q in parsed)
+        keys = [answer_key(q["entities"]) for q in parsed]
         extra = {"per_type": per_type_report(type_c.sum(0), types) if n else {}, **answer_profile(keys),
                  "n_gold_entities": int(micro_c[:, 2].sum()), "n_pred_entities": int(micro_c[:, 1].sum()),
                  "n_unplaced_entities": int(unplaced),
@@ -192,6 +191,6 @@ class NERScorer(Scorer):
                          "primary": True, "extra": extra},
             "f1_macro": {**metric_entry(f1_macro, n, ci_macro), "higher_is_better": True, "chance": 0.0,
                          "primary": False},
-            "parse_failure_rate": self.mean_metric([float(f) for _, f, _ in parsed], higher_is_better=False,
+            "parse_failure_rate": self.mean_metric([float(q["failed"]) for q in parsed], higher_is_better=False,
                                                    chance=0.0, primary=False),
         }
