@@ -170,18 +170,26 @@ def paired_rows(a: dict[int, dict], b: dict[int, dict], n_boot: int, shared: boo
         "changed": [n_changed(x["predictions"], y["predictions"]) for _, x, y in pairs]}
 
 
-def judge(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], a: str, op: str, b: str, n_boot: int,
-          claim: str | None = None, shared: str | None = None) -> dict:
-    """The verdict on ``A op B`` (``rows``: :func:`load_rows`; ``summaries[m]["constant_runs"]``): not measurable
-    when a row is missing or has a constant-predictor run, else Δ by :func:`paired_rows` (every seed of A against
-    B when ``b`` is the ``shared`` row)."""
+def judge(rows: dict[str, dict[int, dict]], a: str, op: str, b: str, n_boot: int, claim: str | None = None,
+          shared: str | None = None) -> dict:
+    """The verdict on ``A op B`` (``rows``: :func:`load_rows`), Δ by :func:`paired_rows` (every seed of A against B
+    when ``b`` is the ``shared`` row).  A constant-predictor run is never a winner: when A has one, or when B has one
+    and the claim is not supported, the verdict is "not measurable (constant predictor: ...)"; a supported claim
+    whose B has one says so ("A beats a constant predictor in seed s").  Δ and its CI are reported in every case."""
     claim = claim or f"{a} {op} {b}"
     if a not in rows or b not in rows:
         return {"claim": claim, "verdict": "not measurable (row missing)"}
-    if summaries[a]["constant_runs"] or summaries[b]["constant_runs"]:
-        return {"claim": claim, "verdict": "not measurable (a constant-predictor run)"}
+    pairs = seed_pairs(rows[a], rows[b], shared=b == shared)
+    const_a = [s for s, x, _ in pairs if x["constant"]]
+    const_b = [s for s, _, y in pairs if y["constant"]]
     d = paired_rows(rows[a], rows[b], n_boot, shared=b == shared)
-    return {"claim": claim, **d, "verdict": verdict(d, op)}
+    v = verdict(d, op)
+    if const_a or (const_b and not v.startswith("supported")):
+        named = [f"{m} seed {s}" for m, seeds in ((a, const_a), (b, const_b)) for s in seeds]
+        v = f"not measurable (constant predictor: {', '.join(named)})"
+    elif const_b:
+        v += f" ({a} beats a constant predictor in seed {', '.join(map(str, const_b))}: {b}'s)"
+    return {"claim": claim, **d, "verdict": v}
 
 
 def fmt_changed(d: dict | None) -> str:

@@ -20,7 +20,7 @@ method (``method`` of the grid's runs).  Writes ``scd_study.md`` and ``scd_study
   (selection vs a fixed order), SCD+AW > SCD (AW), SCD+AW > KD+CE (AW vs a fixed CE share), KD+CE > KD,
   SCD+AW > KD and SCD+AW > SFT.  ``>``: supported when the CI lies above 0, contradicted below 0, else
   not distinguishable; ``>=``: contradicted only when the CI lies below 0.  *not measurable* when a
-  row is missing or has a constant-predictor run.  Each claim also lists its Δ per seed: the CI is over examples
+  row is missing, or a constant-predictor run would be the winner (see :func:`benchmarks.paired.judge`).  Each claim also lists its Δ per seed: the CI is over examples
   (seeds averaged first) and does not include the seed-to-seed spread of training.
 
 The teacher of a seed is the ``--teacher`` run with that seed, or the only one when the study shares one
@@ -91,7 +91,7 @@ def claims(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], teacher
             out.append({"claim": f"{a} {op} {b}", "verdict": "not measurable (every student row has a constant run)"})
             continue
         claim = f"{a} {op} {b}" + (" (best student vs teacher)" if b == teacher else "")
-        out.append(judge(rows, summaries, a, op, b, n_boot, claim=claim, shared=teacher))
+        out.append(judge(rows, a, op, b, n_boot, claim=claim, shared=teacher))
     return out
 
 

@@ -10,7 +10,7 @@ Reads the ``run.json`` files (status ok) and saved predictions of one grid folde
 ``unisd_study.json`` there.
 
 * **Rows**: the task's primary metric (accuracy; entity micro-F1 for NER) as mean ± sd over seeds,
-  constant-predictor runs (>= 95 % of predictions on one label: such a row gets no verdict and is never "best"),
+  constant-predictor runs (>= 95 % of predictions on one label: such a row is never "best" nor a winner),
   Δ vs base paired by example and seed (seeds averaged per example first; 95 % bootstrap CI over examples),
   seeds in which the row beats base (same seed), how many test predictions differ from base's (per seed: 0 means
   the row is indistinguishable from base on this split), median wall seconds per run.
@@ -18,7 +18,8 @@ Reads the ``run.json`` files (status ok) and saved predictions of one grid folde
   combination (> 0: removing it hurts), and how many test predictions removing it changes (per seed).
 * **Claims** (the paper's): UniSD* > the best single component; the best single component > base; UniSD* >
   base; and which component drives the gain -- the component whose removal costs UniSD* most, named only when
-  that cost's CI lies above 0.  Verdicts as :func:`benchmarks.paired.verdict`.  Each Δ also lists its value per
+  that cost's CI lies above 0.  Verdicts as :func:`benchmarks.paired.judge` (a constant predictor is never the
+  winner).  Each Δ also lists its value per
   seed: the CI is over examples (seeds averaged first) and does not include the seed-to-seed spread of training.
 """
 from __future__ import annotations
@@ -57,9 +58,9 @@ def row_summary(method: str, role: str, rows: dict[str, dict[int, dict]], base: 
             "wall_s": median_wall(runs, seeds)}
 
 
-def leave_one_out(rows, summaries, full: str, loo: Sequence[str], n_boot: int) -> list[dict]:
+def leave_one_out(rows, full: str, loo: Sequence[str], n_boot: int) -> list[dict]:
     """What each component adds to the combination: Δ = full − (full without it), > 0 when removing it hurts."""
-    return [{"component": m[len(full) + 1:], **judge(rows, summaries, full, ">", m, n_boot,
+    return [{"component": m[len(full) + 1:], **judge(rows, full, ">", m, n_boot,
                                                       claim=f"{full} > {m}")} for m in loo]
 
 
@@ -71,13 +72,14 @@ def claims(rows, summaries, grp: dict[str, list[str]], base: str, full: str, loo
         out = [{"claim": f"{full} > best single component", "verdict": "not measurable (no clean single-component row)"},
                {"claim": f"best single component > {base}", "verdict": "not measurable (no clean single-component row)"}]
     else:
-        out = [judge(rows, summaries, full, ">", best, n_boot, claim=f"{full} > {best} (best single component)"),
-               judge(rows, summaries, best, ">", base, n_boot, claim=f"{best} (best single component) > {base}")]
-    out.append(judge(rows, summaries, full, ">", base, n_boot))
-    measured = [r for r in loo if "delta" in r]
+        out = [judge(rows, full, ">", best, n_boot, claim=f"{full} > {best} (best single component)"),
+               judge(rows, best, ">", base, n_boot, claim=f"{best} (best single component) > {base}")]
+    out.append(judge(rows, full, ">", base, n_boot))
+    measured = [r for r in loo if "delta" in r and not r["verdict"].startswith("not measurable")]
     driver = max(measured, key=lambda r: r["delta"], default=None)
     if driver is None:
-        out.append({"claim": "the component driving the gain", "verdict": "not measurable (no leave-one-out row)"})
+        out.append({"claim": "the component driving the gain",
+                    "verdict": "not measurable (no leave-one-out row without a constant predictor)"})
     elif driver["ci"][0] > 0:
         out.append({"claim": "the component driving the gain", **{k: driver[k] for k in ("n", "a", "b", "delta", "ci", "seed_deltas")},
                     "verdict": f"{driver['component']} (removing it from {full} costs the most; CI above 0)"})
@@ -138,9 +140,9 @@ def analyse(root: str | Path, task: str = "rotten_tomatoes", base: str = "base",
     grp = groups(list(rows), base, full)
     summaries = {m: row_summary(m, role, rows, base, n_boot)
                  for role in ("base", "single", "full", "leave_one_out", "baselines") for m in grp[role]}
-    loo = leave_one_out(rows, summaries, full, grp["leave_one_out"], n_boot)
+    loo = leave_one_out(rows, full, grp["leave_one_out"], n_boot)
     metric = next(r["metric"] for runs in rows.values() for r in runs.values())
-    comparisons = [judge(rows, summaries, a, "!=", b, n_boot, claim=f"{a} vs {b}: {what}")
+    comparisons = [judge(rows, a, "!=", b, n_boot, claim=f"{a} vs {b}: {what}")
                    for a, b, what in COMPARISONS if a in rows and b in rows]
     return {"task": task, "metric": metric, "base": base, "full": full, "rows": list(summaries.values()),
             "leave_one_out": loo, "claims": claims(rows, summaries, grp, base, full, loo, n_boot),

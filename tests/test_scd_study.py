@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.paired import median_wall, verdict
+from benchmarks.paired import judge, median_wall, verdict
 from benchmarks.scd_study import favoured_subsets, main, study
 from scd.core.results import atomic_write_json
 
@@ -40,6 +40,28 @@ def test_row_wall_time_is_the_median_over_seeds():
     assert median_wall(runs, [0, 1, 2, 3]) == 420.0
     assert median_wall(runs, [0, 1]) == 2700.0
     assert median_wall(runs, [3]) != median_wall(runs, [3])  # nan
+
+
+def _row(*seeds):  # {seed: load_rows entry} from (n right of 20, constant)
+    return {s: {"score": k / 20, "correct": {str(i): float(i < k) for i in range(20)}, "counts": None,
+                "predictions": {str(i): "r" if i < k else "w" for i in range(20)}, "constant": c}
+            for s, (k, c) in enumerate(seeds)}
+
+
+def test_a_constant_predictor_is_never_the_winner():
+    rows = {"a": _row((16, False), (16, False)), "b": _row((10, False), (8, True)),
+            "c": _row((19, True), (19, False))}
+    # A beats B, which is constant in seed 1: measured, and the verdict says what A beat
+    ab = judge(rows, "a", ">", "b", 500)
+    assert ab["delta"] == pytest.approx(0.35) and ab["seed_deltas"] == pytest.approx([0.3, 0.4])
+    assert ab["verdict"] == "supported (a beats a constant predictor in seed 1: b's)"
+    # B cannot win or contradict A while B is constant: no verdict, the Δ still reported
+    ba = judge(rows, "b", ">=", "a", 500)
+    assert ba["verdict"] == "not measurable (constant predictor: b seed 1)" and ba["delta"] == pytest.approx(-0.35)
+    # A constant in any seed: never a winner, however far ahead
+    ca = judge(rows, "c", ">", "a", 500)
+    assert ca["verdict"] == "not measurable (constant predictor: c seed 0)" and ca["delta"] == pytest.approx(0.15)
+    assert judge(rows, "a", ">", "zz", 500)["verdict"] == "not measurable (row missing)"
 
 
 def test_verdicts():

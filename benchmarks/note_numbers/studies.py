@@ -266,6 +266,14 @@ def unisd_study(root: Path) -> list[Entry]:
                     else c["claim"].split(":")[0])
             out.append(Entry(note, f"{what}: test predictions changed", max(c["changed"]),
                              f"{what}: {fmt_changed(c)} test predictions change (per seed)"))
+    clipped = [m["divergence_clipping/clipped_frac"] for path in iter_run_jsons(grid)
+               if json.loads(Path(path).read_text(encoding="utf-8"))["method"] == "+clipping"
+               for m in _jsonl(Path(path).parent / "metrics.jsonl") if "divergence_clipping/clipped_frac" in m]
+    if clipped:
+        lo, hi = min(clipped), max(clipped)
+        out.append(Entry(note, "+clipping: share of each batch's completion tokens clipped", hi,
+                         f"`+clipping` caps {lo:.4f}{'' if lo == hi else f'-{hi:.4f}'} of each batch's completion "
+                         f"tokens at every logged step of every seed"))
     for path in iter_run_jsons(grid):  # SDFT-rewrite: how many of the teacher's rewrites were accepted
         rec = json.loads(Path(path).read_text(encoding="utf-8"))
         if rec.get("status") == "ok" and (rec.get("train") or {}).get("rewrite"):
