@@ -44,7 +44,7 @@ def test_seeded_recovery_verdicts_wait_for_every_seed():
     assert all(-1 <= e.value <= 1 and "configurations" in e.phrase for e in corr)
 
 
-def _study_run(grid, method, seed, correct):
+def _study_run(grid, method, seed, correct, constant=False):
     d = grid / f"{method}{seed}"
     (d / "predictions").mkdir(parents=True)
     (d / "predictions" / "rt.jsonl").write_text("".join(
@@ -54,7 +54,8 @@ def _study_run(grid, method, seed, correct):
         "run_id": f"{method}{seed}", "method": method, "seed": seed, "status": "ok", "train": {"wall_s": 1.0},
         "eval": {"rotten_tomatoes": {"accuracy": {"value": sum(correct) / len(correct), "n": len(correct)}}},
         "eval_info": {"rotten_tomatoes": {"predictions": "predictions/rt.jsonl",
-                                          "extra": {"accuracy": {"constant": False, "max_label_share": 0.5,
+                                          "extra": {"accuracy": {"constant": constant, "max_label_share":
+                                                                 0.97 if constant else 0.5, "most_predicted": "y",
                                                                  "majority_baseline": 0.5}}}}}))
 
 
@@ -96,11 +97,12 @@ def test_unisd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     grid = tmp_path / N.UNISD_STUDY
     assert N.unisd_study(tmp_path) == []  # not launched: no folder, no plan
     grid.mkdir(parents=True)
-    plan = [("base", 0), ("+ema", 0), ("unisd_star", 0), ("unisd_star-ema", 0)]
+    plan = [("base", 0), ("+ema", 0), ("unisd_star", 0), ("unisd_star-ema", 0), ("+agreement", 0)]
     (grid / "plan.json").write_text(json.dumps({"runs": [{"run_id": f"{m}{s}"} for m, s in plan]}))
     right = {"base": 10, "+ema": 12, "unisd_star": 20, "unisd_star-ema": 10}
-    for m, s in plan[:-1]:
+    for m, s in plan[:3]:
         _study_run(grid, m, s, [i < right[m] for i in range(20)])
+    _study_run(grid, "+agreement", 0, [i < 1 for i in range(20)], constant=True)
     assert N.unisd_study(tmp_path) == []
     _study_run(grid, "unisd_star-ema", 0, [i < 10 for i in range(20)])
     found = N.unisd_study(tmp_path)
@@ -111,6 +113,8 @@ def test_unisd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     drive = [e for e in found if e.name.startswith("claim the component driving the gain")]
     assert {e.note for e in drive} == {"README.md", f"{N.UNISD_STUDY}/README.md"}
     assert drive[0].phrase.endswith("], ema (removing it from unisd_star costs the most; CI above 0)")
+    const = next(e for e in found if e.name == "seed 0: constant-predictor runs")
+    assert const.phrase == "seed 0: 1 constant runs (`+agreement`; y for 97.0 % of the test reviews)"
     changed = next(e for e in found if e.name == "removing ema from `unisd_star`: test predictions changed")
     assert changed.value == 10 and changed.phrase.endswith(": 10 of 20 test predictions change (per seed)")
 

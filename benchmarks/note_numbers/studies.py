@@ -274,6 +274,19 @@ def unisd_study(root: Path) -> list[Entry]:
         out.append(Entry(note, "+clipping: share of each batch's completion tokens clipped", hi,
                          f"`+clipping` caps {lo:.4f}{'' if lo == hi else f'-{hi:.4f}'} of each batch's completion "
                          f"tokens at every logged step of every seed"))
+    const: dict[int, list[tuple[str, float, str]]] = {}  # seed -> (method, top share, top label) of constant runs
+    for path in iter_run_jsons(grid):
+        rec = json.loads(Path(path).read_text(encoding="utf-8"))
+        prof = label_share(rec, "rotten_tomatoes") if rec.get("status") == "ok" else None
+        if prof and prof["constant"]:
+            const.setdefault(int(rec["seed"]), []).append((rec["method"], prof["share"], prof["label"]))
+    for seed, runs in sorted(const.items()):
+        shares, labels = [x for _, x, _ in runs], sorted({str(lab) for _, _, lab in runs})
+        names = ", ".join(f"`{m}`" for m, _, _ in sorted(runs))
+        lo, hi = f"{100 * min(shares):.1f}", f"{100 * max(shares):.1f}"
+        out.append(Entry(note, f"seed {seed}: constant-predictor runs", len(runs),
+                         f"seed {seed}: {len(runs)} constant runs ({names}; {' / '.join(labels)} for "
+                         f"{lo if lo == hi else f'{lo}-{hi}'} % of the test reviews)"))
     for path in iter_run_jsons(grid):  # SDFT-rewrite: how many of the teacher's rewrites were accepted
         rec = json.loads(Path(path).read_text(encoding="utf-8"))
         if rec.get("status") == "ok" and (rec.get("train") or {}).get("rewrite"):
