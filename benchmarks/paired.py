@@ -173,22 +173,24 @@ def paired_rows(a: dict[int, dict], b: dict[int, dict], n_boot: int, shared: boo
 def judge(rows: dict[str, dict[int, dict]], a: str, op: str, b: str, n_boot: int, claim: str | None = None,
           shared: str | None = None) -> dict:
     """The verdict on ``A op B`` (``rows``: :func:`load_rows`), Δ by :func:`paired_rows` (every seed of A against B
-    when ``b`` is the ``shared`` row).  A constant-predictor run is never a winner: when A has one, or when B has one
-    and the claim is not supported, the verdict is "not measurable (constant predictor: ...)"; a supported claim
-    whose B has one says so ("A beats a constant predictor in seed s").  Δ and its CI are reported in every case."""
+    when ``b`` is the ``shared`` row).  A constant-predictor run is never a winner: a verdict stands only when the
+    row with constant runs is clearly behind (the CI excludes 0 in the other row's favour) and says so ("(B is a
+    constant predictor in seed s)"); otherwise, and whenever both rows have one, it is "not measurable (constant
+    predictor: ...)".  Δ and its CI are reported in every case."""
     claim = claim or f"{a} {op} {b}"
     if a not in rows or b not in rows:
         return {"claim": claim, "verdict": "not measurable (row missing)"}
     pairs = seed_pairs(rows[a], rows[b], shared=b == shared)
-    const_a = [s for s, x, _ in pairs if x["constant"]]
-    const_b = [s for s, _, y in pairs if y["constant"]]
+    const = {a: [s for s, x, _ in pairs if x["constant"]], b: [s for s, _, y in pairs if y["constant"]]}
     d = paired_rows(rows[a], rows[b], n_boot, shared=b == shared)
     v = verdict(d, op)
-    if const_a or (const_b and not v.startswith("supported")):
-        named = [f"{m} seed {s}" for m, seeds in ((a, const_a), (b, const_b)) for s in seeds]
-        v = f"not measurable (constant predictor: {', '.join(named)})"
-    elif const_b:
-        v += f" ({a} beats a constant predictor in seed {', '.join(map(str, const_b))}: {b}'s)"
+    if const[a] or const[b]:
+        loser = b if d["ci"][0] > 0 else (a if d["ci"][1] < 0 else None)  # the row clearly behind, if any
+        if loser is None or const[a if loser == b else b]:
+            named = [f"{m} seed {s}" for m in (a, b) for s in const[m]]
+            v = f"not measurable (constant predictor: {', '.join(named)})"
+        else:
+            v += f" ({loser} is a constant predictor in seed {', '.join(map(str, const[loser]))})"
     return {"claim": claim, **d, "verdict": v}
 
 

@@ -111,7 +111,7 @@ def markdown(root: Path, task: str, table: list[dict], claim_rows: list[dict], t
              "(do not edit by hand).  Δ = paired by example, seeds averaged per example first; 95 % bootstrap "
              f"CI over examples.  SFS / TFS: examples where the SFT anchor (`{anchor}`) is right and the teacher "
              f"(`{teacher}`) wrong / the reverse, per seed, pooled.  ⚠ = a constant-predictor run (>= 95 % of "
-             "predictions on one label): no verdict uses it.", "",
+             "predictions on one label): never the winner of a verdict.", "",
              f"| method | seeds | {metric} (mean ± sd) | Δ vs teacher [95% CI] | on SFS (n) | on TFS (n) | "
              "seeds > teacher | wall s / run (median) |", "|---|---:|---|---|---|---|---:|---:|"]
     for r in table:

@@ -50,17 +50,19 @@ def _row(*seeds):  # {seed: load_rows entry} from (n right of 20, constant)
 
 def test_a_constant_predictor_is_never_the_winner():
     rows = {"a": _row((16, False), (16, False)), "b": _row((10, False), (8, True)),
-            "c": _row((19, True), (19, False))}
-    # A beats B, which is constant in seed 1: measured, and the verdict says what A beat
+            "c": _row((19, True), (19, False)), "d": _row((10, False), (5, True))}
+    # A clearly beats B, which is constant in seed 1: the verdict stands and says what A beat
     ab = judge(rows, "a", ">", "b", 500)
     assert ab["delta"] == pytest.approx(0.35) and ab["seed_deltas"] == pytest.approx([0.3, 0.4])
-    assert ab["verdict"] == "supported (a beats a constant predictor in seed 1: b's)"
-    # B cannot win or contradict A while B is constant: no verdict, the Δ still reported
+    assert ab["verdict"] == "supported (b is a constant predictor in seed 1)"
+    # the constant row claimed better and clearly behind: contradicted, said so
     ba = judge(rows, "b", ">=", "a", 500)
-    assert ba["verdict"] == "not measurable (constant predictor: b seed 1)" and ba["delta"] == pytest.approx(-0.35)
-    # A constant in any seed: never a winner, however far ahead
+    assert ba["verdict"] == "contradicted (b is a constant predictor in seed 1)" and ba["delta"] == pytest.approx(-0.35)
+    # a constant row ahead: never a winner, however far ahead; the Δ is still reported
     ca = judge(rows, "c", ">", "a", 500)
     assert ca["verdict"] == "not measurable (constant predictor: c seed 0)" and ca["delta"] == pytest.approx(0.15)
+    # both rows constant somewhere: no verdict
+    assert judge(rows, "b", ">", "d", 500)["verdict"] == "not measurable (constant predictor: b seed 1, d seed 1)"
     assert judge(rows, "a", ">", "zz", 500)["verdict"] == "not measurable (row missing)"
 
 
@@ -94,7 +96,8 @@ def test_study_on_a_synthetic_grid(tmp_path):
     by = {c["claim"].split(" (")[0]: c for c in res["claims"]}
     assert by["kd > sft"]["delta"] == pytest.approx(1.0 - 0.7) and by["kd > sft"]["verdict"] == "supported"
     assert by["kd > sft"]["seed_deltas"] == pytest.approx([0.3, 0.3])  # the seed-to-seed spread, beside the CI
-    assert by["cd >= kd"]["verdict"].startswith("not measurable")  # cd has constant runs
+    # cd is constant and clearly behind: the claim is contradicted, never won by a constant predictor
+    assert by["cd >= kd"]["verdict"] == "contradicted (cd is a constant predictor in seed 0, 1)"
     assert by["scd_aw > cd"]["verdict"] == "not measurable (row missing)"
     assert by["kd >= teacher"]["verdict"].startswith("supported")  # the best clean student is kd
     comp = {c["claim"]: c for c in res["comparisons"]}
