@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Sequence
 
 from benchmarks.leaderboard.load import label_share
-from benchmarks.note_numbers.core import STATUS, Entry, _jsonl, plan_finished, plan_statuses
+from benchmarks.note_numbers.core import STATUS, Entry, _jsonl, ok_runs, plan_finished, plan_statuses
 from benchmarks.paired import fmt_changed, fmt_seed_deltas
 from benchmarks.scd_study import analyse as analyse_scd_study
 from benchmarks.tasks.ner import answer_key, answer_profile
 from benchmarks.unisd_study import analyse as analyse_unisd_study
-from scd.core.results import iter_run_jsons
 
 
 def scd_study_dev(root: Path) -> list[Entry]:
@@ -266,30 +265,28 @@ def unisd_study(root: Path) -> list[Entry]:
                     else c["claim"].split(":")[0])
             out.append(Entry(note, f"{what}: test predictions changed", max(c["changed"]),
                              f"{what}: {fmt_changed(c)} test predictions change (per seed)"))
-    clipped = [m["divergence_clipping/clipped_frac"] for path in iter_run_jsons(grid)
-               if json.loads(Path(path).read_text(encoding="utf-8"))["method"] == "+clipping"
-               for m in _jsonl(Path(path).parent / "metrics.jsonl") if "divergence_clipping/clipped_frac" in m]
+    runs = ok_runs(root, UNISD_STUDY)  # (run dir, run.json), read once for the three quotes below
+    clipped = [m["divergence_clipping/clipped_frac"] for d, rec in runs if rec["method"] == "+clipping"
+               for m in _jsonl(d / "metrics.jsonl") if "divergence_clipping/clipped_frac" in m]
     if clipped:
         lo, hi = min(clipped), max(clipped)
         out.append(Entry(note, "+clipping: share of each batch's completion tokens clipped", hi,
                          f"`+clipping` caps {lo:.4f}{'' if lo == hi else f'-{hi:.4f}'} of each batch's completion "
                          f"tokens at every logged step of every seed"))
     const: dict[int, list[tuple[str, float, str]]] = {}  # seed -> (method, top share, top label) of constant runs
-    for path in iter_run_jsons(grid):
-        rec = json.loads(Path(path).read_text(encoding="utf-8"))
-        prof = label_share(rec, "rotten_tomatoes") if rec.get("status") == "ok" else None
+    for _, rec in runs:
+        prof = label_share(rec, "rotten_tomatoes")
         if prof and prof["constant"]:
             const.setdefault(int(rec["seed"]), []).append((rec["method"], prof["share"], prof["label"]))
-    for seed, runs in sorted(const.items()):
-        shares, labels = [x for _, x, _ in runs], sorted({str(lab) for _, _, lab in runs})
-        names = ", ".join(f"`{m}`" for m, _, _ in sorted(runs))
+    for seed, consts in sorted(const.items()):
+        shares, labels = [x for _, x, _ in consts], sorted({str(lab) for _, _, lab in consts})
+        names = ", ".join(f"`{m}`" for m, _, _ in sorted(consts))
         lo, hi = f"{100 * min(shares):.1f}", f"{100 * max(shares):.1f}"
-        out.append(Entry(note, f"seed {seed}: constant-predictor runs", len(runs),
-                         f"seed {seed}: {len(runs)} constant runs ({names}; {' / '.join(labels)} for "
+        out.append(Entry(note, f"seed {seed}: constant-predictor runs", len(consts),
+                         f"seed {seed}: {len(consts)} constant runs ({names}; {' / '.join(labels)} for "
                          f"{lo if lo == hi else f'{lo}-{hi}'} % of the test reviews)"))
-    for path in iter_run_jsons(grid):  # SDFT-rewrite: how many of the teacher's rewrites were accepted
-        rec = json.loads(Path(path).read_text(encoding="utf-8"))
-        if rec.get("status") == "ok" and (rec.get("train") or {}).get("rewrite"):
+    for _, rec in runs:  # SDFT-rewrite: how many of the teacher's rewrites were accepted
+        if (rec.get("train") or {}).get("rewrite"):
             rw = rec["train"]["rewrite"]
             out.append(Entry(note, f"{rec['method']} seed {rec['seed']}: accepted rewrites", rw["accepted"],
                              f"`{rec['method']}` seed {rec['seed']}: {rw['accepted']}/{rw['n']} rewrites accepted"))
