@@ -8,7 +8,7 @@ method (``method`` of the grid's runs).  Writes ``scd_study.md`` and ``scd_study
 
 * **Rows**: the task's primary metric (mean ± sd over seeds) -- accuracy, or entity micro-F1 for NER, whose Δ
   resamples per-example entity counts (:func:`benchmarks.paired.paired_f1_delta`); constant-predictor runs
-  (>= 95 % of predictions on one label: such a row is never given a verdict), Δ vs the teacher paired by
+  (>= 95 % of predictions on one label: such a row is never the winner of a verdict), Δ vs the teacher paired by
   example (seeds averaged per example first; 95 % bootstrap CI over examples), seeds in which the student beats
   the teacher, and median wall seconds per run.
 * **The mechanism** (the paper's SFS/TFS argument): per seed, *student-favoured* examples (SFS: the SFT
@@ -20,8 +20,9 @@ method (``method`` of the grid's runs).  Writes ``scd_study.md`` and ``scd_study
   (selection vs a fixed order), SCD+AW > SCD (AW), SCD+AW > KD+CE (AW vs a fixed CE share), KD+CE > KD,
   SCD+AW > KD and SCD+AW > SFT.  ``>``: supported when the CI lies above 0, contradicted below 0, else
   not distinguishable; ``>=``: contradicted only when the CI lies below 0.  *not measurable* when a
-  row is missing, or a constant-predictor run would be the winner (see :func:`benchmarks.paired.judge`).  Each claim also lists its Δ per seed: the CI is over examples
-  (seeds averaged first) and does not include the seed-to-seed spread of training.
+  row is missing, or a constant-predictor run would be the winner (see :func:`benchmarks.paired.judge`).  Each
+  claim also lists its Δ per seed: the CI is over examples (seeds averaged first) and does not include the
+  seed-to-seed spread of training.
 
 The teacher of a seed is the ``--teacher`` run with that seed, or the only one when the study shares one
 teacher across seeds.  Correctness per example: ``scores.correct`` (:mod:`benchmarks.paired`).

@@ -2,11 +2,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from scd.core import results
+from scd.core.config import load_config, to_dict
 from scd.core.results import (DivergedError, MetricsWriter, ResultsError, RunDir, atomic_write_json, code_state,
                               config_hash, default_run_dir, failure_stub, git_sha, new_run_record, read_metrics,
                               run_id, safe_join, validate_run_record)
@@ -199,12 +201,6 @@ def test_committed_runs_keep_their_run_ids():
     """Every committed run directory's config.yaml re-resolves to its run.json run_id with the current code, so a
     config field added without :func:`scd.core.config.added_field` fails here -- including the standalone
     dependency runs (teachers, students, SFT anchors) that no grid plan covers."""
-    import json
-    import subprocess
-
-    from scd.core.config import load_config, to_dict
-    from scd.core.results import run_id
-
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(["git", "ls-files", "results/*config.yaml"], cwd=root, capture_output=True, text=True)
     files = [f for f in out.stdout.split() if f.endswith("/config.yaml") and not f.startswith(LEGACY_RUN_ID_FOLDERS)]
