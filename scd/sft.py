@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from benchmarks.evaluate import EvalSpec
 from scd.completion_loss import completion_terms, head_dtype
 from scd.core.config import added_field, register_recipe
+from scd.core.dependencies import build_record
 from scd.core.engine import Engine, Terms, init_distributed
 from scd.core.results import RunDir
 from scd.core.train import TrainConfig, collate, rank_batches, seed_everything, tokenize_sft
@@ -124,7 +125,9 @@ def run(cfg: SFTConfig, run_dir: Path) -> dict:
         artifacts["model"] = str(save_model(model, tok, run_dir / "model"))
     evaluation = cfg.eval.run(model, tok, run_dir)
     engine.clear_state()
-    return rd.finish(train={**stats, "world_size": dist.world}, artifacts=artifacts, **evaluation)
+    builds = {"student": build_record(model_cfg.name)} if cfg.model.student is not None else {}
+    return rd.finish(train={**stats, "world_size": dist.world}, artifacts=artifacts, dependencies=builds,
+                     **evaluation)
 
 
 register_recipe("sft", SFTConfig, run)

@@ -3,6 +3,7 @@ rotten_tomatoes data: loss math through the recipe's own functions, AW limits,
 batch x accumulation invariance, scd_select end to end against an independent KL
 reference, in-place teacher switches, exact resume after SIGKILL, and the start-up
 errors (edited checkpoint, tokenizer mismatch), NaN -> diverged."""
+import hashlib
 import json
 import math
 import shutil
@@ -361,6 +362,24 @@ def test_resume_after_sigkill_equals_uninterrupted(aw_reference, fault):
     assert len(list((ref / "cache").glob("ce-*.safetensors"))) == 1 + len(set(ra["selections"]))
 
 
+def test_run_json_records_the_builds_it_used(aw_reference):
+    """run.json ``dependencies``: the teacher run (its checkpoints' sha256 from the manifest) and the AW anchor
+    (its run's finished time and the sha256 of its weights, recomputed here with hashlib)."""
+    _, ref = aw_reference
+    deps = json.loads((ref / "run.json").read_text())["dependencies"]
+    teacher, anchor = ref.parent / "teacher", ref.parent / "anchor"
+    manifest = json.loads((teacher / "checkpoints" / "manifest.json").read_text())
+    assert deps["teacher"]["run"] == "teacher" and "weights_sha256" not in deps["teacher"]
+    assert deps["teacher"]["checkpoints_sha256"] == [c["sha256"] for c in manifest["checkpoints"]]
+    assert deps["teacher"]["finished"] == json.loads((teacher / "run.json").read_text())["finished"]
+    file_sha = hashlib.sha256((anchor / "model" / "model.safetensors").read_bytes()).hexdigest()
+    assert deps["anchor"] == {"path": str(anchor / "model"), "run": "anchor",
+                              "finished": json.loads((anchor / "run.json").read_text())["finished"],
+                              "git_sha": json.loads((anchor / "run.json").read_text())["git_sha"],
+                              "weights_sha256": hashlib.sha256(file_sha.encode()).hexdigest()}
+    assert "student" not in deps  # the tests' student is built in place, not a dependency run
+
+
 def test_edited_teacher_checkpoint_fails_before_training(runs, capsys):
     tmp, teacher, _ = runs
     edited = tmp / "teacher-edited"
@@ -431,3 +450,4 @@ def test_eval_teacher_mode_scores_the_selected_checkpoint(runs):
     m = json.loads((teacher / "checkpoints" / "manifest.json").read_text())
     assert rec["status"] == "ok" and rec["train"]["selections"] == [m["best_index"]]
     assert rec["artifacts"]["model"].endswith(m["checkpoints"][m["best_index"]]["path"])
+    assert rec["dependencies"]["teacher"]["checkpoints_sha256"] == [c["sha256"] for c in m["checkpoints"]]

@@ -4,6 +4,7 @@ dev-KL early stop, resume, and other recipes taking the healed student as their 
 The fast greedy search (one model, layers swapped in place, the base's log-probs cached, padded
 batches, fp32) is checked against a slow, obviously-correct one (a fresh copy of the model per
 candidate via ``student_from_teacher``, every example on its own without padding, float64)."""
+import hashlib
 import json
 
 import pytest
@@ -255,6 +256,11 @@ def test_sft_trains_on_the_student_run_trained_on_demand(tmp_path):
     resolved = resolve_model(cfg.model, 0)  # reused, not retrained
     assert resolved.name == str(student_dir / "model") and resolved.student is None
     assert (student_dir / "run.json").stat().st_mtime_ns == mtime
+    built = json.loads((student_dir / "run.json").read_text())
+    file_sha = hashlib.sha256((student_dir / "model" / "model.safetensors").read_bytes()).hexdigest()
+    assert rec["dependencies"] == {"student": {  # which build: a student retrained elsewhere is another build
+        "path": str(student_dir / "model"), "run": student_dir.name, "finished": built["finished"],
+        "git_sha": built["git_sha"], "weights_sha256": hashlib.sha256(file_sha.encode()).hexdigest()}}
 
 
 # ------------------------------------------------------------------------------- configs

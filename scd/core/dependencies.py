@@ -4,19 +4,21 @@ A distillation config names its teacher and AW anchor (``teacher.config``,
 ``weighting.anchor_config``), and any recipe's ``model.student.config`` names a pruned,
 healed student (``recipe: student``).  :func:`ensure_dependency` gives the run directory
 ``python -m scd run CONFIG seed=N`` uses, reusing a finished run and otherwise training it
-here, once, under a file lock.  Core layer: it calls the registered recipe by name
+here, once, under a file lock.  :func:`build_record` says which build of a dependency a run
+used (run.json ``dependencies``).  Core layer: it calls the registered recipe by name
 (``scd.core.config.RECIPES``) and imports no recipe.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from pathlib import Path
 
 from scd.core.config import RECIPES, load_config
 from scd.core.locks import file_lock
-from scd.core.results import RunDir, default_run_dir, safe_join
+from scd.core.results import RunDir, default_run_dir, read_json, safe_join, sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (relative dependency configs)
 
@@ -73,3 +75,30 @@ def ensure_dependency(config_path: str, seed: int, results_dir: str, what: str, 
                 rd.fail(e)
                 raise RuntimeError(f"{what} run {run_dir} ({config_path}) failed: {type(e).__name__}: {e}") from e
     return run_dir
+
+
+def build_record(path: str | os.PathLike, **extra) -> dict:
+    """Which build of a dependency a run used, for its run.json ``dependencies.<role>``.
+
+    ``path``: the dependency's run directory, or a model folder inside one (``<run>/model``), or a plain model
+    folder.  Returns {"run": run directory name, "finished", "git_sha" (from its run.json; absent for a plain
+    folder), "weights_sha256" (of the folder's *.safetensors, in name order; only for a model folder)} + ``extra``.
+    Dependency runs live on the machine that trained them (``results/runs/`` is not committed), so a grid resumed
+    on a new machine retrains them under the same name: a new build, equal to the first only up to float rounding
+    across CPUs.  This record is how a study tells its runs' builds apart.
+    """
+    path = Path(path)
+    run_dir = next((d for d in (path, path.parent) if (d / "run.json").is_file()), None)
+    out: dict = {"path": str(path)}
+    if run_dir is not None:
+        rec = read_json(run_dir / "run.json")
+        out.update(run=run_dir.name, finished=rec.get("finished"), git_sha=rec.get("git_sha"))
+    weights = sorted(path.glob("*.safetensors"))
+    if weights:
+        out["weights_sha256"] = sha256_of_shas([sha256_file(w) for w in weights])
+    return {**out, **extra}
+
+
+def sha256_of_shas(shas: list[str]) -> str:
+    """One digest for several files: sha256 of their sha256 hex digests joined by newlines."""
+    return hashlib.sha256("\n".join(shas).encode()).hexdigest()

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from scd.completion_loss import completion_terms, head_dtype, logit_kd_ce
 from scd.core.config import register_recipe
+from scd.core.dependencies import build_record
 from scd.core.engine import Engine, Terms, init_distributed
 from scd.core.results import RunDir, read_metrics
 from scd.core.train import check_finite, collate, rank_batches, seed_everything, tokenize_sft
@@ -287,6 +288,18 @@ def _dependencies(cfg: DistillConfig, use_teacher: bool, rank: int) -> tuple[Pat
     return teacher_dir, anchor_dir
 
 
+def _builds(cfg: DistillConfig, teacher_dir: Path | None, manifest, model_cfg, anchor_dir: Path | None) -> dict:
+    """run.json ``dependencies``: which build of the teacher, the student and the AW anchor this run used."""
+    out = {}
+    if manifest is not None:
+        out["teacher"] = build_record(teacher_dir, checkpoints_sha256=[c.sha256 for c in manifest.checkpoints])
+    if cfg.model.student is not None:
+        out["student"] = build_record(model_cfg.name)
+    if anchor_dir is not None:
+        out["anchor"] = build_record(anchor_dir)
+    return out
+
+
 def _shared_vocab(cfg: DistillConfig, tok, manifest, anchor_dir: Path | None) -> int:
     """The ids the student shares with the teacher (and the anchor): a clear start-up error otherwise."""
     vocab = len(tok)
@@ -315,8 +328,9 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
     if use_teacher:  # verified (sha256) before anything is trained
         manifest = Manifest.read(find_manifest(teacher_dir))
         manifest.verify()  # an edited checkpoint -> ManifestError naming it
+    builds = _builds(cfg, teacher_dir, manifest, model_cfg, anchor_dir) if dist.rank == 0 else {}
     if cfg.mode == "eval_teacher":
-        return _eval_teacher(cfg, rd, manifest, dist.device, dist.rank)
+        return _eval_teacher(cfg, rd, manifest, dist.device, dist.rank, builds)
 
     student, tok = build_model(model_cfg, seed=cfg.seed)
     vocab = _shared_vocab(cfg, tok, manifest, anchor_dir)
@@ -343,10 +357,11 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
     engine.clear_state()
     if manifest is not None:
         artifacts["teacher_manifest"] = str(manifest.root / "manifest.json")
-    return rd.finish(train=recipe.train_record(stats, rd.metrics_path), artifacts=artifacts, **evaluation)
+    return rd.finish(train=recipe.train_record(stats, rd.metrics_path), artifacts=artifacts, dependencies=builds,
+                     **evaluation)
 
 
-def _eval_teacher(cfg: DistillConfig, rd: RunDir, manifest, device, rank: int) -> dict:
+def _eval_teacher(cfg: DistillConfig, rd: RunDir, manifest, device, rank: int, builds: dict) -> dict:
     """mode eval_teacher: the teacher itself as a baseline row, under the same eval spec."""
     choice = select_checkpoint(cfg.stages.selection, 0, 1, manifest)
     path = manifest.resolve(choice)
@@ -358,7 +373,7 @@ def _eval_teacher(cfg: DistillConfig, rd: RunDir, manifest, device, rank: int) -
     evaluation = cfg.eval.run(model, tok, rd.path)
     return rd.finish(train={"selections": [choice], "selection_steps": [manifest[choice].step]},
                      artifacts={"model": str(path), "teacher_manifest": str(manifest.root / "manifest.json")},
-                     **evaluation)
+                     dependencies=builds, **evaluation)
 
 
 register_recipe("distill", DistillConfig, run)
