@@ -12,7 +12,7 @@ from scd.core.results import atomic_write_json
 GOLD = ["a", "b"] * 10  # 20 examples, balanced
 
 
-def fake_run(root, method, seed, correct, constant=False, selection_steps=None):
+def fake_run(root, method, seed, correct, constant=False, selection_steps=None, dependencies=None):
     d = root / f"{method}{seed}"
     (d / "predictions").mkdir(parents=True)
     preds = [g if c else ("b" if g == "a" else "a") for g, c in zip(GOLD, correct)]
@@ -25,7 +25,8 @@ def fake_run(root, method, seed, correct, constant=False, selection_steps=None):
         "train": {"wall_s": 10.0, **({"selection_steps": selection_steps} if selection_steps else {})},
         "eval": {"t": {"accuracy": {"value": acc, "n": 20}}},
         "eval_info": {"t": {"predictions": "predictions/t.jsonl",
-                            "extra": {"accuracy": {"constant": constant, "max_label_share": 0.5}}}}})
+                            "extra": {"accuracy": {"constant": constant, "max_label_share": 0.5}}}},
+        **({"dependencies": dependencies} if dependencies is not None else {})})
 
 
 def test_favoured_subsets():
@@ -110,6 +111,27 @@ def test_study_on_a_synthetic_grid(tmp_path):
     assert "| cd | 30 → 60 | 60 → 60 |" in md
     assert "## What each ingredient adds" in md and "| scd_aw > kd_ce | - | - | not measurable (row missing) |" in md
     assert main([str(tmp_path), "--task", "t"]) == 0 and main([str(tmp_path), "--task", "nope"]) == 2
+    assert res["builds"] == [{"builds": "all not recorded", "runs": [f"{m} seed {s}" for m in ("teacher", "sft", "kd",
+                                                                                            "cd") for s in (0, 1)
+                                                                  if (m, s) != ("teacher", 1)]}]
+    assert "## Dependency builds" not in md  # one build: nothing to tell apart
+
+
+def test_runs_are_grouped_by_the_builds_of_their_dependencies(tmp_path):
+    """A grid resumed on a new machine: its runs name two builds of the teacher and the student."""
+    first = {"teacher": {"finished": "T1"}, "student": {"finished": "S1", "path": "/m"}}
+    second = {"teacher": {"finished": "T2"}, "student": {"finished": "S2"}}
+    fake_run(tmp_path, "teacher", 0, [True] * 20, dependencies={"teacher": {"finished": "T1"}})
+    fake_run(tmp_path, "kd", 0, [True] * 20, dependencies=first)
+    fake_run(tmp_path, "kd", 1, [True] * 20, dependencies=second)
+    fake_run(tmp_path, "sft", 0, [True] * 20)  # predates run.json dependencies
+    res = study(tmp_path, task="t", n_boot=50)
+    assert res["builds"] == [{"builds": "teacher T1", "runs": ["teacher seed 0"]},
+                             {"builds": "all not recorded", "runs": ["sft seed 0"]},
+                             {"builds": "student S1; teacher T1", "runs": ["kd seed 0"]},
+                             {"builds": "student S2; teacher T2", "runs": ["kd seed 1"]}]
+    md = (tmp_path / "scd_study.md").read_text()
+    assert "## Dependency builds" in md and "| student S2; teacher T2 | kd seed 1 |" in md
 
 
 def _ner_run(root, method, seed, counts):
