@@ -174,7 +174,11 @@ def seed_pairs(a: dict[int, dict], b: dict[int, dict], shared: bool = False) -> 
 def paired_rows(a: dict[int, dict], b: dict[int, dict], n_boot: int, shared: bool = False) -> dict:
     """Δ = A − B of two rows' runs ({seed: run}) paired by :func:`seed_pairs`: :func:`paired_runs` + ``seeds`` +
     ``changed`` (per seed pair, how many examples get a different prediction: :func:`n_changed`)."""
-    pairs = seed_pairs(a, b, shared)
+    return _paired(seed_pairs(a, b, shared), n_boot)
+
+
+def _paired(pairs: list[tuple[int, dict, dict]], n_boot: int) -> dict:
+    """:func:`paired_rows` of the (seed, A's run, B's run) ``pairs``."""
     return paired_runs([x for _, x, _ in pairs], [y for _, _, y in pairs], n_boot=n_boot) | {
         "seeds": [s for s, _, _ in pairs],
         "changed": [n_changed(x["predictions"], y["predictions"]) for _, x, y in pairs]}
@@ -191,8 +195,10 @@ def judge(rows: dict[str, dict[int, dict]], a: str, op: str, b: str, n_boot: int
     if a not in rows or b not in rows:
         return {"claim": claim, "verdict": "not measurable (row missing)"}
     pairs = seed_pairs(rows[a], rows[b], shared=b == shared)
-    const = {a: [s for s, x, _ in pairs if x["constant"]], b: [s for s, _, y in pairs if y["constant"]]}
-    d = paired_rows(rows[a], rows[b], n_boot, shared=b == shared)
+    paired_b = [id(y) for _, _, y in pairs]  # a shared B run is one run, named by its own seed once
+    const = {a: [s for s, x, _ in pairs if x["constant"]],
+             b: [s for s, y in sorted(rows[b].items()) if y["constant"] and id(y) in paired_b]}
+    d = _paired(pairs, n_boot)
     v = verdict(d, op)
     if const[a] or const[b]:
         loser = b if d["ci"][0] > 0 else (a if d["ci"][1] < 0 else None)  # the row clearly behind, if any

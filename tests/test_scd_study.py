@@ -65,6 +65,10 @@ def test_a_constant_predictor_is_never_the_winner():
     # both rows constant somewhere: no verdict
     assert judge(rows, "b", ">", "d", 500)["verdict"] == "not measurable (constant predictor: b seed 1, d seed 1)"
     assert judge(rows, "a", ">", "zz", 500)["verdict"] == "not measurable (row missing)"
+    # a shared row (one teacher for every seed of A) that is constant: one run, named once by its own seed
+    rows["t"] = {0: _row((5, True))[0]}
+    at = judge(rows, "a", ">", "t", 500, shared="t")
+    assert at["verdict"] == "supported (t is a constant predictor in seed 0)" and at["seeds"] == [0, 1]
 
 
 def test_verdicts():
