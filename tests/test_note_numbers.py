@@ -207,3 +207,46 @@ def test_scd_study_wnut_section_scores_entity_f1(tmp_path):
     assert {e.note for e in found if e.name.startswith("claim kd > sft")} == {"README.md", f"{N.SCD_STUDY_WNUT}/README.md"}
     assert any(e.phrase == "`kd` 1.000 ± 0.000 over 2 seeds" for e in found)
     assert not any(e.name == "the SFT student above the test majority rate" for e in found)  # no majority for F1
+
+
+def _build(d, ck_shas, dev_scores, ce, preds, f1, student_kl=None):
+    """A committed dependency-run record: a teacher (manifest, metrics, predictions) or, with ``student_kl``, a
+    healed student (run.json ``student.curve``)."""
+    d.mkdir(parents=True)
+    if student_kl is not None:
+        curve = [{"step": 10 * i, "dev_kl": v} for i, v in enumerate(student_kl)]
+        (d / "run.json").write_text(json.dumps({"student": {"curve": curve, "kl_after": student_kl[-1]}}))
+        return
+    (d / "manifest.json").write_text(json.dumps({"checkpoints": [{"sha256": s, "dev_score": v}
+                                                                 for s, v in zip(ck_shas, dev_scores)]}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": 10 * (i + 1), "ce": v}) + "\n"
+                                             for i, v in enumerate(ce)))
+    (d / "predictions").mkdir()
+    (d / "predictions" / "wnut16.jsonl").write_text("".join(json.dumps({"id": i, "prediction": p}) + "\n"
+                                                            for i, p in enumerate(preds)))
+    (d / "run.json").write_text(json.dumps({"eval": {"wnut16": {"f1_micro": {"value": f1, "ci": [f1 - .1, f1 + .1],
+                                                                              "n": len(preds)}}}}))
+
+
+def test_dependency_builds_compares_a_rebuild_with_the_first_build(tmp_path):
+    first, day = tmp_path / N.studies.WNUT_DEV, tmp_path / N.studies.BUILDS / "2026-12-06"
+    ent = [["person", "bob"]]
+    _build(first / N.studies.WNUT_TEACHER, ["a1", "a2"], [0.2, 0.4], [2.0, 1.0], [[], ent, [], ent], 0.5)
+    _build(day / N.studies.WNUT_TEACHER, ["a1", "b2"], [0.2, 0.41], [2.0, 1.001], [[], ent, ent, ent], 0.55)
+    _build(first / N.studies.WNUT_STUDENT, None, None, None, None, None, student_kl=[3.0, 0.5])
+    _build(day / N.studies.WNUT_STUDENT, None, None, None, None, None, student_kl=[3.0, 0.5002])
+    grid = tmp_path / N.SCD_STUDY_WNUT / "r1"  # a run that predates run.json dependencies, from the first build
+    grid.mkdir(parents=True)
+    (grid / "run.json").write_text(json.dumps({"status": "ok", "train": {"teacher_cache": {"caches": [
+        {"teacher_sha256": "a2" + "0" * 62}]}}}))
+    (first / N.studies.WNUT_TEACHER / "manifest.json").write_text(json.dumps({"checkpoints": [
+        {"sha256": "a1", "dev_score": 0.2}, {"sha256": "a2" + "0" * 62, "dev_score": 0.4}]}))
+    by = {e.name: e for e in N.studies.dependency_builds(tmp_path)}
+    same = by["2026-12-06: teacher checkpoints with the first build's sha256"]  # a1 == a1, "a2..." != b2
+    assert same.value == 1 and "1 of 2 teacher checkpoints bit-identical" in same.phrase
+    assert by["2026-12-06: teacher training CE, largest relative gap between builds"].value == pytest.approx(1e-3)
+    f1 = by["2026-12-06: teacher test F1, first / rebuilt"]
+    assert f1.value == pytest.approx(0.05) and "1 of 4 test predictions differ" in f1.phrase
+    kl = by["2026-12-06: student healed dev KL, first / rebuilt"]
+    assert kl.value == 0.5002 and "largest gap along the 2-point curve 2.0e-04" in kl.phrase
+    assert by["the unrecorded WNUT runs' teacher = the first build"].value == 1.0

@@ -28,8 +28,8 @@ import numpy as np
 from scipy import stats
 
 from benchmarks.note_numbers.core import REPO, STATUS, Entry, _jsonl, _p, _value, ok_runs
-from benchmarks.note_numbers.studies import (SCD_STUDY, SCD_STUDY_WNUT, UNISD_STUDY, constant_share, scd_study,
-                                             scd_study_dev, scd_study_wnut_dev, unisd_study, unisd_study_dev)
+from benchmarks.note_numbers.studies import (SCD_STUDY, SCD_STUDY_WNUT, UNISD_STUDY, constant_share, dependency_builds,
+                                             scd_study, scd_study_dev, scd_study_wnut_dev, unisd_study, unisd_study_dev)
 from benchmarks.recovery_power import correlation_views, paired_deltas
 from benchmarks.recovery_study import aggregate as aggregate_recovery, load_runs as load_recovery_runs
 
@@ -256,7 +256,8 @@ SECTIONS: dict[str, Callable[[Path], list[Entry]]] = {
     "recovery": recovery, "demo": demo, "perf": perf, "unisd_probe": unisd_probe,
     "scd_study_dev": scd_study_dev, "scd_study_wnut_dev": scd_study_wnut_dev, "recovery_seeded": recovery_seeded,
     "scd_study": scd_study, "scd_study_wnut": lambda root: scd_study(root, SCD_STUDY_WNUT, "wnut16"),
-    "constant_share": constant_share, "unisd_study_dev": unisd_study_dev, "unisd_study": unisd_study}
+    "constant_share": constant_share, "unisd_study_dev": unisd_study_dev, "unisd_study": unisd_study,
+    "dependency_builds": dependency_builds}
 
 
 def entries(root: Path = REPO) -> list[Entry]:

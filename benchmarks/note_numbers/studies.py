@@ -2,6 +2,7 @@
 RT and WNUT grids), the UniSD study (dev checks, the grid) and the share of constant predictors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
@@ -117,6 +118,77 @@ SCD_STUDY = "results/scd_study_cpu"
 SCD_STUDY_WNUT = "results/scd_study_wnut_cpu"  # the second task (entity F1)
 
 
+BUILDS = "results/dependency_builds"  # later builds of dependency runs, by date (the first: WNUT_DEV)
+WNUT_STUDENT = "student-smollm2-keep16-236261962dcf"
+
+
+def _run(d: Path) -> dict:
+    return json.loads((d / "run.json").read_text(encoding="utf-8"))
+
+
+def dependency_builds(root: Path) -> list[Entry]:
+    """The WNUT study's dependency runs rebuilt on a new machine (``BUILDS/<date>/``) against their first builds
+    (the committed copies in ``WNUT_DEV``): equal checkpoints, the teacher's dev and test F1 and how many test
+    predictions differ, the student's healed dev KL; and the first build's final checkpoint as the teacher the runs
+    that predate run.json ``dependencies`` cached."""
+    note, out = f"{BUILDS}/README.md", []
+    first = root / WNUT_DEV
+    for day in sorted(p for p in (root / BUILDS).glob("*") if p.is_dir()):
+        a, b = first / WNUT_TEACHER, day / WNUT_TEACHER
+        if (b / "run.json").is_file():
+            ca, cb = (json.loads((d / "manifest.json").read_text(encoding="utf-8"))["checkpoints"] for d in (a, b))
+            same = sum(x["sha256"] == y["sha256"] for x, y in zip(ca, cb))
+            out += [Entry(note, f"{day.name}: teacher checkpoints with the first build's sha256", same,
+                          f"{day.name}: {same} of {len(ca)} teacher checkpoints bit-identical to the first build"),
+                    Entry(note, f"{day.name}: teacher dev F1 per checkpoint, first / rebuilt", cb[-1]["dev_score"],
+                          "dev entity F1 per checkpoint: first " + " / ".join(f"{c['dev_score']:.3f}" for c in ca)
+                          + ", rebuilt " + " / ".join(f"{c['dev_score']:.3f}" for c in cb)),
+                    _curve_gap(note, day.name, a, b)]
+            out += [dataclasses.replace(_rebuilt_f1(note, f"{day.name}: teacher", a, b, "test"), note=n)
+                    for n in (note, STATUS)]
+        a, b = first / WNUT_STUDENT, day / WNUT_STUDENT
+        if (b / "run.json").is_file():
+            sa, sb = (_run(d)["student"] for d in (a, b))
+            gap = max(abs(x["dev_kl"] - y["dev_kl"]) for x, y in zip(sa["curve"], sb["curve"]))
+            out.append(Entry(note, f"{day.name}: student healed dev KL, first / rebuilt", sb["kl_after"],
+                             f"healed dev KL: first {sa['kl_after']:.4f}, rebuilt {sb['kl_after']:.4f} nats per "
+                             f"token (largest gap along the {len(sa['curve'])}-point curve {gap:.1e})"))
+        a, b = first / WNUT_ANCHOR, day / WNUT_ANCHOR
+        if (b / "run.json").is_file():
+            out.append(_rebuilt_f1(note, f"{day.name}: SFT anchor", a, b, "dev"))
+    if out:
+        final = json.loads((first / WNUT_TEACHER / "manifest.json").read_text(encoding="utf-8"))["checkpoints"][-1]
+        cached = sorted({c["teacher_sha256"][:8] for _, rec in ok_runs(root, SCD_STUDY_WNUT)
+                         if "dependencies" not in rec
+                         for c in ((rec["train"].get("teacher_cache") or {}).get("caches") or [])})
+        same = float(cached == [final["sha256"][:8]])
+        out.append(Entry(note, "the unrecorded WNUT runs' teacher = the first build", same,
+                         f"runs that predate the record cached teacher checkpoint {', '.join(cached)} (the first "
+                         f"build's final checkpoint: {final['sha256'][:8]})"))
+    return out
+
+
+def _curve_gap(note: str, day: str, a: Path, b: Path) -> Entry:
+    """The largest relative gap between two builds' training CE at the steps both logged."""
+    ce = [{r["step"]: r["ce"] for r in _jsonl(d / "metrics.jsonl") if "ce" in r} for d in (a, b)]
+    steps = sorted(set(ce[0]) & set(ce[1]))
+    gap = max(abs(ce[0][t] - ce[1][t]) / abs(ce[0][t]) for t in steps)
+    return Entry(note, f"{day}: teacher training CE, largest relative gap between builds", gap,
+                 f"training CE at the {len(steps)} logged steps differs by at most {gap:.1e} (relative)")
+
+
+def _rebuilt_f1(note: str, what: str, a: Path, b: Path, split: str) -> Entry:
+    """Entity F1 of a run's first build ``a`` and its rebuild ``b``, and how many of their predictions differ."""
+    fa, fb = (_run(d)["eval"]["wnut16"]["f1_micro"] for d in (a, b))
+    pa, pb = ({r["id"]: answer_key(r.get("prediction") or []) for r in _jsonl(d / "predictions/wnut16.jsonl")}
+              for d in (a, b))
+    diff = sum(pa[i] != pb.get(i) for i in pa)
+    return Entry(note, f"{what} {split} F1, first / rebuilt", fb["value"] - fa["value"],
+                 f"{split} entity F1: first {_f1(fa)}, rebuilt {_f1(fb)}; {diff} of {len(pa)} {split} predictions "
+                 "differ")
+
+
+
 def _acc_on(acc: float, n: int) -> str:
     return f"{acc:.3f}" if n else "n/a"
 
@@ -189,9 +261,10 @@ def constant_share(root: Path) -> list[Entry]:
     predictors, over the finished studies
     (result folders whose ``plan.json``, if any, has every run finished: a running grid is left out so that
     its landings do not change the quoted count; ``results/runs``, the local cache of shared runs, is not
-    committed)."""
+    committed, and ``BUILDS`` holds rebuilt copies of runs counted where their first build is)."""
     n = c = 0
-    for folder in sorted(p for p in (root / "results").iterdir() if p.is_dir() and p.name != "runs"):
+    skip = ("runs", Path(BUILDS).name)
+    for folder in sorted(p for p in (root / "results").iterdir() if p.is_dir() and p.name not in skip):
         if any(s not in ("ok", "failed") for s in plan_statuses(folder)):
             continue
         for path in sorted(folder.glob("**/run.json")):
