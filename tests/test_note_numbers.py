@@ -215,7 +215,9 @@ def _build(d, ck_shas, dev_scores, ce, preds, f1, student_kl=None):
     d.mkdir(parents=True)
     if student_kl is not None:
         curve = [{"step": 10 * i, "dev_kl": v} for i, v in enumerate(student_kl)]
-        (d / "run.json").write_text(json.dumps({"student": {"curve": curve, "kl_after": student_kl[-1]}}))
+        (d / "run.json").write_text(json.dumps({"student": {"curve": curve, "kl_after": student_kl[-1],
+                                                             "heal_wall_s": 1500.0}}))
+        (d / "cut.json").write_text(json.dumps({"wall_s": 9000.0}))
         return
     (d / "manifest.json").write_text(json.dumps({"checkpoints": [{"sha256": s, "dev_score": v}
                                                                  for s, v in zip(ck_shas, dev_scores)]}))
@@ -224,8 +226,8 @@ def _build(d, ck_shas, dev_scores, ce, preds, f1, student_kl=None):
     (d / "predictions").mkdir()
     (d / "predictions" / "wnut16.jsonl").write_text("".join(json.dumps({"id": i, "prediction": p}) + "\n"
                                                             for i, p in enumerate(preds)))
-    (d / "run.json").write_text(json.dumps({"eval": {"wnut16": {"f1_micro": {"value": f1, "ci": [f1 - .1, f1 + .1],
-                                                                              "n": len(preds)}}}}))
+    (d / "run.json").write_text(json.dumps({"train": {"wall_s": 2400.0}, "eval": {"wnut16": {"f1_micro": {
+        "value": f1, "ci": [f1 - .1, f1 + .1], "n": len(preds)}}}}))
 
 
 def test_dependency_builds_compares_a_rebuild_with_the_first_build(tmp_path):
@@ -250,3 +252,7 @@ def test_dependency_builds_compares_a_rebuild_with_the_first_build(tmp_path):
     kl = by["2026-12-06: student healed dev KL, first / rebuilt"]
     assert kl.value == 0.5002 and "largest gap along the 2-point curve 2.0e-04" in kl.phrase
     assert by["the unrecorded WNUT runs' teacher = the first build"].value == 1.0
+    assert by["2026-12-06: rebuild wall time"].phrase == ("the teacher (40 min of training here) and the healed "
+                                                          "student, whose greedy layer search alone took 2.5 h the "
+                                                          "first time")
+    assert by["2026-12-06: healing wall time"].phrase == "only the healing (25 min here) runs again"

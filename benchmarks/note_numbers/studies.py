@@ -150,6 +150,13 @@ def dependency_builds(root: Path) -> list[Entry]:
         if (b / "run.json").is_file():
             sa, sb = (_run(d)["student"] for d in (a, b))
             gap = max(abs(x["dev_kl"] - y["dev_kl"]) for x, y in zip(sa["curve"], sb["curve"]))
+            cut_h = json.loads((a / "cut.json").read_text(encoding="utf-8"))["wall_s"] / 3600
+            heal_min, teacher_min = sb["heal_wall_s"] / 60, _run(day / WNUT_TEACHER)["train"]["wall_s"] / 60
+            out.append(Entry(f"{SCD_STUDY_WNUT}/README.md", f"{day.name}: rebuild wall time", heal_min,
+                             f"the teacher ({teacher_min:.0f} min of training here) and the healed student, whose "
+                             f"greedy layer search alone took {cut_h:.1f} h the first time"))
+            out.append(Entry(f"{SCD_STUDY_WNUT}/README.md", f"{day.name}: healing wall time", heal_min,
+                             f"only the healing ({heal_min:.0f} min here) runs again"))
             out.append(Entry(note, f"{day.name}: student healed dev KL, first / rebuilt", sb["kl_after"],
                              f"healed dev KL: first {sa['kl_after']:.4f}, rebuilt {sb['kl_after']:.4f} nats per "
                              f"token (largest gap along the {len(sa['curve'])}-point curve {gap:.1e})"))
