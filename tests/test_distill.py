@@ -451,3 +451,8 @@ def test_eval_teacher_mode_scores_the_selected_checkpoint(runs):
     assert rec["status"] == "ok" and rec["train"]["selections"] == [m["best_index"]]
     assert rec["artifacts"]["model"].endswith(m["checkpoints"][m["best_index"]]["path"])
     assert rec["dependencies"]["teacher"]["checkpoints_sha256"] == [c["sha256"] for c in m["checkpoints"]]
+    # the teacher row scores the teacher alone: a healed student named by the config is neither trained nor recorded
+    student = {"name": "student", "student": {"config": str(tmp / "no-such-student.yaml"), "seed": 0}}
+    rec = run(load(tmp, teacher, "et2.yaml", method="teacher", selection="best", mode="eval_teacher", model=student),
+              tmp / "eval-teacher-2")
+    assert rec["status"] == "ok" and set(rec["dependencies"]) == {"teacher"}

@@ -288,13 +288,14 @@ def _dependencies(cfg: DistillConfig, use_teacher: bool, rank: int) -> tuple[Pat
     return teacher_dir, anchor_dir
 
 
-def _builds(cfg: DistillConfig, teacher_dir: Path | None, manifest, model_cfg, anchor_dir: Path | None) -> dict:
-    """run.json ``dependencies``: which build of the teacher, the student and the AW anchor this run used."""
+def _builds(teacher_dir: Path | None, manifest, student_dir: Path | None, anchor_dir: Path | None) -> dict:
+    """run.json ``dependencies``: which build of the teacher, the healed student (its model folder) and the AW
+    anchor this run used."""
     out = {}
     if manifest is not None:
         out["teacher"] = build_record(teacher_dir, checkpoints_sha256=[c.sha256 for c in manifest.checkpoints])
-    if cfg.model.student is not None:
-        out["student"] = build_record(model_cfg.name)
+    if student_dir is not None:
+        out["student"] = build_record(student_dir)
     if anchor_dir is not None:
         out["anchor"] = build_record(anchor_dir)
     return out
@@ -318,7 +319,9 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
     # run.json first, so a failing dependency is recorded in it
     rd = _start(cfg, run_dir, use_teacher) if rank == 0 else RunDir(run_dir)
     teacher_dir, anchor_dir = _dependencies(cfg, use_teacher, rank)
-    model_cfg = resolve_model(cfg.model, cfg.seed, rank)  # model.student: the healed student run
+    # model.student: the healed student run (trained here if missing); the teacher row needs no student
+    model_cfg = cfg.model if cfg.mode == "eval_teacher" else resolve_model(cfg.model, cfg.seed, rank)
+    student_dir = Path(model_cfg.name) if cfg.model.student is not None and cfg.mode != "eval_teacher" else None
     dist = init_distributed(cfg.train, cfg.deepspeed)
     metrics = rd.metrics(enabled=dist.rank == 0)
     seed_everything(cfg.seed)
@@ -328,7 +331,7 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
     if use_teacher:  # verified (sha256) before anything is trained
         manifest = Manifest.read(find_manifest(teacher_dir))
         manifest.verify()  # an edited checkpoint -> ManifestError naming it
-    builds = _builds(cfg, teacher_dir, manifest, model_cfg, anchor_dir) if dist.rank == 0 else {}
+    builds = _builds(teacher_dir, manifest, student_dir, anchor_dir) if dist.rank == 0 else {}
     if cfg.mode == "eval_teacher":
         return _eval_teacher(cfg, rd, manifest, dist.device, dist.rank, builds)
 
