@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scd.core.config import ConfigError, load_config
+from scd.core.config import ConfigError, load_config, to_dict
 from scd.data_config import DataConfig
 from scd.sft import run as sft_run
 from scd.models import ModelConfig, StudentSource, build_model, student_from_teacher, tiny_model
 from scd.student import DevKL, dev_sample, greedy_drop, layer_view, position_kd, resolve_model, text_batch
 from scd.student import run as student_run
-from scd.core.results import read_metrics
+from scd.core.results import read_metrics, run_id
 from tests.conftest import TINY_SHAPE, load_shipped, run_config, shipped_yaml, strip_time, tiny_config
 
 SCALES = (1.0, 9.0, 3.0, 6.0)  # per-layer output scale: layers of clearly different importance
@@ -217,6 +217,26 @@ def test_early_stop_when_dev_kl_stops_falling(tmp_path):
     got = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     for k, v in got.items():
         torch.testing.assert_close(v, ref[k], rtol=0, atol=0)
+
+
+def test_a_committed_cut_of_the_same_run_is_reused_not_searched(tmp_path, monkeypatch):
+    """A new machine without the run's directory takes the finished cut from the run's committed record (same run
+    id), as the resumed run of a killed search would; another config's record is not taken."""
+    import scd.student.recipe as recipe
+
+    cfg = load_config(tiny_student(tmp_path, **{"heal.patience": 10}))
+    first = student_run(cfg, tmp_path / "records" / "study" / "student-first")  # a committed record
+    (tmp_path / "records" / "study" / "student-first" / "model").rename(tmp_path / "weights-not-committed")
+    monkeypatch.setattr(recipe, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(recipe, "greedy_drop", lambda *a, **k: pytest.fail("the greedy search ran again"))
+    again = student_run(cfg, tmp_path / "new-machine")
+    record = tmp_path / "records" / "study" / "student-first" / "cut.json"
+    assert again["student"]["kept_layers"] == first["student"]["kept_layers"]
+    assert again["student"]["greedy_kl"] == first["student"]["greedy_kl"]
+    assert again["student"]["cut_from"] == str(record) and first["student"]["cut_from"] is None
+    other = load_config(tiny_student(tmp_path, "other.yaml", **{"heal.patience": 9}))  # another run id
+    assert recipe.committed_cut(run_id(to_dict(other)), tmp_path / "records") is None
+    assert recipe.committed_cut(first["run_id"], tmp_path / "records") == record
 
 
 @pytest.mark.slow  # three CLI runs: ~35 s on 2 idle CPU cores

@@ -4,7 +4,8 @@
 
 Reads top to bottom: base model (frozen, eval) -> fixed dev sample and the base's log-probs on it ->
 cut (``cut.rule``; the greedy search is cached in ``run_dir/cut.json``, so a resumed run does not
-redo it) -> student = the kept layers, embeddings, norm and head copied -> the engine heals it (KD at
+redo it, and a run whose committed record holds its cut -- the same run id under ``results/``, e.g. the
+study's dev folder -- takes it from there: hours of search on a new machine) -> student = the kept layers, embeddings, norm and head copied -> the engine heals it (KD at
 every position, dev-KL early stop, checkpoint / resume) -> best weights -> ``model/`` -> evaluation
 -> run.json (``student``: kept layers, greedy trace, KL before / after, curve, steps, wall times).
 
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scd.core.config import register_recipe
-from scd.core.dependencies import ensure_dependency
+from scd.core.dependencies import ROOT, ensure_dependency
 from scd.core.engine import Engine, autocast, init_distributed
 from scd.core.results import RunDir, atomic_write_json, read_json
 from scd.core.train import seed_everything
@@ -31,14 +32,31 @@ from scd.student.cut import DevKL, dev_sample, encode_texts, greedy_drop
 from scd.student.heal import HealRecipe
 
 CUT_FILE, CUT_PARTIAL = "cut.json", "cut.partial.json"
+RECORDS = ROOT / "results"  # committed run records (without weights) searched for this run's finished cut
+
+
+def committed_cut(run_id: str, records: Path) -> Path | None:
+    """A finished ``cut.json`` committed under ``records`` by a run with this ``run_id`` (its sibling run.json
+    says so), e.g. the first build of a study's student; None if there is none."""
+    for path in sorted(records.glob(f"**/{CUT_FILE}")):
+        rec = path.parent / "run.json"
+        if rec.is_file() and read_json(rec).get("run_id") == run_id:
+            return path
+    return None
 
 
 def choose_layers(cfg: StudentConfig, base, dev: DevKL, run_dir: Path) -> dict:
     """{"kept", "trace", "kl", "wall_s"} of the cut (``cut.rule``), from ``run_dir/cut.json`` when a
-    killed attempt of this run already searched (same run dir = same config).  The greedy search
-    saves each step to ``cut.partial.json`` and a killed search goes on from its last step."""
+    killed attempt of this run already searched (same run dir = same config), else from the committed record of
+    this run id (:func:`committed_cut`; ``"from"`` names it).  The greedy search saves each step to
+    ``cut.partial.json`` and a killed search goes on from its last step."""
     path, partial = run_dir / CUT_FILE, run_dir / CUT_PARTIAL
     if path.is_file():
+        return read_json(path)
+    record = committed_cut(read_json(run_dir / "run.json")["run_id"], RECORDS) if not partial.is_file() else None
+    if record is not None and record.resolve() != path.resolve():
+        print(f"[student] greedy cut of this run taken from its committed record {record}", flush=True)
+        atomic_write_json(path, {**read_json(record), "from": str(record)})
         return read_json(path)
     done = read_json(partial) if partial.is_file() else {"trace": [], "wall_s": 0.0}
     t0 = time.time() - done["wall_s"]
@@ -69,7 +87,8 @@ def _record(cfg: StudentConfig, cut: dict, recipe: HealRecipe, kl_end: float, st
             "single_drop_kl": first, "kl_cut": cut["kl"], "kl_before": recipe.curve[0]["dev_kl"],
             "kl_after": kl_end, "curve": recipe.curve, "best_step": recipe.best_step,
             "stopped_early": stats["steps"] < cfg.train.max_steps, "heal_steps": stats["steps"],
-            "cut_wall_s": cut["wall_s"], "heal_wall_s": stats["wall_s"], "dev_tokens": recipe.dev.n_tokens}
+            "cut_wall_s": cut["wall_s"], "cut_from": cut.get("from"), "heal_wall_s": stats["wall_s"],
+            "dev_tokens": recipe.dev.n_tokens}
 
 
 def run(cfg: StudentConfig, run_dir: Path) -> dict:
