@@ -256,3 +256,23 @@ def test_dependency_builds_compares_a_rebuild_with_the_first_build(tmp_path):
                                                           "student, whose greedy layer search alone took 2.5 h the "
                                                           "first time")
     assert by["2026-12-06: healing wall time"].phrase == "only the healing (25 min here) runs again"
+
+
+def test_fill_writes_each_placeholder_as_its_phrase(tmp_path, capsys):
+    """--fill: {{name}} -> the entry's phrase (this note's entry first, then any note's); an unknown name is an
+    error naming the line with close names, and the note is left as it was."""
+    (tmp_path / "results").mkdir()
+    note = tmp_path / "results" / "n.md"
+    found = [N.Entry("results/n.md", "acc", 0.5, "accuracy 0.500"), N.Entry("other.md", "acc", 0.6, "accuracy 0.600"),
+             N.Entry("other.md", "f1", 0.3, "F1 0.300")]
+    note.write_text("Rows: {{acc}}; also {{f1}}.\n")
+    assert N.fill(note, found, tmp_path) == 2
+    assert note.read_text() == "Rows: accuracy 0.500; also F1 0.300.\n"
+    note.write_text("ok\nRows: {{acc}} and {{accuracy}}\n")
+    with pytest.raises(ValueError, match=r"n.md:2: no entry named 'accuracy' \(did you mean 'acc'\?\)"):
+        N.fill(note, found, tmp_path)
+    assert note.read_text() == "ok\nRows: {{acc}} and {{accuracy}}\n"
+    note.write_text("{{zzz qqq}}\n")  # the command line, on this checkout's entries
+    assert N.main(["--fill", str(note)]) == 2
+    assert "n.md:1: no entry named 'zzz qqq' (a study's entries appear once its grid has finished)" in \
+        capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     python -m benchmarks.note_numbers            # table: note | name | value | phrase
     python -m benchmarks.note_numbers --check    # exit 1 when a note lacks its phrase
+    python -m benchmarks.note_numbers --fill NOTE.md   # write each {{entry name}} of the note as its phrase
 
 Rule: every number in a results note comes from committed raw files (``run.json``,
 ``metrics.jsonl``, ``predictions/*.jsonl``) through a committed script.  Each entry
@@ -18,8 +19,10 @@ of this wave, the share of constant predictors); :mod:`.core` holds :class:`Entr
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,9 +35,10 @@ from benchmarks.note_numbers.studies import (SCD_STUDY, SCD_STUDY_WNUT, UNISD_ST
                                              scd_study, scd_study_dev, scd_study_wnut_dev, unisd_study, unisd_study_dev)
 from benchmarks.recovery_power import correlation_views, paired_deltas
 from benchmarks.recovery_study import aggregate as aggregate_recovery, load_runs as load_recovery_runs
+from scd.core.results import atomic_write_text
 
 __all__ = ["Entry", "REPO", "SCD_STUDY", "SCD_STUDY_WNUT", "SECTIONS", "STATUS", "UNISD_STUDY", "constant_share",
-           "entries", "main", "missing", "scd_study", "unisd_study"]
+           "entries", "fill", "main", "missing", "scd_study", "unisd_study"]
 
 LN2 = math.log(2.0)
 SCD = "results/scd_baselines_cpu"
@@ -286,12 +290,45 @@ def table(found: Sequence[Entry]) -> str:
     return "\n".join(lines)
 
 
+PLACEHOLDER = re.compile(r"\{\{(.+?)\}\}")
+
+
+def fill(path: Path, found: Sequence[Entry], root: Path = REPO) -> int:
+    """Replace every ``{{entry name}}`` in the note at ``path`` by that entry's phrase (an entry of this note, else
+    of any note: README Status quotes the studies' phrases) and write it atomically -> placeholders filled.  An
+    unknown name is a ValueError naming the line and the closest names (a study's entries wait for its grid to
+    finish), and nothing is written."""
+    full, root = Path(path).resolve(), Path(root).resolve()
+    note = str(full.relative_to(root)) if full.is_relative_to(root) else str(path)
+    phrases = {e.name: e.phrase for e in found}
+    phrases.update({e.name: e.phrase for e in found if e.note == note})
+    text = Path(path).read_text(encoding="utf-8")
+    for m in PLACEHOLDER.finditer(text):
+        if m.group(1) not in phrases:
+            line = text.count("\n", 0, m.start()) + 1
+            hint = difflib.get_close_matches(m.group(1), list(phrases), n=3, cutoff=0.5)
+            raise ValueError(f"{path}:{line}: no entry named {m.group(1)!r}"
+                             + (f" (did you mean {' / '.join(map(repr, hint))}?)" if hint else
+                                " (a study's entries appear once its grid has finished)"))
+    out, n = PLACEHOLDER.subn(lambda m: phrases[m.group(1)], text)
+    atomic_write_text(Path(path), out)
+    return n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.note_numbers", description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=str(REPO), help="repository root (default: this checkout)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a note does not quote its number")
+    ap.add_argument("--fill", metavar="NOTE", help="write each {{entry name}} placeholder of NOTE as its phrase")
     args = ap.parse_args(argv)
     found = entries(Path(args.root))
+    if args.fill:
+        try:
+            print(f"{args.fill}: {fill(Path(args.fill), found, Path(args.root))} placeholder(s) filled")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     print(table(found))
     if args.check:
         bad = missing(Path(args.root), found)
