@@ -24,6 +24,7 @@ from scd.core.train import TrainConfig, collate, rank_batches, seed_everything, 
 from scd.data_config import DataConfig, load_training_pairs
 from scd.heads import num_targets
 from scd.models import ModelConfig, build_model, save_model
+from scd.schedule import hash_checkpoint
 from scd.student import resolve_model
 
 
@@ -102,6 +103,13 @@ def train_sft(engine: Engine, tokenizer, pairs, *, seed: int, on_save=None, save
     return engine.fit(recipe, engine.train_cfg.max_steps)
 
 
+def model_build(model_dir: str | Path) -> dict:
+    """run.json ``dependencies`` entry of a dependency run's model folder (the healed student, the AW anchor):
+    :func:`scd.core.dependencies.build_record` + ``weights_sha256``, the digest the teacher manifest and the AW
+    loss cache use (:func:`scd.schedule.hash_checkpoint`: one weight file -> its ``sha256sum``)."""
+    return build_record(model_dir, weights_sha256=hash_checkpoint(model_dir)[0])
+
+
 def run(cfg: SFTConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.train, cfg.deepspeed)
@@ -125,7 +133,7 @@ def run(cfg: SFTConfig, run_dir: Path) -> dict:
         artifacts["model"] = str(save_model(model, tok, run_dir / "model"))
     evaluation = cfg.eval.run(model, tok, run_dir)
     engine.clear_state()
-    builds = {"student": build_record(model_cfg.name)} if cfg.model.student is not None else {}
+    builds = {"student": model_build(model_cfg.name)} if cfg.model.student is not None else {}
     return rd.finish(train={**stats, "world_size": dist.world}, artifacts=artifacts, dependencies=builds,
                      **evaluation)
 

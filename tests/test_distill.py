@@ -376,7 +376,7 @@ def test_run_json_records_the_builds_it_used(aw_reference):
     assert deps["anchor"] == {"path": str(anchor / "model"), "run": "anchor",
                               "finished": json.loads((anchor / "run.json").read_text())["finished"],
                               "git_sha": json.loads((anchor / "run.json").read_text())["git_sha"],
-                              "weights_sha256": hashlib.sha256(file_sha.encode()).hexdigest()}
+                              "weights_sha256": file_sha}  # one weight file: its sha256sum (hash_checkpoint)
     assert "student" not in deps  # the tests' student is built in place, not a dependency run
 
 

@@ -280,7 +280,7 @@ def test_sft_trains_on_the_student_run_trained_on_demand(tmp_path):
     file_sha = hashlib.sha256((student_dir / "model" / "model.safetensors").read_bytes()).hexdigest()
     assert rec["dependencies"] == {"student": {  # which build: a student retrained elsewhere is another build
         "path": str(student_dir / "model"), "run": student_dir.name, "finished": built["finished"],
-        "git_sha": built["git_sha"], "weights_sha256": hashlib.sha256(file_sha.encode()).hexdigest()}}
+        "git_sha": built["git_sha"], "weights_sha256": file_sha}}  # one weight file: its sha256sum
 
 
 # ------------------------------------------------------------------------------- configs

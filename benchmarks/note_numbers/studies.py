@@ -13,6 +13,7 @@ from benchmarks.paired import fmt_changed, fmt_seed_deltas
 from benchmarks.scd_study import analyse as analyse_scd_study
 from benchmarks.tasks.ner import answer_key, answer_profile
 from benchmarks.unisd_study import analyse as analyse_unisd_study
+from scd.core.results import read_json
 
 
 def scd_study_dev(root: Path) -> list[Entry]:
@@ -122,10 +123,6 @@ BUILDS = "results/dependency_builds"  # later builds of dependency runs, by date
 WNUT_STUDENT = "student-smollm2-keep16-236261962dcf"
 
 
-def _run(d: Path) -> dict:
-    return json.loads((d / "run.json").read_text(encoding="utf-8"))
-
-
 def dependency_builds(root: Path) -> list[Entry]:
     """The WNUT study's dependency runs rebuilt on a new machine (``BUILDS/<date>/``) against their first builds
     (the committed copies in ``WNUT_DEV``): equal checkpoints, the teacher's dev and test F1 and how many test
@@ -148,10 +145,11 @@ def dependency_builds(root: Path) -> list[Entry]:
                     for n in (note, STATUS)]
         a, b = first / WNUT_STUDENT, day / WNUT_STUDENT
         if (b / "run.json").is_file():
-            sa, sb = (_run(d)["student"] for d in (a, b))
+            sa, sb = (read_json(d / "run.json")["student"] for d in (a, b))
             gap = max(abs(x["dev_kl"] - y["dev_kl"]) for x, y in zip(sa["curve"], sb["curve"]))
             cut_h = json.loads((a / "cut.json").read_text(encoding="utf-8"))["wall_s"] / 3600
-            heal_min, teacher_min = sb["heal_wall_s"] / 60, _run(day / WNUT_TEACHER)["train"]["wall_s"] / 60
+            heal_min = sb["heal_wall_s"] / 60
+            teacher_min = read_json(day / WNUT_TEACHER / "run.json")["train"]["wall_s"] / 60
             out.append(Entry(f"{SCD_STUDY_WNUT}/README.md", f"{day.name}: rebuild wall time", heal_min,
                              f"the teacher ({teacher_min:.0f} min of training here) and the healed student, whose "
                              f"greedy layer search alone took {cut_h:.1f} h the first time"))
@@ -186,14 +184,13 @@ def _curve_gap(note: str, day: str, a: Path, b: Path) -> Entry:
 
 def _rebuilt_f1(note: str, what: str, a: Path, b: Path, split: str) -> Entry:
     """Entity F1 of a run's first build ``a`` and its rebuild ``b``, and how many of their predictions differ."""
-    fa, fb = (_run(d)["eval"]["wnut16"]["f1_micro"] for d in (a, b))
+    fa, fb = (read_json(d / "run.json")["eval"]["wnut16"]["f1_micro"] for d in (a, b))
     pa, pb = ({r["id"]: answer_key(r.get("prediction") or []) for r in _jsonl(d / "predictions/wnut16.jsonl")}
               for d in (a, b))
     diff = sum(pa[i] != pb.get(i) for i in pa)
     return Entry(note, f"{what} {split} F1, first / rebuilt", fb["value"] - fa["value"],
                  f"{split} entity F1: first {_f1(fa)}, rebuilt {_f1(fb)}; {diff} of {len(pa)} {split} predictions "
                  "differ")
-
 
 
 def _acc_on(acc: float, n: int) -> str:

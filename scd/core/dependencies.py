@@ -11,14 +11,13 @@ used (run.json ``dependencies``).  Core layer: it calls the registered recipe by
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from pathlib import Path
 
 from scd.core.config import RECIPES, load_config
 from scd.core.locks import file_lock
-from scd.core.results import RunDir, default_run_dir, read_json, safe_join, sha256_file
+from scd.core.results import RunDir, default_run_dir, read_json, safe_join
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (relative dependency configs)
 
@@ -81,11 +80,11 @@ def build_record(path: str | os.PathLike, **extra) -> dict:
     """Which build of a dependency a run used, for its run.json ``dependencies.<role>``.
 
     ``path``: the dependency's run directory, or a model folder inside one (``<run>/model``), or a plain model
-    folder.  Returns {"run": run directory name, "finished", "git_sha" (from its run.json; absent for a plain
-    folder), "weights_sha256" (of the folder's *.safetensors, in name order; only for a model folder)} + ``extra``.
-    Dependency runs live on the machine that trained them (``results/runs/`` is not committed), so a grid resumed
-    on a new machine retrains them under the same name: a new build, equal to the first only up to float rounding
-    across CPUs.  This record is how a study tells its runs' builds apart.
+    folder.  Returns {"path", "run": run directory name, "finished", "git_sha" (from its run.json; absent for a
+    plain folder)} + ``extra`` (the recipes add the weights' digest, ``weights_sha256``, or the teacher's
+    ``checkpoints_sha256``).  Dependency runs live on the machine that trained them (``results/runs/`` is not
+    committed), so a grid resumed on a new machine retrains them under the same name: a new build, equal to the
+    first only up to float rounding across CPUs.  This record is how a study tells its runs' builds apart.
     """
     path = Path(path)
     run_dir = next((d for d in (path, path.parent) if (d / "run.json").is_file()), None)
@@ -93,12 +92,4 @@ def build_record(path: str | os.PathLike, **extra) -> dict:
     if run_dir is not None:
         rec = read_json(run_dir / "run.json")
         out.update(run=run_dir.name, finished=rec.get("finished"), git_sha=rec.get("git_sha"))
-    weights = sorted(path.glob("*.safetensors"))
-    if weights:
-        out["weights_sha256"] = sha256_of_shas([sha256_file(w) for w in weights])
     return {**out, **extra}
-
-
-def sha256_of_shas(shas: list[str]) -> str:
-    """One digest for several files: sha256 of their sha256 hex digests joined by newlines."""
-    return hashlib.sha256("\n".join(shas).encode()).hexdigest()

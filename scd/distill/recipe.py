@@ -34,7 +34,7 @@ from scd.distill.teacher_slot import (TeacherSlot, anchor_losses, anchor_model_d
 from scd.heads import all_position_labels, num_samples_with_targets, target_labels, target_positions, teacher_targets
 from scd.models import build_model, check_same_tokenizer, load_tokenizer, save_model, torch_dtype
 from scd.schedule import SELECTIONS, Manifest, select_checkpoint
-from scd.sft import target_count
+from scd.sft import model_build, target_count
 from scd.student import resolve_model
 from scd.teacher import per_sample_ce, savable
 
@@ -295,9 +295,9 @@ def _builds(teacher_dir: Path | None, manifest, student_dir: Path | None, anchor
     if manifest is not None:
         out["teacher"] = build_record(teacher_dir, checkpoints_sha256=[c.sha256 for c in manifest.checkpoints])
     if student_dir is not None:
-        out["student"] = build_record(student_dir)
+        out["student"] = model_build(student_dir)
     if anchor_dir is not None:
-        out["anchor"] = build_record(anchor_dir)
+        out["anchor"] = model_build(anchor_dir)
     return out
 
 

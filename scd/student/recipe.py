@@ -5,9 +5,10 @@
 Reads top to bottom: base model (frozen, eval) -> fixed dev sample and the base's log-probs on it ->
 cut (``cut.rule``; the greedy search is cached in ``run_dir/cut.json``, so a resumed run does not
 redo it, and a run whose committed record holds its cut -- the same run id under ``results/``, e.g. the
-study's dev folder -- takes it from there: hours of search on a new machine) -> student = the kept layers, embeddings, norm and head copied -> the engine heals it (KD at
-every position, dev-KL early stop, checkpoint / resume) -> best weights -> ``model/`` -> evaluation
--> run.json (``student``: kept layers, greedy trace, KL before / after, curve, steps, wall times).
+study's dev folder -- takes it from there: hours of search on a new machine) -> student = the kept
+layers, embeddings, norm and head copied -> the engine heals it (KD at every position, dev-KL early
+stop, checkpoint / resume) -> best weights -> ``model/`` -> evaluation -> run.json (``student``: kept
+layers, greedy trace, KL before / after, curve, steps, wall times).
 
 Other recipes take the healed student as their model with ``model.student: {config: ...}``
 (:func:`resolve_model`): the run is trained on demand, like ``teacher.config``.
@@ -54,7 +55,7 @@ def choose_layers(cfg: StudentConfig, base, dev: DevKL, run_dir: Path) -> dict:
     if path.is_file():
         return read_json(path)
     record = committed_cut(read_json(run_dir / "run.json")["run_id"], RECORDS) if not partial.is_file() else None
-    if record is not None and record.resolve() != path.resolve():
+    if record is not None:
         print(f"[student] greedy cut of this run taken from its committed record {record}", flush=True)
         atomic_write_json(path, {**read_json(record), "from": str(record)})
         return read_json(path)
