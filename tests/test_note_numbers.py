@@ -106,8 +106,8 @@ def test_unisd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     assert N.unisd_study(tmp_path) == []
     _study_run(grid, "unisd_star-ema", 0, [i < 10 for i in range(20)])
     found = N.unisd_study(tmp_path)
-    assert any(e.phrase.startswith("`+ema` 0.600 ± 0.000 over 1 seeds, Δ vs base +0.100 [") for e in found)
-    assert any(e.phrase == "`base` 0.500 ± 0.000 over 1 seeds" for e in found)
+    assert any(e.phrase.startswith("`+ema` 0.600 (1 seed), Δ vs base +0.100 [") for e in found)
+    assert any(e.phrase == "`base` 0.500 (1 seed)" for e in found)
     loo = next(e for e in found if e.name == "claim unisd_star > unisd_star-ema: Δ score")
     assert loo.value == pytest.approx(0.5) and loo.note == f"{N.UNISD_STUDY}/README.md"
     drive = [e for e in found if e.name.startswith("claim the component driving the gain")]

@@ -198,10 +198,13 @@ def _acc_on(acc: float, n: int) -> str:
 
 
 def row_entry(note: str, r: dict, tail: str = "") -> Entry:
-    """A study row's test accuracy over seeds: "`method` 0.772 ± 0.004 over 3 seeds[, constant in k/n seeds]<tail>"."""
-    const = f", constant in {r['constant_runs']}/{len(r['seeds'])} seeds" if r["constant_runs"] else ""
+    """A study row's test score over seeds: "`method` 0.772 ± 0.004 over 3 seeds[, constant in k/n seeds]<tail>"
+    ("`method` 0.389 (1 seed)" for a row scored once)."""
+    n = len(r["seeds"])
+    const = f", constant in {r['constant_runs']}/{n} seeds" if r["constant_runs"] else ""
+    spread = f"± {r['score_sd']:.3f} over {n} seeds" if n > 1 else "(1 seed)"  # one run has no spread
     return Entry(note, f"{r['method']}: test score over seeds", r["score"],
-                 f"`{r['method']}` {r['score']:.3f} ± {r['score_sd']:.3f} over {len(r['seeds'])} seeds{const}{tail}")
+                 f"`{r['method']}` {r['score']:.3f} {spread}{const}{tail}")
 
 
 def scd_study(root: Path, folder: str = SCD_STUDY, task: str = "rotten_tomatoes") -> list[Entry]:

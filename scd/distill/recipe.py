@@ -319,9 +319,10 @@ def run(cfg: DistillConfig, run_dir: Path) -> dict:
     # run.json first, so a failing dependency is recorded in it
     rd = _start(cfg, run_dir, use_teacher) if rank == 0 else RunDir(run_dir)
     teacher_dir, anchor_dir = _dependencies(cfg, use_teacher, rank)
-    # model.student: the healed student run (trained here if missing); the teacher row needs no student
-    model_cfg = cfg.model if cfg.mode == "eval_teacher" else resolve_model(cfg.model, cfg.seed, rank)
-    student_dir = Path(model_cfg.name) if cfg.model.student is not None and cfg.mode != "eval_teacher" else None
+    model_cfg, student_dir = cfg.model, None
+    if cfg.mode != "eval_teacher":  # model.student: the healed student run (trained here if missing)
+        model_cfg = resolve_model(cfg.model, cfg.seed, rank)
+        student_dir = Path(model_cfg.name) if cfg.model.student is not None else None
     dist = init_distributed(cfg.train, cfg.deepspeed)
     metrics = rd.metrics(enabled=dist.rank == 0)
     seed_everything(cfg.seed)
