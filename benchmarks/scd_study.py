@@ -26,7 +26,7 @@ method (``method`` of the grid's runs).  Writes ``scd_study.md`` and ``scd_study
 
 * **Dependency builds**: when the runs used more than one build of their dependency runs (a grid resumed on a
   new machine retrains the teacher, the healed student and the AW anchor there), a table of which runs used
-  which build (run.json ``dependencies``; :func:`benchmarks.paired.dependency_builds`).
+  which build (run.json ``dependencies``; :func:`benchmarks.paired.run_builds`).
 
 The teacher of a seed is the ``--teacher`` run with that seed, or the only one when the study shares one
 teacher across seeds.  Correctness per example: ``scores.correct`` (:mod:`benchmarks.paired`).
