@@ -82,7 +82,7 @@ def example_counts(path: str | Path) -> dict[str, list[float]] | None:
 
 def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
     """{method: {seed: {score, correct, predictions, counts, metric, constant, top_share, majority, wall_s,
-    selection_steps, run_id, builds}}} of the finished runs (``builds``: :func:`run_builds`).
+    selection_steps, run_id, builds, run_dir}}} of the finished runs (``builds``: :func:`run_builds`).
 
     ``score`` is the task's primary metric: ``accuracy``, or for NER the entity micro-F1 (``f1_micro``), whose
     per-example entity ``counts`` ([tp, n_pred, n_gold]) the paired comparisons resample; ``correct`` is the
@@ -110,7 +110,7 @@ def load_rows(root: Path, task: str) -> dict[str, dict[int, dict]]:
             "constant": bool(extra.get("constant")), "top_share": extra.get("max_label_share"),
             "majority": extra.get("majority_baseline"), "wall_s": (rec.get("train") or {}).get("wall_s"),
             "selection_steps": (rec.get("train") or {}).get("selection_steps"), "run_id": rec.get("run_id"),
-            "builds": run_builds(rec)}
+            "builds": run_builds(rec), "run_dir": str(Path(path).parent)}
     return rows
 
 

@@ -24,6 +24,9 @@ method (``method`` of the grid's runs).  Writes ``scd_study.md`` and ``scd_study
   claim also lists its Δ per seed: the CI is over examples (seeds averaged first) and does not include the
   seed-to-seed spread of training.
 
+* **Why ``scd_select`` chose what it chose**: the two terms of its score, KL(best || c) and KL(student || c),
+  over each staged row's choices (:func:`selection_terms`, from the runs' ``select`` events in metrics.jsonl).
+
 * **Dependency builds**: when the runs used more than one build of their dependency runs (a grid resumed on a
   new machine retrains the teacher, the healed student and the AW anchor there), a table of which runs used
   which build (run.json ``dependencies``; :func:`benchmarks.paired.run_builds`).
@@ -34,6 +37,7 @@ teacher across seeds.  Correctness per example: ``scores.correct`` (:mod:`benchm
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +57,24 @@ def favoured_subsets(anchor: dict[str, float], teacher: dict[str, float]) -> tup
     """(SFS, TFS) ids: anchor right and teacher wrong; teacher right and anchor wrong."""
     ids = common_ids(anchor, teacher)
     return ([i for i in ids if anchor[i] > teacher[i]], [i for i in ids if teacher[i] > anchor[i]])
+
+
+def selection_terms(runs: dict[int, dict]) -> dict | None:
+    """The two terms of ``scd_select``'s score, KL(best || c) + KL(student || c), over a row's choices (the
+    ``select`` events of its runs' metrics.jsonl; nats per token on the dev probe): the largest KL(best || c) and
+    the smallest KL(student || c) over checkpoints, stages and seeds -> {kl_best_max, kl_student_min, choices}, or
+    None when the row made no ``scd_select`` choice.  When the second always dwarfs the first, the rule picks the
+    checkpoint nearest the student whatever the teachers' quality."""
+    best, student, n = [], [], 0
+    for r in runs.values():
+        path = Path(r["run_dir"]) / "metrics.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        for ev in (json.loads(line) for line in lines if line.strip()):
+            if ev.get("event") == "select" and ev.get("rule") == "scd_select":
+                best += ev["kl_best"].values()
+                student += ev["kl_student"].values()
+                n += 1
+    return {"kl_best_max": max(best), "kl_student_min": min(student), "choices": n} if n else None
 
 
 def row_summary(method: str, runs: dict[int, dict], teachers: dict[int, dict], anchors: dict[int, dict],
@@ -79,7 +101,8 @@ def row_summary(method: str, runs: dict[int, dict], teachers: dict[int, dict], a
             "vs_teacher": vs_t, "sfs_score": sfs_score, "sfs_n": sfs_n, "tfs_score": tfs_score, "tfs_n": tfs_n,
             "beats_teacher_seeds": beats, "paired_seeds": len(paired),
             "wall_s": median_wall(runs, seeds),
-            "selections": {s: runs[s]["selection_steps"] for s in seeds if runs[s]["selection_steps"]}}
+            "selections": {s: runs[s]["selection_steps"] for s in seeds if runs[s]["selection_steps"]},
+            "selection_terms": selection_terms(runs)}
 
 
 def claims(rows: dict[str, dict[int, dict]], summaries: dict[str, dict], teacher: str, n_boot: int,
@@ -135,6 +158,11 @@ def markdown(root: Path, task: str, table: list[dict], claim_rows: list[dict], t
         for r in staged:
             lines.append(f"| {r['method']} | " + " | ".join(" → ".join(map(str, r["selections"].get(s) or [])) or "-"
                                                            for s in seeds) + " |")
+        terms = [(r["method"], r["selection_terms"]) for r in staged if r["selection_terms"]]
+        if terms:
+            lines += ["", "`scd_select` picks argmin_c KL(best ‖ c) + KL(student ‖ c) (nats per token on the dev "
+                      "probe); its two terms over each row's choices (checkpoints, stages, seeds):", ""]
+            lines += [f"* `{m}`: {selection_terms_text(t)}" for m, t in terms]
     lines += ["", "## The paper's claims", ""] + _claim_lines(claim_rows)
     if len(builds) > 1:
         lines += ["", "## Dependency builds", "",
@@ -145,6 +173,12 @@ def markdown(root: Path, task: str, table: list[dict], claim_rows: list[dict], t
     if comparisons:
         lines += ["", "## What each ingredient adds (not the paper's claims)", ""] + _claim_lines(comparisons)
     return "\n".join(lines + [""])
+
+
+def selection_terms_text(t: dict) -> str:
+    """"KL(best ‖ c) at most 0.221, KL(student ‖ c) at least 0.822 over its 8 choices"."""
+    return (f"KL(best ‖ c) at most {t['kl_best_max']:.3f}, KL(student ‖ c) at least {t['kl_student_min']:.3f} over "
+            f"its {t['choices']} choices")
 
 
 def build_groups(rows: dict[str, dict[int, dict]]) -> list[dict]:

@@ -121,6 +121,29 @@ def test_study_on_a_synthetic_grid(tmp_path):
     assert "## Dependency builds" not in md  # one build: nothing to tell apart
 
 
+def test_selection_terms_come_from_the_select_events(tmp_path):
+    """The two terms of scd_select's score, read from the runs' metrics.jsonl: the largest KL(best || c) and the
+    smallest KL(student || c) over checkpoints, stages and seeds; other rules' events and other lines ignored."""
+    events = {0: [{"event": "select", "rule": "scd_select", "kl_best": {"0": 0.2, "1": 0.0},
+                   "kl_student": {"0": 5.0, "1": 6.0}},
+                  {"step": 10, "loss": 1.0},
+                  {"event": "select", "rule": "scd_select", "kl_best": {"0": 0.2, "1": 0.0},
+                   "kl_student": {"0": 0.9, "1": 1.1}}],
+              1: [{"event": "select", "rule": "scd_select", "kl_best": {"0": 0.3, "1": 0.0},
+                   "kl_student": {"0": 1.5, "1": 0.7}},
+                  {"event": "select", "rule": "fixed", "kl_best": {"0": 9.0}, "kl_student": {"0": 0.01}}]}
+    for seed, evs in events.items():
+        fake_run(tmp_path, "scd", seed, [True] * 20, selection_steps=[50, 50])
+        (tmp_path / f"scd{seed}" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evs))
+        fake_run(tmp_path, "cd", seed, [True] * 20, selection_steps=[50, 100])  # no metrics.jsonl: no terms
+    fake_run(tmp_path, "teacher", 0, [True] * 20)
+    rows = {r["method"]: r for r in study(tmp_path, task="t", n_boot=50)["rows"]}
+    assert rows["scd"]["selection_terms"] == {"kl_best_max": 0.3, "kl_student_min": 0.7, "choices": 3}
+    assert rows["cd"]["selection_terms"] is None and rows["teacher"]["selection_terms"] is None
+    md = (tmp_path / "scd_study.md").read_text()
+    assert "* `scd`: KL(best ‖ c) at most 0.300, KL(student ‖ c) at least 0.700 over its 3 choices" in md
+
+
 def test_runs_are_grouped_by_the_builds_of_their_dependencies(tmp_path):
     """A grid resumed on a new machine: its runs name two builds of the teacher and the student."""
     first = {"teacher": {"finished": "T1"}, "student": {"finished": "S1", "path": "/m"}}

@@ -10,7 +10,7 @@ from typing import Sequence
 from benchmarks.leaderboard.load import label_share
 from benchmarks.note_numbers.core import STATUS, Entry, _jsonl, ok_runs, plan_finished, plan_statuses
 from benchmarks.paired import fmt_changed, fmt_seed_deltas
-from benchmarks.scd_study import analyse as analyse_scd_study
+from benchmarks.scd_study import analyse as analyse_scd_study, selection_terms_text
 from benchmarks.tasks.ner import answer_key, answer_profile
 from benchmarks.unisd_study import analyse as analyse_unisd_study
 from scd.core.results import read_json
@@ -230,6 +230,9 @@ def scd_study(root: Path, folder: str = SCD_STUDY, task: str = "rotten_tomatoes"
             sel = "; ".join(f"seed {s}: {' → '.join(map(str, v))}" for s, v in sorted(r["selections"].items()))
             out.append(Entry(note, f"{r['method']}: teacher checkpoint (step) per stage", float("nan"),
                              f"`{r['method']}` distilled from the checkpoints at steps {sel}"))
+        if r.get("selection_terms"):  # why scd_select chose what it chose
+            out.append(Entry(note, f"{r['method']}: scd_select terms", r["selection_terms"]["kl_student_min"],
+                             f"`{r['method']}`: {selection_terms_text(r['selection_terms'])}"))
     rows = {r["method"]: r for r in res["rows"]}
     if res["majority"] is not None and res["anchor"] in rows:
         maj, sft = res["majority"], rows[res["anchor"]]["score"]
