@@ -210,6 +210,12 @@ def judge(rows: dict[str, dict[int, dict]], a: str, op: str, b: str, n_boot: int
     return {"claim": claim, **d, "verdict": v}
 
 
+def judged(c: dict) -> bool:
+    """Whether :func:`judge` gave ``c`` a verdict: it has a Δ and is not "not measurable ..." (a missing row or a
+    constant predictor that would be the winner)."""
+    return "delta" in c and not c["verdict"].startswith("not measurable")
+
+
 def fmt_changed(d: dict | None) -> str:
     """Per seed pair, the examples whose prediction differs: "0 / 3 / 1 of 500" ("-" when not compared)."""
     if not d or not d.get("changed"):

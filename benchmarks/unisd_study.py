@@ -28,8 +28,8 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.paired import (fmt, fmt_changed, fmt_ci, fmt_seed_deltas, judge, load_rows, mean_sd, median_wall,
-                              paired_rows, study_cli, write_study)
+from benchmarks.paired import (fmt, fmt_changed, fmt_ci, fmt_seed_deltas, judge, judged, load_rows, mean_sd,
+                              median_wall, paired_rows, study_cli, write_study)
 
 
 # baselines that differ from another row in one ingredient: (A, B, what A − B measures)
@@ -77,7 +77,7 @@ def claims(rows, summaries, grp: dict[str, list[str]], base: str, full: str, loo
         out = [judge(rows, full, ">", best, n_boot, claim=f"{full} > {best} (best single component)"),
                judge(rows, best, ">", base, n_boot, claim=f"{best} (best single component) > {base}")]
     out.append(judge(rows, full, ">", base, n_boot))
-    measured = [r for r in loo if "delta" in r and not r["verdict"].startswith("not measurable")]
+    measured = [r for r in loo if judged(r)]
     driver = max(measured, key=lambda r: r["delta"], default=None)
     claim = "the component driving the gain"
     if driver is None:

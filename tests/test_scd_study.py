@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.paired import judge, median_wall, verdict
+from benchmarks.paired import judge, judged, median_wall, verdict
 from benchmarks.scd_study import favoured_subsets, main, study
 from scd.core.results import atomic_write_json
 
@@ -65,6 +65,7 @@ def test_a_constant_predictor_is_never_the_winner():
     # both rows constant somewhere: no verdict
     assert judge(rows, "b", ">", "d", 500)["verdict"] == "not measurable (constant predictor: b seed 1, d seed 1)"
     assert judge(rows, "a", ">", "zz", 500)["verdict"] == "not measurable (row missing)"
+    assert judged(ab) and judged(ba) and not judged(ca) and not judged(judge(rows, "a", ">", "zz", 500))
     # a shared row (one teacher for every seed of A) that is constant: one run, named once by its own seed
     rows["t"] = {0: _row((5, True))[0]}
     at = judge(rows, "a", ">", "t", 500, shared="t")
