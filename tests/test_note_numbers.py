@@ -84,6 +84,8 @@ def test_scd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     assert any(e.phrase == "scd_aw > cd: not measurable (row missing)" for e in found)
     assert any(e.phrase == "0 of the 5 runs put >= 95 % of their predictions on one label (the largest share of one "
                            "label in any run: 50 %)" for e in found)
+    assert any(e.phrase == "the largest share of one answer in any run of the row: `teacher` 50 %, `sft` 50 %, "
+                           "`kd` 50 %" for e in found)
     gate = [e for e in found if e.name == "the SFT student above the test majority rate"]
     assert {e.note for e in gate} == {"README.md", f"{N.SCD_STUDY}/README.md"}
     assert gate[0].phrase == "test majority rate 0.500; `sft` is +0.000 above it"

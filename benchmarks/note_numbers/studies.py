@@ -242,6 +242,11 @@ def scd_study(root: Path, folder: str = SCD_STUDY, task: str = "rotten_tomatoes"
     n_runs = sum(len(r["seeds"]) for r in res["rows"])
     n_const = sum(r["constant_runs"] for r in res["rows"])
     top = max((r["max_top_share"] for r in res["rows"] if r["max_top_share"] is not None), default=float("nan"))
+    shares = [(r["method"], r["max_top_share"]) for r in res["rows"] if r["max_top_share"] is not None]
+    if shares:
+        out.append(Entry(note, "largest share of one answer per row", max(v for _, v in shares),
+                         "the largest share of one answer in any run of the row: "
+                         + ", ".join(f"`{m}` {100 * v:.0f} %" for m, v in shares)))
     out.append(Entry(note, "constant-predictor runs of the study", n_const,
                      f"{n_const} of the {n_runs} runs put >= 95 % of their predictions on one label (the largest "
                      f"share of one label in any run: {100 * top:.0f} %)"))
