@@ -146,7 +146,8 @@ def markdown(root: Path, task: str, table: list[dict], claim_rows: list[dict], t
         flag = f" ⚠ {r['constant_runs']} constant" if r["constant_runs"] else ""
         v = r["vs_teacher"]
         ci = fmt_ci(v["ci"], sign=True) if v["n"] else ""
-        lines.append(f"| {r['method']}{flag} | {len(r['seeds'])} | {fmt(r['score'])} ± {fmt(r['score_sd'])} | "
+        sd = f" ± {fmt(r['score_sd'])}" if len(r["seeds"]) > 1 else ""  # one run has no spread
+        lines.append(f"| {r['method']}{flag} | {len(r['seeds'])} | {fmt(r['score'])}{sd} | "
                      f"{fmt(v['delta'], sign=True)} {ci} | {fmt(r['sfs_score'])} ({r['sfs_n']}) | "
                      f"{fmt(r['tfs_score'])} ({r['tfs_n']}) | {r['beats_teacher_seeds']}/{r['paired_seeds']} | "
                      f"{fmt(r['wall_s'], 0)} |")

@@ -267,9 +267,9 @@ def test_fill_writes_each_placeholder_as_its_phrase(tmp_path, capsys):
     note = tmp_path / "results" / "n.md"
     found = [N.Entry("results/n.md", "acc", 0.5, "accuracy 0.500"), N.Entry("other.md", "acc", 0.6, "accuracy 0.600"),
              N.Entry("other.md", "f1", 0.3, "F1 0.300")]
-    note.write_text("Rows: {{acc}}; also {{f1}}.\n")
+    note.write_text("Rows: {{acc}}; also {{f1}}. Write `{{entry name}}` to quote one.\n")
     assert N.fill(note, found, tmp_path) == 2
-    assert note.read_text() == "Rows: accuracy 0.500; also F1 0.300.\n"
+    assert note.read_text() == "Rows: accuracy 0.500; also F1 0.300. Write `{{entry name}}` to quote one.\n"
     note.write_text("ok\nRows: {{acc}} and {{accuracy}}\n")
     with pytest.raises(ValueError, match=r"n.md:2: no entry named 'accuracy' \(did you mean 'acc'\?\)"):
         N.fill(note, found, tmp_path)

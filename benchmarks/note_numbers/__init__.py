@@ -290,7 +290,7 @@ def table(found: Sequence[Entry]) -> str:
     return "\n".join(lines)
 
 
-PLACEHOLDER = re.compile(r"\{\{(.+?)\}\}")
+PLACEHOLDER = re.compile(r"(?<!`)\{\{(.+?)\}\}(?!`)")  # `{{name}}` in backticks is documentation, left as is
 
 
 def fill(path: Path, found: Sequence[Entry], root: Path = REPO) -> int:
