@@ -98,7 +98,7 @@ def scd_study_wnut_dev(root: Path) -> list[Entry]:
                       f"{setting}: dev entity F1 " + " / ".join(f"{c['dev_score']:.3f}" for c in ck) + " at steps "
                       + " / ".join(str(c["step"]) for c in ck) + " ('none' for "
                       + " / ".join(f"{100 * s['max_label_share']:.0f}" for s in shares) + " % of the dev tweets)")
-                for n in notes]
+                for n in notes + ((f"{SCD_STUDY_WNUT}/README.md",) if d.name == WNUT_TEACHER else ())]
         f1 = run["eval"]["wnut16"]["f1_micro"]
         prof = none_share(d / "predictions/wnut16.jsonl")
         out += [Entry(n, f"WNUT teacher test F1, final checkpoint ({setting})", f1["value"],
