@@ -91,6 +91,10 @@ def test_scd_study_verdicts_wait_for_the_whole_grid(tmp_path):
     assert gate[0].phrase == "test majority rate 0.500; `sft` is +0.000 above it"
     comp = [e for e in found if e.name.startswith("claim scd > cd")]  # a comparison: the study's README only
     assert [e.note for e in comp] == [f"{N.SCD_STUDY}/README.md"]
+    # a second task's study: the same entries, named after its task (README Status quotes both studies' claims)
+    shutil.copytree(grid, tmp_path / "results" / "second")
+    second = N.scd_study(tmp_path, "results/second", "rotten_tomatoes")
+    assert sorted(e.name for e in second) == sorted(f"rotten_tomatoes: {e.name}" for e in found)
 
 
 def test_unisd_study_verdicts_wait_for_the_whole_grid(tmp_path):
@@ -204,11 +208,12 @@ def test_scd_study_wnut_section_scores_entity_f1(tmp_path):
     for m, s in plan:
         _ner_run(grid, m, s, {"teacher": 16, "sft": 10, "kd": 20}[m])
     found = N.SECTIONS["scd_study_wnut"](tmp_path)
-    kd = next(e for e in found if e.name.startswith("claim kd > sft"))
+    kd = next(e for e in found if e.name.startswith("wnut16: claim kd > sft"))
     assert kd.value == pytest.approx(0.5) and kd.phrase.endswith("], supported")  # F1 1.0 vs 0.5 (tp 10 of 20)
-    assert {e.note for e in found if e.name.startswith("claim kd > sft")} == {"README.md", f"{N.SCD_STUDY_WNUT}/README.md"}
+    assert {e.note for e in found if e.name.startswith("wnut16: claim kd > sft")} == {"README.md",
+                                                                                   f"{N.SCD_STUDY_WNUT}/README.md"}
     assert any(e.phrase == "`kd` 1.000 ± 0.000 over 2 seeds" for e in found)
-    assert not any(e.name == "the SFT student above the test majority rate" for e in found)  # no majority for F1
+    assert not any(e.name.endswith("the SFT student above the test majority rate") for e in found)  # no majority for F1
 
 
 def _build(d, ck_shas, dev_scores, ce, preds, f1, student_kl=None):

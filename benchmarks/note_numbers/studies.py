@@ -211,7 +211,8 @@ def scd_study(root: Path, folder: str = SCD_STUDY, task: str = "rotten_tomatoes"
     """Issue 18's verdicts (:func:`benchmarks.scd_study.analyse`) on ``task``: each row's test score (accuracy,
     or entity F1 for NER) over seeds, its score on the student- and teacher-favoured subsets, the paper's claims
     with paired CIs.  Nothing is quoted until every run of the grid's plan has finished ok (the README says the
-    grid is running)."""
+    grid is running).  Outside ``SCD_STUDY`` the names start with the task, so that the two studies' claims in
+    README Status have distinct names."""
     grid = root / folder
     if not plan_finished(grid):
         return []
@@ -250,8 +251,11 @@ def scd_study(root: Path, folder: str = SCD_STUDY, task: str = "rotten_tomatoes"
     out.append(Entry(note, "constant-predictor runs of the study", n_const,
                      f"{n_const} of the {n_runs} runs put >= 95 % of their predictions on one label (the largest "
                      f"share of one label in any run: {100 * top:.0f} %)"))
-    return (out + claim_entries(res["claims"], (note, STATUS), seeds_in=note)
+    out += (claim_entries(res["claims"], (note, STATUS), seeds_in=note)
             + claim_entries(res["comparisons"], (note,), seeds_in=note))
+    if folder != SCD_STUDY:  # e.g. "wnut16: claim kd > sft: Δ score" (README Status quotes both studies)
+        out = [dataclasses.replace(e, name=f"{task}: {e.name}") for e in out]
+    return out
 
 
 def claim_entries(claim_rows: Sequence[dict], notes: Sequence[str], seeds_in: str | None = None) -> list[Entry]:
