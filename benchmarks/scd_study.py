@@ -37,12 +37,12 @@ teacher across seeds.  Correctness per example: ``scores.correct`` (:mod:`benchm
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Sequence
 
 from benchmarks.paired import (common_ids, fmt, fmt_ci, fmt_seed_deltas, judge, load_rows, mean_sd, median_wall,
                               paired_runs, pooled_score, seed_pairs, shared_run, study_cli, write_study)
+from scd.core.results import read_metrics
 
 CLAIMS = (("scd_aw", ">", "cd"), ("cd", ">=", "kd"), ("kd", ">", "sft"))
 # what each ingredient adds (not the paper's claims): checkpoint selection over a fixed order, AW over plain SCD,
@@ -67,9 +67,7 @@ def selection_terms(runs: dict[int, dict]) -> dict | None:
     checkpoint nearest the student whatever the teachers' quality."""
     best, student, n = [], [], 0
     for r in runs.values():
-        path = Path(r["run_dir"]) / "metrics.jsonl"
-        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-        for ev in (json.loads(line) for line in lines if line.strip()):
+        for ev in read_metrics(Path(r["run_dir"]) / "metrics.jsonl"):  # a missing file: no event
             if ev.get("event") == "select" and ev.get("rule") == "scd_select":
                 best += ev["kl_best"].values()
                 student += ev["kl_student"].values()

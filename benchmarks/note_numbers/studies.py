@@ -242,10 +242,10 @@ def scd_study(root: Path, folder: str = SCD_STUDY, task: str = "rotten_tomatoes"
                 for n in (note, STATUS)]
     n_runs = sum(len(r["seeds"]) for r in res["rows"])
     n_const = sum(r["constant_runs"] for r in res["rows"])
-    top = max((r["max_top_share"] for r in res["rows"] if r["max_top_share"] is not None), default=float("nan"))
     shares = [(r["method"], r["max_top_share"]) for r in res["rows"] if r["max_top_share"] is not None]
+    top = max((v for _, v in shares), default=float("nan"))
     if shares:
-        out.append(Entry(note, "largest share of one answer per row", max(v for _, v in shares),
+        out.append(Entry(note, "largest share of one answer per row", top,
                          "the largest share of one answer in any run of the row: "
                          + ", ".join(f"`{m}` {100 * v:.0f} %" for m, v in shares)))
     out.append(Entry(note, "constant-predictor runs of the study", n_const,
